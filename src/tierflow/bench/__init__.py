@@ -1,0 +1,1 @@
+"""Benchmarks of tierflow components (run by bench/ scripts and the CLI)."""

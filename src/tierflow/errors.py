@@ -1,0 +1,22 @@
+"""Exceptions raised by tierflow.
+
+Every error derives from :class:`TierflowError`, so callers can catch all of
+tierflow's failures at once; the extra bases let existing ``except ValueError``
+/ ``except OSError`` code keep working.
+"""
+
+
+class TierflowError(Exception):
+    """Base class of all tierflow errors."""
+
+
+class ConfigError(TierflowError, ValueError):
+    """A configuration value is invalid or inconsistent."""
+
+
+class BudgetError(TierflowError):
+    """A memory budget cannot hold what the plan needs."""
+
+
+class NvmeError(TierflowError, OSError):
+    """The NVMe tier failed: directory unusable, disk full, or an I/O error."""
