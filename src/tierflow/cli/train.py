@@ -1,0 +1,311 @@
+"""Train a causal LM with its state tiered across device, host and NVMe.
+
+With no arguments, trains the built-in ~100M-parameter Llama (byte vocabulary,
+random init) on the Python standard library's sources, with budgets small
+enough (256 MiB device, 1 GiB host) that most of its ~1.6 GB of training state
+spills to NVMe files in a temporary directory, removed at exit.
+
+Prints where every class of tensor lives, a progress bar with loss, tokens/s
+and I/O throughput, and a summary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+HELP = "train a causal LM beyond memory (default: built-in 100M Llama on stdlib text)"
+
+_DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
+           "float16": "float16", "fp16": "float16"}
+_TIER_ORDER = ("device", "host", "nvme")
+_CLASS_ORDER = ("weights", "master", "grads", "moments", "buffers", "staging")
+_IO_NAMES = {"nvme_read": "nvme read", "nvme_written": "nvme written",
+             "host_to_device": "host->device", "device_to_host": "device->host"}
+
+
+@dataclass(frozen=True)
+class TrainArgs:
+    """Every knob of ``tierflow train``; the CLI flags are generated from these fields."""
+
+    model: str = field(default="llama-100m", metadata={"help": "built-in name (llama-100m, llama-tiny, gpt2-tiny) or a local Hugging Face model directory"})
+    data: str | None = field(default=None, metadata={"help": "a .txt or .jsonl (\"text\" field) file; default: the Python standard library's sources"})
+    device: str = field(default="auto", metadata={"help": "compute device: cpu, cuda, cuda:N, or auto (cuda if available)"})
+    device_memory: str = field(default="256MiB", metadata={"help": "device memory budget"})
+    host_memory: str = field(default="1GiB", metadata={"help": "host memory budget"})
+    nvme: str | None = field(default=None, metadata={"help": "NVMe spill directory; default: a temporary directory under the user cache, removed at exit; 'none' disables the NVMe tier"})
+    dtype: str | None = field(default=None, metadata={"help": "compute dtype on the device (float32, bfloat16, float16); masters stay fp32. Default: the model's"})
+    steps: int = field(default=30, metadata={"help": "optimizer steps"})
+    batch_size: int = field(default=1, metadata={"help": "sequences per micro-batch"})
+    seq_len: int = field(default=256, metadata={"help": "tokens per sequence"})
+    grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
+    lr: float = field(default=1e-3, metadata={"help": "peak learning rate (AdamW)"})
+    warmup: int = field(default=5, metadata={"help": "linear warm-up steps, then cosine decay to 10%%"})
+    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay"})
+    clip: float = field(default=1.0, metadata={"help": "global gradient-norm clip (0: off)"})
+    seed: int = field(default=0, metadata={"help": "seed for the model init and the data order"})
+    log_every: int = field(default=10, metadata={"help": "print a log line every N steps (0: never)"})
+
+    def __post_init__(self) -> None:
+        from tierflow.errors import ConfigError
+
+        for name in ("steps", "batch_size", "grad_accum"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.seq_len < 2:
+            raise ConfigError("--seq-len must be at least 2")
+        if not self.lr > 0 or self.warmup < 0 or self.clip < 0 or self.log_every < 0:
+            raise ConfigError("--lr must be > 0; --warmup, --clip and --log-every must be >= 0")
+        if self.dtype is not None and self.dtype not in _DTYPES:
+            raise ConfigError(f"unknown --dtype {self.dtype!r}; choose one of {', '.join(_DTYPES)}")
+
+    @classmethod
+    def from_namespace(cls, ns: argparse.Namespace) -> "TrainArgs":
+        """The arguments parsed by :func:`add_arguments`."""
+        return cls(**{f.name: getattr(ns, f.name) for f in fields(cls)})
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """One ``--flag`` per :class:`TrainArgs` field, with its default in the help."""
+    for f in fields(TrainArgs):
+        kind = {"int": int, "float": float}.get(str(f.type), str)
+        default = f"default: {f.default}" if f.default is not None else None
+        text = f.metadata["help"] if default is None or "default" in f.metadata["help"] else f"{f.metadata['help']} ({default})"
+        parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=kind, default=f.default, help=text)
+
+
+def run(ns: argparse.Namespace) -> int:
+    """``tierflow train``: parse, train, print; 0 on success."""
+    train(TrainArgs.from_namespace(ns))
+    return 0
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What a run measured."""
+
+    losses: list[float]
+    step_seconds: list[float]
+    tokens: int
+    io_per_step: dict[str, float]
+    peaks: dict
+
+
+def train(args: TrainArgs, console=None) -> TrainResult:
+    """Train as ``args`` says, printing placement, progress and a summary."""
+    import torch
+    from rich.console import Console
+
+    import tierflow
+    from tierflow.data import load_tokenizer, text_batches
+    from tierflow.errors import ConfigError, TierflowError
+    from tierflow.models import build_model, is_builtin, parameter_count
+
+    console = console or Console()
+    if not hasattr(tierflow, "offload"):
+        raise TierflowError("this tierflow installation has no engine (tierflow.offload is missing)")
+    budgets = {"device": tierflow.parse_size(args.device_memory), "host": tierflow.parse_size(args.host_memory)}
+    device = _resolve_device(args.device)
+    tokenizer = load_tokenizer(None if is_builtin(args.model) else args.model)
+    batches = text_batches(args.data, tokenizer, args.batch_size, args.seq_len, seed=args.seed)
+    first_batch = next(batches)  # data errors surface before any model is built
+    torch.manual_seed(args.seed)
+    model = build_model(args.model, seed=args.seed)
+    _check_model_fits_data(model, tokenizer, args.seq_len, ConfigError)
+    model.train()
+    nvme_dir, temporary = _nvme_dir(args.nvme)
+    engine = None
+    try:
+        engine = tierflow.offload(model, device=device, device_memory=args.device_memory,
+                                  host_memory=args.host_memory, nvme=nvme_dir,
+                                  dtype=getattr(torch, _DTYPES[args.dtype]) if args.dtype else None)
+        opt = tierflow.AdamW(engine, lr=args.lr, weight_decay=args.weight_decay)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, args.warmup, args.steps))
+        n_params = parameter_count(model)
+        console.print(f"[bold]model[/] {args.model}: {n_params / 1e6:.1f} M parameters, "
+                      f"training state ~{_fmt_bytes(16 * n_params)} (16 B/param)", soft_wrap=True)
+        console.print(_placement_table(engine.placement(), budgets, nvme_dir))
+        result = _loop(engine, opt, sched, _prepend(first_batch, batches), args, device, console)
+    finally:
+        if engine is not None:
+            engine.close()
+        if temporary:
+            shutil.rmtree(nvme_dir, ignore_errors=True)
+    _print_summary(result, args, console)
+    return result
+
+
+def _loop(engine, opt, sched, batches, args: TrainArgs, device: str, console) -> TrainResult:
+    """The training loop with a progress bar; returns the measurements."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    losses, seconds, tokens = [], [], 0
+    io_start = engine.io_stats()
+    columns = (TextColumn("train"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+               TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.fields[info]}"))
+    with Progress(*columns, console=console, disable=not console.is_terminal) as progress:
+        task = progress.add_task("train", total=args.steps, info="")
+        for step in range(1, args.steps + 1):
+            io_before, start = engine.io_stats(), time.perf_counter()
+            loss, step_tokens, norm = _step(engine, opt, batches, args, device)
+            sched.step()
+            seconds.append(time.perf_counter() - start)
+            losses.append(loss)
+            tokens += step_tokens
+            info = _step_info(loss, norm, step_tokens, seconds[-1], _delta(engine.io_stats(), io_before))
+            progress.update(task, advance=1, info=info)
+            if args.log_every and (step % args.log_every == 0 or step == 1):
+                progress.console.print(f"step {step}/{args.steps}  lr {sched.get_last_lr()[0]:.1e}  {info}",
+                                       soft_wrap=True, highlight=False)
+    io_total = _delta(engine.io_stats(), io_start)
+    per_step = {k: v / args.steps for k, v in io_total.items()}
+    return TrainResult(losses, seconds, tokens, per_step, dict(engine.budget_peaks()))
+
+
+def _step(engine, opt, batches, args: TrainArgs, device: str) -> tuple[float, int, float]:
+    """One optimizer step over ``grad_accum`` micro-batches: (mean loss, tokens, grad norm)."""
+    loss_sum, tokens = 0.0, 0
+    for _ in range(args.grad_accum):
+        batch = {k: v.to(device) for k, v in next(batches).items()}
+        out = engine(**batch)
+        (out.loss / args.grad_accum).backward()
+        loss_sum += float(out.loss.detach())
+        tokens += int(batch["attention_mask"].sum())
+    norm = opt.clip_grad_norm_(args.clip) if args.clip > 0 else float("nan")
+    opt.step()
+    opt.zero_grad()
+    return loss_sum / args.grad_accum, tokens, float(norm)
+
+
+def _step_info(loss: float, norm: float, tokens: int, seconds: float, io: dict[str, int]) -> str:
+    """The progress bar's text for one step."""
+    rate = lambda key: _fmt_bytes(io.get(key, 0) / seconds) + "/s"  # noqa: E731
+    text = f"loss {loss:.4f}  |g| {norm:.2f}  {tokens / seconds:,.0f} tok/s  {seconds:.2f} s/step"
+    text += f"  nvme r {rate('nvme_read')} w {rate('nvme_written')}"
+    if io.get("host_to_device") or io.get("device_to_host"):
+        text += f"  h2d {rate('host_to_device')} d2h {rate('device_to_host')}"
+    return text
+
+
+def _print_summary(result: TrainResult, args: TrainArgs, console) -> None:
+    """Loss, speed, bytes moved per step and peak budget use, after training."""
+    from rich.table import Table
+
+    steps = len(result.step_seconds)
+    mean = sum(result.step_seconds) / steps
+    later = result.step_seconds[1:] or result.step_seconds
+    table = Table(title="summary", show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column()
+    table.add_row("loss", f"{result.losses[0]:.4f} (step 1) -> {result.losses[-1]:.4f} (step {steps})")
+    table.add_row("step time", f"{mean:.2f} s mean over {steps} steps; {sum(later) / len(later):.2f} s after step 1")
+    table.add_row("throughput", f"{result.tokens / sum(result.step_seconds):,.0f} tokens/s "
+                  f"({result.tokens // steps:,} tokens/step)")
+    moved = ", ".join(f"{_IO_NAMES.get(k, k)} {_fmt_bytes(v)}" for k, v in result.io_per_step.items())
+    table.add_row("moved per step", moved or "nothing")
+    peaks = []
+    for tier in _ordered(result.peaks, _TIER_ORDER):
+        peak, capacity = result.peaks[tier]
+        share = f" ({100 * peak / capacity:.0f}%)" if capacity else ""
+        peaks.append(f"{tier} {_fmt_bytes(peak)} / {_fmt_bytes(capacity) if capacity else 'unbounded'}{share}")
+    table.add_row("peak budget use", ", ".join(peaks))
+    console.print(table)
+
+
+def _placement_table(placement: dict, budgets: dict[str, int], nvme_dir: str | None):
+    """A table of bytes per tensor class (rows) per tier (columns), with the budgets."""
+    from rich.table import Table
+
+    tiers = _ordered(placement, _TIER_ORDER)
+    classes = _ordered({c for tier in placement.values() for c in tier}, _CLASS_ORDER)
+    table = Table(title="placement (bytes per tier)", title_justify="left")
+    table.add_column("tensors")
+    for tier in tiers:
+        table.add_column(tier, justify="right")
+    table.add_column("total", justify="right")
+    for name in classes:
+        row = [placement[tier].get(name, 0) for tier in tiers]
+        table.add_row(name, *map(_fmt_bytes, row), _fmt_bytes(sum(row)))
+    totals = [sum(placement[tier].values()) for tier in tiers]
+    table.add_row("[bold]total", *map(_fmt_bytes, totals), _fmt_bytes(sum(totals)), end_section=True)
+    table.add_row("[bold]budget", *[_budget_text(tier, budgets, nvme_dir) for tier in tiers], "")
+    table.caption = f"NVMe tier: {nvme_dir}" if nvme_dir else "NVMe tier: off"
+    return table
+
+
+def _budget_text(tier: str, budgets: dict[str, int], nvme_dir: str | None) -> str:
+    """A tier's budget for the placement table; the NVMe tier shows its directory."""
+    if tier == "nvme":
+        return "disk" if nvme_dir else "off"
+    return _fmt_bytes(budgets[tier]) if tier in budgets else "-"
+
+
+def _check_model_fits_data(model, tokenizer, seq_len: int, error: type) -> None:
+    """The model's embedding covers the tokenizer and its positions cover ``seq_len``."""
+    rows = model.get_input_embeddings().weight.shape[0]
+    if tokenizer.vocab_size > rows:
+        raise error(f"the tokenizer has {tokenizer.vocab_size} tokens but the model's embedding only {rows}")
+    limit = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+    if limit and seq_len > limit:
+        raise error(f"--seq-len {seq_len} exceeds the model's {limit} positions")
+
+
+def _resolve_device(device: str) -> str:
+    """``auto`` -> ``cuda`` when a GPU is visible, else ``cpu``."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def _nvme_dir(nvme: str | None) -> tuple[str | None, bool]:
+    """(directory for the NVMe tier or None, whether it is ours to delete at exit)."""
+    if nvme is not None:
+        return (None, False) if nvme.lower() == "none" else (nvme, False)
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "tierflow"
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+        return tempfile.mkdtemp(prefix="train-", dir=cache), True
+    except OSError:  # read-only home: fall back to the system temp dir
+        return tempfile.mkdtemp(prefix="tierflow-"), True
+
+
+def _lr_factor(step: int, warmup: int, total: int) -> float:
+    """Linear warm-up over ``warmup`` steps, then cosine decay to 10% at ``total``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def _prepend(first, rest):
+    """``first`` then everything in ``rest``."""
+    yield first
+    yield from rest
+
+
+def _delta(after: dict[str, int], before: dict[str, int]) -> dict[str, int]:
+    """Per-key growth of the cumulative I/O counters."""
+    return {k: after[k] - before.get(k, 0) for k in after}
+
+
+def _ordered(keys, preferred: tuple[str, ...]) -> list[str]:
+    """``keys`` with the ``preferred`` ones first, in that order, the rest sorted."""
+    keys = set(keys)
+    return [k for k in preferred if k in keys] + sorted(keys - set(preferred))
+
+
+def _fmt_bytes(n: float) -> str:
+    """``1536`` -> ``1.5 KiB``."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
