@@ -41,6 +41,12 @@ def test_aligned_empty_alignment(nbytes, alignment):
     t.fill_(7)  # the whole range is writable
 
 
+def test_large_buffers_are_huge_page_aligned():
+    t = aligned_empty(8 * MIB, alignment=4096)
+    assert t.numel() == 8 * MIB and t.data_ptr() % (2 * MIB) == 0
+    t.fill_(1)
+
+
 def test_aligned_empty_rejects_bad_alignment():
     with pytest.raises(ValueError):
         aligned_empty(10, alignment=3000)

@@ -1,0 +1,273 @@
+"""``tierflow bench io``: NvmeStore throughput against fio, and compute overlap.
+
+What is compared (same directory, same total size, same request size):
+
+* ``seq_write`` / ``seq_read``: NvmeStore with ``io_threads`` threads doing
+  synchronous pwritev/preadv of ``chunk`` bytes each, against fio with
+  ``--ioengine=psync --numjobs=<io_threads> --bs=<chunk>`` -- the same thing
+  fio-style: N threads, one synchronous request each in flight.
+* ``seq_*_vs_fio_libaio_qd32``: the same NvmeStore figure against fio's best
+  case on this disk (libaio, 1 MiB, queue depth 32): the hardware ceiling.
+* ``compute_overlap``: matmuls per second on the main thread while NvmeStore
+  streams in the background, against the same loop alone (target >= 0.9).
+
+Writes are O_DIRECT without fsync on both sides (O_DIRECT bypasses the page
+cache); in buffered mode both sides fsync at the end.  The page cache is
+dropped before every read measurement when running as root.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+from tierflow.storage import BufferPool, NvmeStore
+
+__all__ = ["run_io_bench", "parse_size"]
+
+GB = 1e9  # throughput in decimal GB/s, as fio and disk vendors report it
+_FIO_FILE = "fio-bench.bin"
+
+
+def parse_size(text: str) -> int:
+    """'2G', '512M', '64k' or plain bytes -> bytes (binary units)."""
+    text = text.strip().upper().removesuffix("B").removesuffix("I")
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    if text and text[-1] in units:
+        return int(float(text[:-1]) * units[text[-1]])
+    return int(text)
+
+
+def _is_root() -> bool:
+    return hasattr(os, "geteuid") and os.geteuid() == 0
+
+
+def drop_caches() -> bool:
+    """Drop the page cache (root only) so reads come from the disk."""
+    if not _is_root():
+        return False
+    os.sync()
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+        return True
+    except OSError:
+        return False
+
+
+def find_fio(install: bool = True) -> str | None:
+    """Path of fio; installs it with apt-get when missing and running as root."""
+    path = shutil.which("fio")
+    if path or not install or not _is_root() or not shutil.which("apt-get"):
+        return path
+    print("fio not found: installing it with apt-get ...", flush=True)
+    quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+    subprocess.run(["apt-get", "update"], check=False, **quiet)
+    subprocess.run(["apt-get", "install", "-y", "fio"], check=False, **quiet)
+    return shutil.which("fio")
+
+
+# ------------------------------------------------------------------ tierflow side
+
+
+def _stream(store: NvmeStore, extent, pool: BufferPool, write: bool) -> None:
+    """Write or read the whole extent through the pool's buffers, keeping one
+    request per buffer in flight (the double-buffering an engine would do)."""
+    step = pool.nbytes
+    pending = []
+    for start in range(0, extent.nbytes, step):
+        buf = pool.acquire()
+        n = min(step, extent.nbytes - start)
+        io = store.write_async if write else store.read_async
+        fut = io(extent, buf[:n], start)
+        fut.add_done_callback(lambda f, b=buf: pool.release(b))
+        pending.append(fut)
+    for fut in pending:
+        fut.result()
+
+
+def _tierflow_gbps(store: NvmeStore, extent, pool: BufferPool, write: bool) -> float:
+    if not write:
+        drop_caches()
+    t0 = time.perf_counter()
+    _stream(store, extent, pool, write)
+    if write and not store.direct:
+        os.fsync(store._fd)  # buffered: count the time to reach the disk
+    return extent.nbytes / (time.perf_counter() - t0) / GB
+
+
+# ----------------------------------------------------------------------- fio side
+
+
+def _fio_gbps(fio: str, directory: Path, size: int, write: bool, direct: bool,
+              engine: str, bs: int, numjobs: int, iodepth: int) -> float:
+    if not write:
+        drop_caches()
+    per_job = size // numjobs
+    cmd = [
+        fio, "--name=tierflow-ref", f"--filename={directory / _FIO_FILE}",
+        f"--rw={'write' if write else 'read'}", f"--bs={bs}", f"--direct={int(direct)}",
+        f"--ioengine={engine}", f"--iodepth={iodepth}", f"--numjobs={numjobs}",
+        f"--size={per_job}", f"--offset_increment={per_job}", "--group_reporting",
+        "--output-format=json",
+    ]
+    if write and not direct:
+        cmd.append("--end_fsync=1")
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    job = json.loads(out[out.index("{"):])["jobs"][0]  # skip any warnings before the JSON
+    return job["write" if write else "read"]["bw_bytes"] / GB
+
+
+def fio_command_line(directory: Path, size: int, chunk: int, io_threads: int) -> str:
+    """The matched fio command, for the report (shown with --rw=write)."""
+    per_job = size // io_threads
+    return (f"fio --name=tierflow-ref --filename={directory / _FIO_FILE} --rw=write|read "
+            f"--bs={chunk} --direct=1 --ioengine=psync --iodepth=1 --numjobs={io_threads} "
+            f"--size={per_job} --offset_increment={per_job} --group_reporting")
+
+
+# ------------------------------------------------------------------ compute overlap
+
+
+def _matmuls_per_second(seconds: float, n: int = 512) -> float:
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    torch.mm(a, b)  # warm up
+    count, t0 = 0, time.perf_counter()
+    while (elapsed := time.perf_counter() - t0) < seconds:
+        torch.mm(a, b)
+        count += 1
+    return count / elapsed
+
+
+def _compute_overlap(store: NvmeStore, extent, pool: BufferPool, seconds: float,
+                     rounds: int = 3):
+    """(matmul/s with background I/O, matmul/s alone, I/O GB/s during overlap).
+
+    Alternates short "alone" and "with I/O" periods so that load from other
+    processes or a drifting clock affects both sides alike.
+    """
+    step = pool.nbytes
+    alone, with_io, moved, io_time = [], [], 0, 0.0
+    for _ in range(rounds):
+        alone.append(_matmuls_per_second(seconds / rounds))
+        stop = threading.Event()
+        done = [0]
+
+        def background_io():
+            # Alternate writing and reading the extent, one buffer per
+            # request and two in flight, until told to stop.
+            write, start, pending = True, 0, []
+            while not stop.is_set():
+                buf = pool.acquire()
+                n = min(step, extent.nbytes - start)
+                io = store.write_async if write else store.read_async
+                fut = io(extent, buf[:n], start)
+                fut.add_done_callback(lambda f, b=buf: pool.release(b))
+                pending.append(fut)
+                done[0] += n
+                start += n
+                if start >= extent.nbytes:
+                    write, start = not write, 0
+            for fut in pending:
+                fut.result()
+
+        thread = threading.Thread(target=background_io, daemon=True)
+        t0 = time.perf_counter()
+        thread.start()
+        with_io.append(_matmuls_per_second(seconds / rounds))
+        stop.set()
+        thread.join()
+        io_time += time.perf_counter() - t0
+        moved += done[0]
+    return statistics.mean(with_io), statistics.mean(alone), moved / io_time / GB
+
+
+# ----------------------------------------------------------------------- driver
+
+
+def _row(name: str, tierflow: float, reference: float | None, unit: str) -> dict:
+    ratio = tierflow / reference if reference else None
+    return {"name": name, "tierflow": round(tierflow, 3),
+            "reference": None if reference is None else round(reference, 3),
+            "ratio": None if ratio is None else round(ratio, 3), "unit": unit}
+
+
+def _print_row(row: dict) -> None:
+    def fmt(x, spec):
+        return "-" if x is None else format(x, spec)
+    print(f"{row['name']:30s} tierflow {fmt(row['tierflow'], '9.2f')}  "
+          f"reference {fmt(row['reference'], '9.2f')}  ratio {fmt(row['ratio'], '5.2f')}  "
+          f"{row['unit']}", flush=True)
+
+
+def run_io_bench(directory: str | Path, size_bytes: int = 2 << 30, json_path: str | Path | None = None,
+                 *, io_threads: int = 2, chunk_bytes: int = 8 << 20, buffer_bytes: int = 64 << 20,
+                 repeats: int = 3, overlap_seconds: float = 3.0) -> list[dict]:
+    """Benchmark the NVMe tier in ``directory``; print and return one row per comparison.
+
+    Throughputs are medians over ``repeats`` runs, tierflow and fio interleaved
+    so that drifting disk speed affects both alike.
+    """
+    directory = Path(directory)
+    unit = 2 * chunk_bytes * io_threads  # whole chunks for every fio job
+    size = max(unit, size_bytes // unit * unit)
+    fio = find_fio()
+    rows: list[dict] = []
+    with NvmeStore(directory, io_threads=io_threads, chunk_bytes=chunk_bytes) as store:
+        store.check_space(2 * size)  # our spill file plus fio's file
+        print(f"tierflow bench io: {directory} ({store.mode}), {size / 2**30:.2f} GiB, "
+              f"{io_threads} I/O threads, {chunk_bytes >> 20} MiB requests, "
+              f"{repeats} repeats (median); page cache dropped before reads: {_is_root()}")
+        if fio is None:
+            print("fio is MISSING (install it: apt-get install fio): "
+                  "reporting tierflow figures alone, without a reference")
+        else:
+            print("reference: " + fio_command_line(directory, size, chunk_bytes, io_threads)
+                  + (" (buffered: --direct=0)" if not store.direct else ""))
+        pool = BufferPool(2, buffer_bytes)
+        extent = store.allocate(size)
+        try:
+            rows += _throughput_rows(store, extent, pool, fio, directory, size, repeats)
+            with_io, alone, io_gbps = _compute_overlap(store, extent, pool, overlap_seconds)
+            rows.append(_row("compute_overlap", with_io, alone, "matmul/s"))
+            _print_row(rows[-1])
+            print(f"  (I/O moved {io_gbps:.2f} GB/s in the background meanwhile; "
+                  f"torch threads: {torch.get_num_threads()})")
+        finally:
+            store.free(extent)
+            (directory / _FIO_FILE).unlink(missing_ok=True)
+    if json_path is not None:
+        Path(json_path).write_text(json.dumps(rows, indent=2) + "\n")
+    return rows
+
+
+def _throughput_rows(store, extent, pool, fio, directory, size, repeats) -> list[dict]:
+    ours = {True: [], False: []}
+    matched = {True: [], False: []}
+    qd32 = {True: [], False: []}
+    threads, chunk = store.io_threads, store.chunk_bytes
+    for _ in range(repeats):
+        for write in (True, False):  # write first: the reads need the data
+            ours[write].append(_tierflow_gbps(store, extent, pool, write))
+            if fio:
+                matched[write].append(_fio_gbps(fio, directory, size, write, store.direct,
+                                                "psync", chunk, threads, 1))
+                qd32[write].append(_fio_gbps(fio, directory, size, write, store.direct,
+                                             "libaio", 1 << 20, 1, 32))
+    rows = []
+    for write, label in ((True, "seq_write"), (False, "seq_read")):
+        mine = statistics.median(ours[write])
+        rows.append(_row(label, mine, statistics.median(matched[write]) if fio else None, "GB/s"))
+        _print_row(rows[-1])
+        if fio:
+            rows.append(_row(f"{label}_vs_fio_libaio_qd32", mine,
+                             statistics.median(qd32[write]), "GB/s"))
+            _print_row(rows[-1])
+    return rows
