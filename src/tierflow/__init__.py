@@ -1,0 +1,42 @@
+"""tierflow: train models larger than memory by tiering state across device, host and NVMe.
+
+    engine = tierflow.offload(model, device="cpu", device_memory="1GiB", host_memory="2GiB", nvme="/spill")
+    opt = tierflow.AdamW(engine, lr=1e-4)
+"""
+from __future__ import annotations
+
+from torch import nn
+
+from .config import OffloadConfig, format_size, parse_size
+from .engine import Engine
+from .errors import BudgetError, ConfigError, NvmeError, TierflowError
+from .optim import AdamW
+
+__all__ = ["offload", "Engine", "AdamW", "OffloadConfig", "parse_size", "format_size",
+           "TierflowError", "ConfigError", "BudgetError", "NvmeError"]
+__version__ = "0.1.0"
+
+
+def offload(model: nn.Module, device="cpu", device_memory=None, host_memory=None, nvme=None,
+            dtype=None, placement: str = "auto", **options) -> Engine:
+    """Tier `model`'s parameters, gradients and AdamW state within the given budgets.
+
+    Args:
+        model: any torch.nn.Module with floating-point parameters (materialised, not meta).
+        device: compute device, "cpu" or "cuda".
+        device_memory / host_memory: budgets such as "8GiB" (None = no limit).
+        nvme: directory for state that fits neither budget (created if missing).
+        dtype: compute dtype of weights on the device (default: the model's own); master
+            weights and Adam moments stay fp32.
+        placement: "auto" (from the budgets) or force every unit's state into
+            "device", "host" or "nvme".
+        **options: advanced knobs of `OffloadConfig` (unit_bytes, prefetch_bytes, chunk_bytes,
+            staging_buffers, io_threads, direct_io).
+
+    Returns the `Engine`; call it like the model.
+    """
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"tierflow.offload expects a torch.nn.Module, got {type(model).__name__}")
+    cfg = OffloadConfig.create(device=device, device_memory=device_memory, host_memory=host_memory,
+                               nvme=nvme, dtype=dtype, **options)
+    return Engine(model, cfg, placement=placement)

@@ -1,0 +1,147 @@
+"""Configuration: one frozen dataclass for every engine knob, validated once.
+
+The Python API (`tierflow.offload`) and the CLI both build an `OffloadConfig`,
+so validation and error messages live here and nowhere else.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import ConfigError
+
+_UNITS = {
+    "": 1, "b": 1,
+    "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9, "t": 10**12, "tb": 10**12,
+    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+}
+_SIZE_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*$")
+
+
+def parse_size(value: int | float | str | None, *, what: str = "size") -> int | None:
+    """Parse "1GiB", "512MiB", "2.5GB", "1e9"-free plain ints, or None.
+
+    Binary suffixes (KiB, MiB, GiB, TiB) are powers of 1024, decimal ones (KB, MB, GB)
+    powers of 1000. A bare number is bytes.
+    """
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        raise ConfigError(f"{what}: expected a size like '2GiB', got {value!r}")
+    if isinstance(value, (int, float)):
+        if value < 0:
+            raise ConfigError(f"{what}: size must not be negative, got {value!r}")
+        return int(value)
+    match = _SIZE_RE.match(str(value))
+    if not match or match.group(2).lower() not in _UNITS:
+        raise ConfigError(
+            f"{what}: cannot parse size {value!r}; write a number with a unit, "
+            f"e.g. '512MiB', '2GiB' or '1.5GB' (units: KiB MiB GiB TiB KB MB GB TB)")
+    return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+
+
+def format_size(nbytes: int | float) -> str:
+    """Human-readable binary size, e.g. 1536 -> '1.5 KiB'."""
+    size = float(nbytes)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(size) < 1024 or unit == "TiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.2f} {unit}"
+        size /= 1024
+    raise AssertionError("unreachable")
+
+
+def parse_device(device: str | torch.device) -> torch.device:
+    """Validate the compute device: 'cpu' or 'cuda[:N]' (which must be available)."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ConfigError(f"unknown device {device!r}: use 'cpu' or 'cuda' ({exc})") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ConfigError(f"unsupported device {device!r}: tierflow computes on 'cpu' or 'cuda'")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device {device!r} requested but CUDA is not available: use device='cpu'")
+        if dev.index is None:
+            dev = torch.device("cuda", torch.cuda.current_device())
+    return dev
+
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
+
+
+def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    """Compute dtype: None (the model's own), or float32 / bfloat16 / float16."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        if dtype is not None and dtype not in _DTYPES.values():
+            raise ConfigError(f"unsupported compute dtype {dtype}: use float32, bfloat16 or float16")
+        return dtype
+    key = str(dtype).lower().removeprefix("torch.")
+    if key not in _DTYPES:
+        raise ConfigError(f"unsupported compute dtype {dtype!r}: use float32, bfloat16 or float16")
+    return _DTYPES[key]
+
+
+@dataclass(frozen=True)
+class OffloadConfig:
+    """Everything the engine needs to know; build with `OffloadConfig.create`.
+
+    Attributes:
+        device: compute device ('cpu' or 'cuda:N').
+        device_memory: bytes the engine may hold on the compute device (weights in use,
+            prefetched weights, gradients in flight, device-resident state). None = no limit
+            beyond what the device has.
+        host_memory: bytes the engine may hold in host RAM (host-resident state and the
+            staging buffers of the NVMe tier). None = no limit.
+        nvme: directory for the NVMe tier's spill file, or None (no NVMe tier).
+        dtype: compute dtype of the weights fetched to the device; None = model's own.
+        unit_bytes: target size of a fetch unit (a module subtree whose parameters move
+            together); None = derived from the device budget.
+        prefetch_bytes: how many bytes of upcoming units may be in flight; None = derived.
+        chunk_bytes: size of one NVMe request / staging buffer.
+        staging_buffers: number of staging buffers in the host pool (NVMe <-> compute).
+        io_threads: threads issuing NVMe requests.
+        direct_io: use O_DIRECT (None = when the file system supports it).
+    """
+
+    device: torch.device
+    device_memory: int | None = None
+    host_memory: int | None = None
+    nvme: Path | None = None
+    dtype: torch.dtype | None = None
+    unit_bytes: int | None = None
+    prefetch_bytes: int | None = None
+    chunk_bytes: int = 8 * 2**20
+    staging_buffers: int = 8
+    io_threads: int = 2
+    direct_io: bool | None = None
+
+    @classmethod
+    def create(cls, device="cpu", device_memory=None, host_memory=None, nvme=None, dtype=None,
+               unit_bytes=None, prefetch_bytes=None, chunk_bytes="8MiB", staging_buffers=8,
+               io_threads=2, direct_io=None) -> "OffloadConfig":
+        """Parse and validate user-facing values (sizes as strings or ints)."""
+        chunk = parse_size(chunk_bytes, what="chunk_bytes")
+        if chunk <= 0 or chunk % 4096:
+            raise ConfigError(f"chunk_bytes must be a positive multiple of 4096, got {chunk}")
+        if int(staging_buffers) < 2:
+            raise ConfigError("staging_buffers must be at least 2 (one reading, one in use)")
+        if int(io_threads) < 1:
+            raise ConfigError("io_threads must be at least 1")
+        return cls(
+            device=parse_device(device),
+            device_memory=parse_size(device_memory, what="device_memory"),
+            host_memory=parse_size(host_memory, what="host_memory"),
+            nvme=Path(nvme).expanduser() if nvme is not None else None,
+            dtype=parse_dtype(dtype),
+            unit_bytes=parse_size(unit_bytes, what="unit_bytes"),
+            prefetch_bytes=parse_size(prefetch_bytes, what="prefetch_bytes"),
+            chunk_bytes=chunk,
+            staging_buffers=int(staging_buffers),
+            io_threads=int(io_threads),
+            direct_io=direct_io,
+        )

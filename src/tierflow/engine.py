@@ -1,0 +1,620 @@
+"""The engine: owns the tiers, moves units to the device ahead of use, drains gradients.
+
+Life of a unit during a training step (see DESIGN.md):
+
+1. forward: the hook of the first module that needs it acquires it. If it was
+   prefetched the data is already there; otherwise it is fetched now. Any AdamW
+   update recorded by the last `opt.step()` is applied first, in the fetch job,
+   so updates overlap the forward compute of earlier units.
+2. after the module's forward the unit is released; it stays cached on the
+   device while the budget allows (least recently used is evicted first).
+3. backward: autograd's saved views of the unit are tokens; unpacking one
+   acquires the unit again (prefetching the units before it in forward order).
+4. each gradient leaves the device as soon as autograd has accumulated it and is
+   added to the unit's fp32 gradient in its home tier by the drain thread, which
+   also records its norm (for exact global-norm clipping without another pass).
+
+All bookkeeping runs on the thread that runs forward/backward; the transfer
+thread and the drain thread only move and compute data.
+"""
+from __future__ import annotations
+
+import contextlib
+import itertools
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from . import hooks
+from .budget import Budget
+from .config import OffloadConfig
+from .device import ComputeDevice
+from .errors import BudgetError, ConfigError, TierflowError
+from .layout import Slot, Unit, partition
+from .optim import PendingUpdate, adamw_
+from .plan import DRAIN_BUFFERS, Placement, plan_placement, working_bytes
+from .schedule import eviction_order, prefetch_window
+from .storage import BufferPool, NvmeStore
+from .tiers import ARRAY_CLASS, FP32, StateIO, UnitState
+from .trace import Trace
+
+BUDGET_WAIT_S = 120.0  # how long a fetch waits for in-flight gradients to free device memory
+
+
+@dataclass
+class Residency:
+    """Runtime state of one unit on the compute device."""
+
+    flat: torch.Tensor | None = None       # device buffer holding the unit's weights
+    fetch: Future | None = None            # in-flight fetch (result: (flat, event))
+    refs: int = 0                          # modules / backward currently using it
+    last_use: int = 0                      # tick of the last acquire (LRU)
+    pending: list = field(default_factory=list)  # PendingUpdates not yet applied
+    grads_left: int = 0                    # trainable slots whose gradient is still expected
+
+
+class Engine:
+    """A model whose training state is tiered across device, host and NVMe.
+
+    Create it with `tierflow.offload`. Call it like the model.
+    """
+
+    def __init__(self, model: nn.Module, cfg: OffloadConfig, placement: str = "auto"):
+        self.module = model
+        self.cfg = cfg
+        self.device = ComputeDevice(cfg.device)
+        self.param_dtype = _model_dtype(model)
+        self.compute_dtype = cfg.dtype or self.param_dtype
+        self.budgets = {"device": Budget("device", _device_cap(cfg)), "host": Budget("host", cfg.host_memory)}
+        unit_bytes = cfg.unit_bytes or _default_unit_bytes(cfg, model)
+        self.units, hooked = partition(model, unit_bytes)
+        self.param_owner = {id(s.param): u.uid for u in self.units for s in u.slots}
+        buffer_bytes = sum(b.numel() * b.element_size() for b in model.buffers())
+        self.plan: Placement = plan_placement(self.units, cfg, self.compute_dtype, buffer_bytes, placement)
+        self.nvme = self._open_nvme()
+        self._pools = self._make_pools()
+        self.io = StateIO(self.device, self.budgets, self.nvme,
+                          self._pools[0] if self._pools else None)
+        self._drain_io = StateIO(self.device, self.budgets, self.nvme,
+                                 self._pools[1] if self._pools else None)
+        self._move_buffers(buffer_bytes)
+        self._storage_owner: dict[int, int] = {}  # data_ptr of a device buffer -> unit id
+        self._busy = 0                             # >0 while engine code runs (hooks off)
+        self.states: list[UnitState] = []
+        self.residency = [Residency() for _ in self.units]
+        self._load_state()
+        self.trace = Trace()
+        self._tick = itertools.count(1)
+        self._lock = threading.RLock()
+        self._transfer = ThreadPoolExecutor(1, thread_name_prefix="tierflow-transfer")
+        self._drain = ThreadPoolExecutor(1, thread_name_prefix="tierflow-drain")
+        self._drains: list[Future] = []
+        self._scopes: list[list[int]] = []
+        self._backward_holds: set[int] = set()
+        self._backward_callback_queued = False
+        self._has_grad: set[int] = set()          # slot indices with a gradient since zero_grad
+        self._grad_norms: dict[int, torch.Tensor] = {}
+        self._steps: dict[int, int] = {}          # slot index -> AdamW steps taken
+        self._grad_scale: torch.Tensor | None = None
+        self._counters = {"host_to_device": 0, "device_to_host": 0}
+        self._counter_lock = threading.Lock()
+        self._optimizer = None
+        self._closed = False
+        self._handles = hooks.install(self, model, hooked)
+
+    # ---- construction -----------------------------------------------------------------
+    def _open_nvme(self) -> NvmeStore | None:
+        if not self.plan.uses_nvme:
+            return None
+        store = NvmeStore(self.cfg.nvme, io_threads=self.cfg.io_threads, direct=self.cfg.direct_io)
+        try:
+            store.check_space(self.plan.tier_bytes["nvme"])
+        except BaseException:
+            store.close()
+            raise
+        return store
+
+    def _make_pools(self):
+        if self.nvme is None:
+            return None
+        self.budgets["host"].reserve(self.plan.staging_bytes, "the NVMe staging buffers")
+        pin = self.device.is_cuda
+        return (BufferPool(self.cfg.staging_buffers, self.cfg.chunk_bytes, pin=pin),
+                BufferPool(DRAIN_BUFFERS, self.cfg.chunk_bytes, pin=pin))
+
+    def _move_buffers(self, buffer_bytes: int) -> None:
+        """Buffers are small: they live on the device for good."""
+        self.budgets["device"].reserve(buffer_bytes, "the model's buffers")
+        for module in self.module.modules():
+            for name, buf in module._buffers.items():
+                if buf is not None and buf.device != self.device.device:
+                    module._buffers[name] = buf.to(self.device.device)
+
+    def _load_state(self) -> None:
+        """Copy each parameter into its unit's home tier, then free the original."""
+        for unit, home in zip(self.units, self.plan.homes):
+            state = self.io.allocate(unit, home, self.compute_dtype)
+            self.states.append(state)
+            for slot in unit.slots:
+                data = slot.param.detach().reshape(-1)
+                self.io.write_from(state, "master", data.to(FP32), slot.offset)
+                if "weights" in state.arrays:
+                    self.io.write_from(state, "weights", data.to(self.compute_dtype), slot.offset)
+                slot.param.data = self._placeholder(slot)
+            if home == "device":  # weights stay put: the device buffer is the state itself
+                self.residency[unit.uid].flat = self._device_view(unit.uid)
+                self._attach(unit.uid)
+
+    def _device_view(self, uid: int) -> torch.Tensor:
+        state = self.states[uid]
+        return state.arrays.get("weights", state.arrays["master"])
+
+    @contextlib.contextmanager
+    def _engine_code(self):
+        """Serialise bookkeeping and switch the on-demand fetch hook off inside it."""
+        with self._lock:
+            self._busy += 1
+            try:
+                yield
+            finally:
+                self._busy -= 1
+
+    # ---- calling the model --------------------------------------------------------------
+    def __call__(self, *args, **kwargs):
+        if self._closed:
+            raise TierflowError("this engine is closed")
+        return self.module(*args, **kwargs)
+
+    def __getattr__(self, name):
+        # Everything else (generate, config, train/eval, ...) is the model's.
+        if name == "module":
+            raise AttributeError(name)
+        return getattr(self.module, name)
+
+    def begin_forward(self) -> None:
+        self.trace.begin()
+        self._scopes.append([])
+
+    def end_forward(self) -> None:
+        with self._engine_code():
+            for uid in self._scopes.pop():
+                self.release(uid)
+            self.trace.end()
+
+    def enter_module(self, uids: list[int]) -> None:
+        with self._engine_code():
+            for uid in sorted(uids, key=self.trace.position):
+                self.trace.record(uid)
+                self.acquire(uid)
+            self._prefetch(self.trace.after(max(uids, key=self.trace.position)))
+            self._scopes.append([])
+
+    def exit_module(self, uids: list[int]) -> None:
+        with self._engine_code():
+            for uid in self._scopes.pop():
+                self.release(uid)
+            for uid in uids:
+                self.release(uid)
+
+    def ensure_resident(self, uid: int) -> None:
+        """On-demand fetch of a parameter used outside its module (held until the scope ends)."""
+        with self._engine_code():
+            if self.residency[uid].flat is not None and self.residency[uid].fetch is None:
+                return
+            self.trace.record(uid)
+            self.acquire(uid)
+            self._scopes[-1].append(uid)
+
+    # ---- residency ----------------------------------------------------------------------
+    def acquire(self, uid: int) -> torch.Tensor:
+        """Make unit `uid` resident on the device and hold it; returns its flat buffer."""
+        res = self.residency[uid]
+        if res.flat is None and res.fetch is None:
+            self._start_fetch(uid, required=True)
+        if res.fetch is not None:
+            self._finish_fetch(uid)
+        elif res.pending:  # a device-resident unit with an update still to apply
+            self._start_fetch(uid, required=True)
+            self._finish_fetch(uid)
+        res.refs += 1
+        res.last_use = next(self._tick)
+        return res.flat
+
+    def release(self, uid: int) -> None:
+        """Drop one hold; the unit stays cached until its device memory is needed."""
+        res = self.residency[uid]
+        res.refs -= 1
+        assert res.refs >= 0, f"unit {self.units[uid].name} released more often than acquired"
+
+    def _is_permanent(self, uid: int) -> bool:
+        return self.plan.homes[uid] == "device"
+
+    def _start_fetch(self, uid: int, required: bool) -> bool:
+        """Queue the job that applies pending updates and fills the device buffer."""
+        res = self.residency[uid]
+        pending, res.pending = res.pending, []
+        nbytes = 0 if self._is_permanent(uid) else working_bytes(self.units[uid], self.compute_dtype)
+        what = f"the weights of unit '{self.units[uid].name}'"
+        if nbytes and not self._reserve_device(nbytes, what, required):
+            res.pending = pending
+            return False
+        res.fetch = self._transfer.submit(self._fetch_job, uid, pending, nbytes > 0)
+        return True
+
+    def _finish_fetch(self, uid: int) -> None:
+        res = self.residency[uid]
+        future, res.fetch = res.fetch, None
+        flat, event = future.result()
+        self.device.wait_event(event)
+        if res.flat is None:
+            res.flat = flat
+            self.device.mark_used_by_compute(flat)
+            self._attach(uid)
+
+    def _fetch_job(self, uid: int, pending: list, copy: bool):
+        """Transfer thread: apply recorded AdamW updates, then copy weights to the device."""
+        unit, state = self.units[uid], self.states[uid]
+        if pending:
+            self._apply_updates(unit, state, pending)
+        if not copy:
+            return self._device_view(uid), None
+        flat = self.device.empty(unit.numel, self.compute_dtype)
+        with self.device.side_stream():
+            self.io.read_into(state, "weights" if "weights" in state.arrays else "master", flat)
+            event = self.device.record_event()
+        self._count("host_to_device", flat.numel() * flat.element_size())
+        return flat, event
+
+    def _reserve_device(self, nbytes: int, what: str, required: bool) -> bool:
+        """Reserve device bytes, evicting cached units; a required reservation also waits for
+        in-flight fetches and gradients to free memory, and fails with BudgetError."""
+        budget = self.budgets["device"]
+        while True:
+            if budget.try_reserve(nbytes):
+                return True
+            if self._evict_for(nbytes):
+                continue
+            if not required:
+                return False
+            inflight = [uid for uid, res in enumerate(self.residency) if res.fetch is not None]
+            if not inflight:
+                break
+            self._finish_fetch(inflight[-1])  # the furthest prefetch becomes evictable
+        # Gradients in flight free device memory as the drain thread writes them out.
+        budget.reserve(nbytes, what, wait=BUDGET_WAIT_S)
+        return True
+
+    def _evict_for(self, nbytes: int) -> bool:
+        """Evict cached units, least recently used first, until `nbytes` fit; True if any went."""
+        budget = self.budgets["device"]
+        candidates = [uid for uid, res in enumerate(self.residency)
+                      if res.refs == 0 and res.fetch is None and res.flat is not None
+                      and not self._is_permanent(uid)]
+        evicted = False
+        for uid in eviction_order(candidates, lambda u: self.residency[u].last_use):
+            if budget.room() >= nbytes:
+                break
+            self._evict(uid)
+            evicted = True
+        return evicted
+
+    def _evict(self, uid: int) -> None:
+        res = self.residency[uid]
+        for slot in self.units[uid].slots:
+            slot.param.data = self._placeholder(slot)
+        self._storage_owner.pop(res.flat.untyped_storage().data_ptr(), None)
+        res.flat = None
+        self.budgets["device"].release(working_bytes(self.units[uid], self.compute_dtype))
+
+    def _placeholder(self, slot: Slot) -> torch.Tensor:
+        """Right shape and dtype, one element of memory (NaN, so misuse shows). Autograd and
+        model code that reads `.shape` keep working while the data lives in another tier."""
+        return self.device.placeholder(self.compute_dtype).expand(slot.shape)
+
+    def _attach(self, uid: int) -> None:
+        """Point every parameter of the unit at its slice of the device buffer."""
+        flat = self.residency[uid].flat
+        for slot in self.units[uid].slots:
+            slot.param.data = flat[slot.offset:slot.offset + slot.numel].view(slot.shape)
+        if not self._is_permanent(uid):
+            self._storage_owner[flat.untyped_storage().data_ptr()] = uid
+
+    def _prefetch(self, upcoming: list[int]) -> None:
+        size = lambda u: working_bytes(self.units[u], self.compute_dtype)
+        needs = lambda u: (self.residency[u].fetch is None
+                           and (self.residency[u].flat is None or bool(self.residency[u].pending)))
+        for uid in prefetch_window(upcoming, size, needs, self.plan.prefetch_bytes):
+            if not self._start_fetch(uid, required=False):
+                return
+
+    # ---- backward -----------------------------------------------------------------------
+    def pack_saved(self, tensor: torch.Tensor):
+        if tensor.layout != torch.strided or tensor.device != self.device.device:
+            return tensor
+        uid = self._storage_owner.get(tensor.untyped_storage().data_ptr())
+        if uid is None or tensor.dtype != self.compute_dtype:
+            return tensor
+        return hooks.SavedUnitView(uid, tensor.size(), tensor.stride(), tensor.storage_offset())
+
+    def unpack_saved(self, saved):
+        if not isinstance(saved, hooks.SavedUnitView):
+            return saved
+        with self._engine_code():
+            self._queue_backward_callback()
+            uid = saved.uid
+            if uid not in self._backward_holds:
+                self._backward_holds.add(uid)
+                self.acquire(uid)
+                self.residency[uid].grads_left = sum(s.trainable for s in self.units[uid].slots)
+                self._prefetch(self.trace.before(uid))
+            flat = self.residency[uid].flat
+        return flat.as_strided(saved.size, saved.stride, saved.offset)
+
+    def on_grad(self, unit: Unit, slot: Slot, param: nn.Parameter) -> None:
+        """A gradient is complete for this backward: send it to the unit's home tier."""
+        grad, param.grad = param.grad, None
+        with self._engine_code():
+            self._queue_backward_callback()
+            res = self.residency[unit.uid]
+            if res.pending:  # an update from the last step still reads the old gradient
+                self._start_fetch(unit.uid, required=True)
+                self._finish_fetch(unit.uid)
+            nbytes = grad.numel() * grad.element_size()
+            self._reserve_device(nbytes, f"the gradient of {slot.name}", required=True)
+            fresh = slot.index not in self._has_grad
+            self._has_grad.add(slot.index)
+            self._drains.append(self._drain.submit(self._drain_job, unit.uid, slot, grad, fresh, nbytes))
+            if unit.uid in self._backward_holds:
+                res.grads_left -= 1
+                if res.grads_left == 0:
+                    self._backward_holds.discard(unit.uid)
+                    self.release(unit.uid)
+
+    def _drain_job(self, uid: int, slot: Slot, grad: torch.Tensor, fresh: bool, nbytes: int) -> None:
+        """Drain thread: accumulate one gradient into the fp32 gradient of its home tier."""
+        try:
+            state, io = self.states[uid], self._drain_io
+            incoming = grad.detach().reshape(-1).to(FP32)
+            if state.home != "device":
+                self._count("device_to_host", nbytes)
+            if fresh:
+                self._grad_norms[slot.index] = torch.linalg.vector_norm(incoming)
+            norms = []
+            for start, count in io.pieces(slot.offset, slot.numel):
+                window = io.open(state, ("grad",), start, count, read=not fresh)
+                try:
+                    target = window.views[0]
+                    piece = incoming[start - slot.offset:start - slot.offset + count].to(target.device)
+                    target.copy_(piece) if fresh else target.add_(piece)
+                    if not fresh:
+                        norms.append(torch.linalg.vector_norm(target))
+                except BaseException:
+                    io.close(window)
+                    raise
+                io.close(window, write=("grad",))
+            if not fresh:
+                self._grad_norms[slot.index] = norms[0] if len(norms) == 1 else torch.linalg.vector_norm(
+                    torch.stack(norms))
+        finally:
+            self.budgets["device"].release(nbytes)
+
+    def _queue_backward_callback(self) -> None:
+        if not self._backward_callback_queued:
+            self._backward_callback_queued = True
+            torch.autograd.Variable._execution_engine.queue_callback(self._end_backward)
+
+    def _end_backward(self) -> None:
+        with self._engine_code():
+            for uid in self._backward_holds:
+                self.release(uid)
+            self._backward_holds.clear()
+            self._backward_callback_queued = False
+
+    def wait_for_gradients(self) -> None:
+        """Block until every gradient has reached its tier (errors surface here)."""
+        drains, self._drains = self._drains, []
+        for future in drains:
+            future.result()
+
+    # ---- optimizer --------------------------------------------------------------------
+    def attach_optimizer(self, optimizer) -> None:
+        if self._optimizer is not None and self._optimizer is not optimizer:
+            raise ConfigError("this engine already has an optimizer")
+        known = set(self.param_owner)
+        for group in optimizer.param_groups:
+            for param in group["params"]:
+                if id(param) not in known:
+                    raise ConfigError("the optimizer was given a parameter that is not part of the "
+                                      "engine's model")
+        self._optimizer = optimizer
+
+    def zero_grad(self) -> None:
+        self.wait_for_gradients()
+        self._has_grad.clear()
+        self._grad_norms.clear()
+        self._grad_scale = None
+
+    def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0,
+                        error_if_nonfinite: bool = False) -> torch.Tensor:
+        """Global gradient norm over all tiers, computed as torch.nn.utils.clip_grad_norm_ does."""
+        if float(norm_type) != 2.0:
+            raise ConfigError("tierflow clips by the L2 norm only (norm_type=2)")
+        self.wait_for_gradients()
+        norms = [self._grad_norms[i] for i in sorted(self._grad_norms)]
+        if not norms:
+            return torch.tensor(0.0)
+        total = torch.linalg.vector_norm(torch.stack(norms), 2.0)
+        if error_if_nonfinite and (total.isnan() or total.isinf()):
+            raise RuntimeError(f"the total norm of gradients is non-finite ({total.item()})")
+        coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+        self._grad_scale = coef if self._grad_scale is None else self._grad_scale * coef
+        return total
+
+    def queue_step(self, hyper_params: dict) -> None:
+        """Record an AdamW update for every parameter with a gradient; applied lazily."""
+        self.wait_for_gradients()
+        with self._engine_code():
+            for unit in self.units:
+                updates = []
+                for slot in unit.slots:
+                    if slot.trainable and slot.index in self._has_grad and id(slot.param) in hyper_params:
+                        step = self._steps.get(slot.index, 0) + 1
+                        self._steps[slot.index] = step
+                        updates.append(PendingUpdate(slot, hyper_params[id(slot.param)], step,
+                                                     self._grad_scale))
+                if not updates:
+                    continue
+                res = self.residency[unit.uid]
+                if res.refs:
+                    raise TierflowError("opt.step() was called while a forward or backward pass is "
+                                        "still using the parameters")
+                if res.fetch is not None:
+                    self._finish_fetch(unit.uid)
+                if res.pending:  # two steps without a forward in between: apply the older one now
+                    self._start_fetch(unit.uid, required=True)
+                    self._finish_fetch(unit.uid)
+                if res.flat is not None and not self._is_permanent(unit.uid):
+                    self._evict(unit.uid)  # its weights are about to change
+                res.pending = updates
+            self._has_grad.clear()
+            self._grad_scale = None
+            # Start the first units' updates now, overlapped with whatever the caller does next.
+            self._prefetch(self.trace.order)
+
+    def _apply_updates(self, unit: Unit, state: UnitState, pending: list) -> None:
+        """Transfer thread: run AdamW over each updated parameter, window by window."""
+        names = ("master", "grad", "exp_avg", "exp_avg_sq")
+        for update in pending:
+            slot = update.slot
+            for start, count in self.io.pieces(slot.offset, slot.numel):
+                window = self.io.open(state, names, start, count)
+                try:
+                    adamw_(*window.views, update)
+                    if "weights" in state.arrays:
+                        weights = self.io.open(state, ("weights",), start, count, read=False)
+                        weights.views[0].copy_(window.views[0])
+                        self.io.close(weights, write=("weights",))
+                except BaseException:
+                    self.io.close(window)
+                    raise
+                self.io.close(window, write=("master", "exp_avg", "exp_avg_sq"))
+
+    def flush(self) -> None:
+        """Apply every recorded update now (before reading or saving the state)."""
+        self.wait_for_gradients()
+        with self._engine_code():
+            for uid, res in enumerate(self.residency):
+                if res.fetch is not None:
+                    self._finish_fetch(uid)
+                if res.pending:
+                    self._start_fetch(uid, required=True)
+                    self._finish_fetch(uid)
+
+    # ---- reading state ------------------------------------------------------------------
+    def _read_param(self, slot: Slot, uid: int, name: str = "master") -> torch.Tensor:
+        out = torch.empty(slot.numel, dtype=FP32)
+        state = self.states[uid]
+        for start, count in self.io.pieces(slot.offset, slot.numel):
+            window = self.io.open(state, (name,), start, count)
+            out[start - slot.offset:start - slot.offset + count].copy_(window.views[0])
+            self.io.close(window)
+        return out.view(slot.shape)
+
+    def state_dict(self) -> dict:
+        """Full tensors (in the model's dtype), same keys as `model.state_dict()`."""
+        self.flush()
+        slots = {id(s.param): (s, u.uid) for u in self.units for s in u.slots}
+        cache: dict[int, torch.Tensor] = {}
+        result = {}
+        for key, value in self.module.state_dict(keep_vars=True).items():
+            if id(value) in slots:
+                if id(value) not in cache:
+                    slot, uid = slots[id(value)]
+                    cache[id(value)] = self._read_param(slot, uid).to(self.param_dtype)
+                result[key] = cache[id(value)]
+            else:
+                result[key] = value.detach().clone()
+        return result
+
+    def optimizer_state(self) -> dict:
+        """id-free view of AdamW state: parameter name -> {step, exp_avg, exp_avg_sq}."""
+        self.flush()
+        result = {}
+        for unit in self.units:
+            for slot in unit.slots:
+                if slot.trainable and slot.index in self._steps:
+                    result[slot.name] = {"step": self._steps[slot.index],
+                                         "exp_avg": self._read_param(slot, unit.uid, "exp_avg"),
+                                         "exp_avg_sq": self._read_param(slot, unit.uid, "exp_avg_sq")}
+        return result
+
+    # ---- reporting ----------------------------------------------------------------------
+    def placement(self) -> dict:
+        """Bytes per tier per tensor class, as planned and as now on the device."""
+        table = {tier: {} for tier in ("device", "host", "nvme")}
+        for state in self.states:
+            for name in state.arrays:
+                cls = ARRAY_CLASS[name]
+                table[state.home][cls] = table[state.home].get(cls, 0) + state.nbytes(name)
+        table["device"]["working"] = self.plan.device_working
+        buffers = sum(b.numel() * b.element_size() for b in self.module.buffers())
+        table["device"]["buffers"] = buffers
+        if self.plan.staging_bytes:
+            table["host"]["staging"] = self.plan.staging_bytes
+        return table
+
+    def io_stats(self) -> dict:
+        """Cumulative bytes moved between tiers."""
+        stats = dict(self._counters)
+        stats["nvme_read"] = self.nvme.bytes_read if self.nvme else 0
+        stats["nvme_written"] = self.nvme.bytes_written if self.nvme else 0
+        return stats
+
+    def budget_peaks(self) -> dict:
+        """tier -> (peak accounted bytes, capacity or None)."""
+        return {name: (b.peak, b.capacity) for name, b in self.budgets.items()}
+
+    def _count(self, key: str, nbytes: int) -> None:
+        with self._counter_lock:
+            self._counters[key] += nbytes
+
+    # ---- shutdown -----------------------------------------------------------------------
+    def close(self) -> None:
+        """Stop the worker threads and delete the spill file (the state is lost)."""
+        if self._closed:
+            return
+        self._closed = True
+        for handle in self._handles:
+            handle.remove()
+        self._transfer.shutdown(wait=True)
+        self._drain.shutdown(wait=True)
+        if self.nvme is not None:
+            self.nvme.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _model_dtype(model: nn.Module) -> torch.dtype:
+    dtypes = {p.dtype for p in model.parameters() if p.dtype.is_floating_point}
+    if len(dtypes) > 1:
+        raise ConfigError(f"the model mixes parameter dtypes {sorted(map(str, dtypes))}: cast it to one "
+                          f"dtype first (e.g. model.float())")
+    return dtypes.pop() if dtypes else torch.float32
+
+
+def _device_cap(cfg: OffloadConfig) -> int | None:
+    return cfg.device_memory
+
+
+def _default_unit_bytes(cfg: OffloadConfig, model: nn.Module) -> int:
+    """About an eighth of the device budget, so several units fit in flight; 256 MiB at most."""
+    if cfg.device_memory is None:
+        return 256 * 2**20
+    return max(1, min(256 * 2**20, cfg.device_memory // 8))

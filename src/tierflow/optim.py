@@ -1,0 +1,129 @@
+"""AdamW over tiered state.
+
+`tierflow.AdamW` is a `torch.optim.Optimizer` (so torch LR schedulers work on its
+`param_groups`), but it keeps no tensors itself: master weights, gradients and
+moments live in the engine's tiers. `step()` records the update with a snapshot
+of the hyper-parameters; the engine applies it to each unit just ahead of that
+unit's next use (in its prefetch thread, overlapped with compute) or when the
+state is read. The arithmetic is torch's own: `torch._fused_adamw_` (the kernel
+behind `torch.optim.AdamW(fused=True)`), or with `fused=False` the exact
+operations of torch's default single-tensor AdamW.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .errors import ConfigError
+
+
+@dataclass(frozen=True)
+class HyperParams:
+    """One param group's settings at the moment `step()` was called."""
+
+    lr: float
+    beta1: float
+    beta2: float
+    eps: float
+    weight_decay: float
+    fused: bool
+
+
+@dataclass(frozen=True)
+class PendingUpdate:
+    """An AdamW step recorded for one parameter, applied later by the engine."""
+
+    slot: object                 # layout.Slot
+    hp: HyperParams
+    step: int                    # the step number this update makes (1-based)
+    grad_scale: torch.Tensor | None  # clip coefficient, multiplied into the gradient first
+
+
+def adamw_(master: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
+           update: PendingUpdate) -> None:
+    """Update one window of fp32 arrays in place, exactly as torch's AdamW would."""
+    if update.grad_scale is not None:
+        grad.mul_(update.grad_scale)  # what clip_grad_norm_ does to .grad, deferred to here
+    hp = update.hp
+    if hp.fused:
+        step = torch.tensor(float(update.step), dtype=torch.float32)  # the kernel reads, never bumps, it
+        torch._fused_adamw_([master], [grad], [exp_avg], [exp_avg_sq], [], [step], lr=hp.lr,
+                            beta1=hp.beta1, beta2=hp.beta2, weight_decay=hp.weight_decay, eps=hp.eps,
+                            amsgrad=False, maximize=False)
+        return
+    # torch.optim.adam._single_tensor_adam with decoupled weight decay, operation for operation.
+    if hp.weight_decay != 0:
+        master.mul_(1 - hp.lr * hp.weight_decay)
+    exp_avg.lerp_(grad, 1 - hp.beta1)
+    exp_avg_sq.mul_(hp.beta2).addcmul_(grad, grad, value=1 - hp.beta2)
+    step = float(update.step)
+    bias_correction1 = 1 - hp.beta1 ** step
+    bias_correction2 = 1 - hp.beta2 ** step
+    step_size = hp.lr / bias_correction1
+    denom = (exp_avg_sq.sqrt() / bias_correction2 ** 0.5).add_(hp.eps)
+    master.addcdiv_(exp_avg, denom, value=-step_size)
+
+
+class AdamW(torch.optim.Optimizer):
+    """AdamW whose state lives in the engine's tiers.
+
+    Args:
+        engine: the `tierflow.Engine` returned by `tierflow.offload`.
+        params: optional parameters or param groups of `engine.module` (default: all
+            trainable parameters, one group).
+        lr, betas, eps, weight_decay: as `torch.optim.AdamW`.
+        fused: use torch's fused AdamW kernel (fast; equals `torch.optim.AdamW(fused=True)`
+            bit for bit). False uses the operations of torch's default AdamW (equal to it
+            bit for bit), which is slower.
+    """
+
+    def __init__(self, engine, params=None, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 1e-2, fused: bool = True):
+        if params is None:
+            params = [p for p in engine.module.parameters() if p.requires_grad]
+        if not 0.0 <= lr:
+            raise ConfigError(f"invalid learning rate {lr}")
+        if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
+            raise ConfigError(f"invalid betas {betas}: each must be in [0, 1)")
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, fused=fused)
+        super().__init__(params, defaults)
+        self.engine = engine
+        engine.attach_optimizer(self)
+
+    def hyper_params(self) -> dict[int, HyperParams]:
+        """id(param) -> its group's current settings."""
+        result = {}
+        for group in self.param_groups:
+            hp = HyperParams(float(group["lr"]), float(group["betas"][0]), float(group["betas"][1]),
+                             float(group["eps"]), float(group["weight_decay"]), bool(group["fused"]))
+            for param in group["params"]:
+                result[id(param)] = hp
+        return result
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """Record one AdamW step for every parameter that has a gradient."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self.engine.queue_step(self.hyper_params())
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Forget accumulated gradients: the next backward starts afresh."""
+        self.engine.zero_grad()
+
+    def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0,
+                        error_if_nonfinite: bool = False) -> torch.Tensor:
+        """Exact global-norm clipping over every tier; returns the total norm like torch's."""
+        return self.engine.clip_grad_norm_(max_norm, norm_type, error_if_nonfinite)
+
+    def state_dict(self):
+        raise NotImplementedError(
+            "tierflow.AdamW keeps its state in the engine's tiers: checkpoint with the engine "
+            "(engine.optimizer_state() for full tensors)")
+
+    def load_state_dict(self, state_dict) -> None:
+        raise NotImplementedError("tierflow.AdamW state is restored through the engine")

@@ -1,0 +1,133 @@
+"""Placement: choose the home tier of every unit's state from the budgets.
+
+Pure arithmetic over unit sizes; nothing is allocated here, so a plan that does
+not fit fails with a message that says what is short before any work starts.
+
+The device budget first holds a working set: buffers, the unit in use plus one
+being fetched, the gradients of the largest unit, and the prefetch window.
+Whatever remains holds whole units' state (the optimizer then runs where the
+state is). The host budget first holds the NVMe staging buffers (when anything
+spills), then whole units' state. The rest goes to NVMe.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .config import OffloadConfig, format_size
+from .errors import BudgetError, ConfigError
+from .layout import Unit
+from .tiers import array_specs
+
+TIERS = ("device", "host", "nvme")
+DRAIN_BUFFERS = 2  # staging buffers reserved for gradient write-back
+
+
+def state_bytes(unit: Unit, compute_dtype: torch.dtype) -> int:
+    """Bytes of all arrays a unit keeps in its home tier."""
+    return sum(numel * dtype.itemsize for numel, dtype in array_specs(unit, compute_dtype).values())
+
+
+def working_bytes(unit: Unit, compute_dtype: torch.dtype) -> int:
+    """Bytes of a unit's weights on the device while it is in use."""
+    return unit.numel * compute_dtype.itemsize
+
+
+def grad_bytes(unit: Unit, compute_dtype: torch.dtype) -> int:
+    """Bytes of a unit's gradients as autograd produces them on the device."""
+    return sum(s.numel for s in unit.slots if s.trainable) * compute_dtype.itemsize
+
+
+@dataclass(frozen=True)
+class Placement:
+    """The plan: a home tier per unit and the memory set aside for moving data.
+
+    Attributes:
+        homes: home tier of each unit, indexed by unit id.
+        device_working: device bytes reserved for weights in use, in flight and gradients.
+        prefetch_bytes: part of `device_working` that prefetch may fill ahead of use.
+        staging_bytes: host bytes of the NVMe staging buffers (0 when nothing spills).
+        tier_bytes: state bytes placed in each tier.
+    """
+
+    homes: tuple[str, ...]
+    device_working: int
+    prefetch_bytes: int
+    staging_bytes: int
+    tier_bytes: dict
+
+    @property
+    def uses_nvme(self) -> bool:
+        return "nvme" in self.homes
+
+
+def plan_placement(units: list[Unit], cfg: OffloadConfig, compute_dtype: torch.dtype,
+                   buffer_bytes: int, placement: str = "auto") -> Placement:
+    """Place every unit; raise BudgetError/ConfigError naming what is short."""
+    if placement not in ("auto",) + TIERS:
+        raise ConfigError(f"unknown placement {placement!r}: use 'auto', 'device', 'host' or 'nvme'")
+    largest = max(units, key=lambda u: working_bytes(u, compute_dtype))
+    need_working = (buffer_bytes + 2 * working_bytes(largest, compute_dtype)
+                    + max(grad_bytes(u, compute_dtype) for u in units))
+    device_cap = _device_capacity(cfg)
+    if device_cap is not None and device_cap < need_working:
+        raise BudgetError(
+            f"device_memory={format_size(device_cap)} is too small for even one layer: unit "
+            f"'{largest.name}' ({largest.numel:,} elements) needs {format_size(need_working)} on the "
+            f"device (weights in use and in flight, its gradients, buffers); raise device_memory to at "
+            f"least {format_size(need_working)}, or pass a smaller unit_bytes")
+    prefetch = cfg.prefetch_bytes if cfg.prefetch_bytes is not None else 2 * working_bytes(largest, compute_dtype)
+    if device_cap is not None:
+        prefetch = max(0, min(prefetch, device_cap - need_working))
+    device_working = need_working + prefetch
+
+    staging = (cfg.staging_buffers + DRAIN_BUFFERS) * cfg.chunk_bytes
+    homes, tier_bytes = _assign(units, cfg, compute_dtype, placement, device_cap, device_working, staging)
+    uses_nvme = "nvme" in homes
+    return Placement(tuple(homes), device_working, prefetch, staging if uses_nvme else 0, tier_bytes)
+
+
+def _device_capacity(cfg: OffloadConfig) -> int | None:
+    if cfg.device_memory is not None or cfg.device.type == "cpu":
+        return cfg.device_memory
+    free, _total = torch.cuda.mem_get_info(cfg.device)
+    return int(free * 0.8)  # leave room for activations and the allocator's slack
+
+
+def _assign(units, cfg, compute_dtype, placement, device_cap, device_working, staging):
+    """Greedy placement in model order: device, then host, then NVMe."""
+    room = {
+        "device": None if device_cap is None else device_cap - device_working,
+        "host": cfg.host_memory,
+    }
+    if cfg.nvme is not None and room["host"] is not None and placement in ("auto", "nvme"):
+        room["host"] -= staging  # staging buffers exist as soon as one unit spills
+    allowed = {"auto": TIERS, "device": ("device",), "host": ("host",), "nvme": ("nvme",)}[placement]
+    if placement == "nvme" and cfg.nvme is None:
+        raise ConfigError("placement='nvme' needs an NVMe directory: pass nvme=DIR")
+    homes, tier_bytes, short = [], dict.fromkeys(TIERS, 0), 0
+    for unit in units:
+        need = state_bytes(unit, compute_dtype)
+        for tier in allowed:
+            if tier == "nvme" and cfg.nvme is None:
+                continue
+            if tier != "nvme" and room[tier] is not None and room[tier] < need:
+                continue
+            if tier != "nvme" and room[tier] is not None:
+                room[tier] -= need
+            homes.append(tier)
+            tier_bytes[tier] += need
+            break
+        else:
+            homes.append(None)
+            short += need
+    if short:
+        total = sum(state_bytes(u, compute_dtype) for u in units)
+        where = " or ".join(allowed if placement != "auto" else ("host",))
+        hint = "" if cfg.nvme is not None else ", or pass nvme=DIR to spill to disk"
+        raise BudgetError(
+            f"the training state ({format_size(total)}) does not fit: {format_size(short)} more is "
+            f"needed in {where} memory; raise {'host' if where == 'host' else where}_memory by "
+            f"{format_size(short)}{hint}")
+    return homes, tier_bytes

@@ -1,0 +1,204 @@
+"""Where each unit's training state lives, and uniform access to it.
+
+A unit's state is a handful of flat arrays:
+
+    master      fp32, all parameters            (the optimizer's copy)
+    weights     compute dtype, all parameters   (only when it differs from fp32)
+    grad        fp32, trainable prefix          (accumulated across micro-batches)
+    exp_avg     fp32, trainable prefix          (Adam first moment)
+    exp_avg_sq  fp32, trainable prefix          (Adam second moment)
+
+Each array lives in the unit's home tier: a tensor in device memory, a tensor in
+host memory (pinned on CUDA), or an extent of the NVMe spill file. `StateIO.open`
+gives a window of element range [start, start+numel) of some arrays as tensors
+(a slice for memory tiers; a staging buffer read from disk for NVMe) and
+`StateIO.close` writes changed windows back, so the optimizer and gradient
+code never branches on the tier.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .budget import Budget
+from .device import ComputeDevice
+from .layout import Unit
+from .storage import BufferPool, Extent, NvmeStore
+
+FP32 = torch.float32
+ALIGN = 4096
+
+
+def _round_up(value: int, multiple: int) -> int:
+    return (value + multiple - 1) // multiple * multiple
+
+
+@dataclass
+class UnitState:
+    """The home tier of one unit and handles to its arrays there."""
+
+    home: str                                   # "device" | "host" | "nvme"
+    arrays: dict = field(default_factory=dict)  # name -> Tensor (memory tiers) or Extent (nvme)
+    dtypes: dict = field(default_factory=dict)  # name -> dtype
+
+    def nbytes(self, name: str) -> int:
+        array = self.arrays[name]
+        if isinstance(array, Extent):
+            return array.nbytes
+        return array.numel() * array.element_size()
+
+
+def array_specs(unit: Unit, compute_dtype: torch.dtype) -> dict[str, tuple[int, torch.dtype]]:
+    """Name -> (elements, dtype) of every array a unit keeps."""
+    specs = {"master": (unit.numel, FP32)}
+    if compute_dtype != FP32:
+        specs["weights"] = (unit.numel, compute_dtype)
+    if unit.trainable_numel:
+        for name in ("grad", "exp_avg", "exp_avg_sq"):
+            specs[name] = (unit.trainable_numel, FP32)
+    return specs
+
+
+ARRAY_CLASS = {"master": "master", "weights": "weights", "grad": "grads",
+               "exp_avg": "moments", "exp_avg_sq": "moments"}
+
+
+class StateIO:
+    """Allocates unit state in its home tier and opens windows onto it."""
+
+    def __init__(self, device: ComputeDevice, budgets: dict[str, Budget],
+                 nvme: NvmeStore | None, pool: BufferPool | None):
+        self.device = device
+        self.budgets = budgets
+        self.nvme = nvme
+        self.pool = pool
+
+    # ---- allocation -------------------------------------------------------------------
+    def allocate(self, unit: Unit, home: str, compute_dtype: torch.dtype) -> UnitState:
+        """Allocate every array of `unit` in `home`, accounting memory tiers in their budgets."""
+        state = UnitState(home)
+        for name, (numel, dtype) in array_specs(unit, compute_dtype).items():
+            nbytes = numel * dtype.itemsize
+            if home == "nvme":
+                state.arrays[name] = self.nvme.allocate(_round_up(nbytes, ALIGN))
+            else:
+                self.budgets[home].reserve(nbytes, f"{ARRAY_CLASS[name]} of {unit.name}")
+                if home == "device":
+                    tensor = self.device.empty(numel, dtype)
+                else:
+                    tensor = self.device.host_empty(numel, dtype)
+                if name in ("grad", "exp_avg", "exp_avg_sq"):
+                    tensor.zero_()
+                state.arrays[name] = tensor
+            state.dtypes[name] = dtype
+        if home == "nvme" and unit.trainable_numel:
+            self._zero_moments(state, unit.trainable_numel)
+        return state
+
+    def _zero_moments(self, state: UnitState, numel: int) -> None:
+        for start, count in self.pieces(0, numel):
+            window = self.open(state, ("exp_avg", "exp_avg_sq"), start, count, read=False)
+            for view in window.views:
+                view.zero_()
+            self.close(window, write=("exp_avg", "exp_avg_sq"))
+
+    def free(self, state: UnitState) -> None:
+        for name, array in state.arrays.items():
+            if isinstance(array, Extent):
+                self.nvme.free(array)
+            else:
+                self.budgets[state.home].release(array.numel() * array.element_size())
+        state.arrays.clear()
+
+    # ---- windows ----------------------------------------------------------------------
+    def piece_elements(self) -> int:
+        """Largest window, in elements, that one staging buffer holds for fp32 arrays."""
+        if self.pool is None:
+            return 1 << 62
+        return self.pool.nbytes // 4 // 2048 * 2048
+
+    def pieces(self, start: int, numel: int):
+        """Split [start, start+numel) into windows that fit a staging buffer."""
+        step = self.piece_elements()
+        for offset in range(start, start + numel, step):
+            yield offset, min(step, start + numel - offset)
+
+    def open(self, state: UnitState, names, start: int, numel: int, read: bool = True) -> "Window":
+        """A window onto elements [start, start+numel) of the named arrays."""
+        if state.home != "nvme":
+            return Window(state, tuple(names), start, [state.arrays[n][start:start + numel] for n in names])
+        buffers, views, futures = [], [], []
+        try:
+            for name in names:
+                dtype = state.dtypes[name]
+                buf = self.pool.acquire()
+                buffers.append(buf)
+                views.append(buf[:numel * dtype.itemsize].view(dtype))
+                if read:
+                    nbytes = _round_up(numel * dtype.itemsize, ALIGN)
+                    futures.append(self.nvme.read_async(state.arrays[name], buf[:nbytes],
+                                                        start * dtype.itemsize))
+            for future in futures:
+                future.result()
+        except BaseException:
+            for future in futures:
+                future.exception()  # let in-flight reads finish before their buffers are reused
+            for buf in buffers:
+                self.pool.release(buf)
+            raise
+        return Window(state, tuple(names), start, views, buffers)
+
+    def close(self, window: "Window", write=()) -> None:
+        """Write back the arrays named in `write`, then release the staging buffers."""
+        if not window.buffers:
+            return
+        futures = []
+        try:
+            for name, view, buf in zip(window.names, window.views, window.buffers):
+                if name in write:
+                    dtype = window.state.dtypes[name]
+                    nbytes = _round_up(view.numel() * dtype.itemsize, ALIGN)
+                    futures.append(self.nvme.write_async(window.state.arrays[name], buf[:nbytes],
+                                                         window.start * dtype.itemsize))
+            for future in futures:
+                future.result()
+        finally:
+            for future in futures:
+                future.exception()
+            for buf in window.buffers:
+                self.pool.release(buf)
+
+    def read_into(self, state: UnitState, name: str, dst: torch.Tensor) -> None:
+        """Copy a whole array into `dst` (same numel, any dtype/device), piece by piece."""
+        for start, count in self.pieces(0, dst.numel()):
+            window = self.open(state, (name,), start, count)
+            try:
+                dst[start:start + count].copy_(window.views[0], non_blocking=True)
+                if window.buffers:
+                    # The staging buffer goes back to the pool: the copy must have finished.
+                    self.device.synchronize_event(self.device.record_event())
+            finally:
+                self.close(window)
+
+    def write_from(self, state: UnitState, name: str, src: torch.Tensor, start: int = 0) -> None:
+        """Copy `src` (flat) into elements [start, start+numel) of an array, piece by piece."""
+        for offset, count in self.pieces(start, src.numel()):
+            window = self.open(state, (name,), offset, count, read=False)
+            try:
+                window.views[0].copy_(src[offset - start:offset - start + count])
+            except BaseException:
+                self.close(window)
+                raise
+            self.close(window, write=(name,))
+
+
+@dataclass
+class Window:
+    """Views of a range of some arrays of one unit; `buffers` are staging buffers (NVMe only)."""
+
+    state: UnitState
+    names: tuple
+    start: int
+    views: list
+    buffers: list = field(default_factory=list)
