@@ -207,11 +207,14 @@ def _token_stream(path: Path | None, tokenizer: Tokenizer, rng: random.Random) -
     else:
         documents, whole = _text_documents(path), False
     if not whole:  # one long document cut into pieces
-        if tokenizer.bos_id is not None:
-            yield tokenizer.bos_id
+        started = False
         for piece in documents:
-            yield from tokenizer.encode(piece)
-        if tokenizer.eos_id is not None:
+            ids = tokenizer.encode(piece)
+            if ids and not started and tokenizer.bos_id is not None:
+                yield tokenizer.bos_id
+            started = started or bool(ids)
+            yield from ids
+        if started and tokenizer.eos_id is not None:
             yield tokenizer.eos_id
         return
     for doc in documents:

@@ -25,7 +25,7 @@ HELP = "train a causal LM beyond memory (default: built-in 100M Llama on stdlib 
 _DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
            "float16": "float16", "fp16": "float16"}
 _TIER_ORDER = ("device", "host", "nvme")
-_CLASS_ORDER = ("weights", "master", "grads", "moments", "buffers", "staging")
+_CLASS_ORDER = ("weights", "master", "grads", "moments", "buffers", "working", "staging")
 _IO_NAMES = {"nvme_read": "nvme read", "nvme_written": "nvme written",
              "host_to_device": "host->device", "device_to_host": "device->host"}
 
@@ -204,10 +204,14 @@ def _print_summary(result: TrainResult, args: TrainArgs, console) -> None:
     table.add_column(style="bold")
     table.add_column()
     table.add_row("loss", f"{result.losses[0]:.4f} (step 1) -> {result.losses[-1]:.4f} (step {steps})")
+    k = max(1, min(5, steps // 2))
+    table.add_row(f"loss, mean of {k}", f"{sum(result.losses[:k]) / k:.4f} (first {k} steps) -> "
+                  f"{sum(result.losses[-k:]) / k:.4f} (last {k} steps)")
     table.add_row("step time", f"{mean:.2f} s mean over {steps} steps; {sum(later) / len(later):.2f} s after step 1")
     table.add_row("throughput", f"{result.tokens / sum(result.step_seconds):,.0f} tokens/s "
                   f"({result.tokens // steps:,} tokens/step)")
-    moved = ", ".join(f"{_IO_NAMES.get(k, k)} {_fmt_bytes(v)}" for k, v in result.io_per_step.items())
+    moved = ", ".join(f"{_IO_NAMES.get(key, key)} {_fmt_bytes(result.io_per_step[key])}"
+                      for key in _ordered(result.io_per_step, tuple(_IO_NAMES)))
     table.add_row("moved per step", moved or "nothing")
     peaks = []
     for tier in _ordered(result.peaks, _TIER_ORDER):
