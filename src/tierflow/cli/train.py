@@ -2,8 +2,8 @@
 
 With no arguments, trains the built-in ~100M-parameter Llama (byte vocabulary,
 random init) on the Python standard library's sources, with budgets small
-enough (256 MiB device, 1 GiB host) that most of its ~1.6 GB of training state
-spills to NVMe files in a temporary directory, removed at exit.
+enough (256 MiB device, 1 GiB host) that about a third of its ~1.6 GB of
+training state spills to NVMe files in a temporary directory, removed at exit.
 
 Prints where every class of tensor lives, a progress bar with loss, tokens/s
 and I/O throughput, and a summary.
