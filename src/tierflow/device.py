@@ -6,6 +6,7 @@ synchronous fallback, so the engine runs the same code paths everywhere.
 from __future__ import annotations
 
 import contextlib
+import warnings
 
 import torch
 
@@ -18,6 +19,7 @@ class ComputeDevice:
         self.is_cuda = device.type == "cuda"
         self.copy_stream = torch.cuda.Stream(device) if self.is_cuda else None
         self._placeholders: dict[torch.dtype, torch.Tensor] = {}
+        self._warned_unpinned = False
 
     def empty(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
         """A flat uninitialised tensor on the compute device."""
@@ -28,8 +30,12 @@ class ComputeDevice:
         if self.is_cuda:
             try:
                 return torch.empty(numel, dtype=dtype, pin_memory=True)
-            except RuntimeError:  # pinned-memory exhaustion or `ulimit -l`: stay correct, slower
-                pass
+            except RuntimeError as exc:  # pinned-memory exhaustion or `ulimit -l`: stay correct
+                if not self._warned_unpinned:
+                    self._warned_unpinned = True
+                    warnings.warn(f"cannot pin host memory ({exc}); host-resident state uses "
+                                  f"pageable memory, so host-device copies are slower. Raise "
+                                  f"`ulimit -l` or lower host_memory to keep it pinned.")
         return torch.empty(numel, dtype=dtype)
 
     def placeholder(self, dtype: torch.dtype) -> torch.Tensor:

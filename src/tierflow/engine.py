@@ -166,6 +166,9 @@ class Engine:
     def __call__(self, *args, **kwargs):
         if self._closed:
             raise TierflowError("this engine is closed")
+        to_device = lambda x: x.to(self.device.device, non_blocking=True) if isinstance(x, torch.Tensor) else x
+        args = tuple(to_device(a) for a in args)
+        kwargs = {k: to_device(v) for k, v in kwargs.items()}
         return self.module(*args, **kwargs)
 
     def __getattr__(self, name):
