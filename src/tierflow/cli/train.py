@@ -30,27 +30,36 @@ _IO_NAMES = {"nvme_read": "nvme read", "nvme_written": "nvme written",
              "host_to_device": "host->device", "device_to_host": "device->host"}
 
 
+def _flag(default, metavar: str, text: str):
+    """A :class:`TrainArgs` field that becomes ``--flag METAVAR`` with help ``text``."""
+    return field(default=default, metadata={"metavar": metavar, "help": text})
+
+
 @dataclass(frozen=True)
 class TrainArgs:
     """Every knob of ``tierflow train``; the CLI flags are generated from these fields."""
 
-    model: str = field(default="llama-100m", metadata={"help": "built-in name (llama-100m, llama-tiny, gpt2-tiny) or a local Hugging Face model directory"})
-    data: str | None = field(default=None, metadata={"help": "a .txt or .jsonl (\"text\" field) file; default: the Python standard library's sources"})
-    device: str = field(default="auto", metadata={"help": "compute device: cpu, cuda, cuda:N, or auto (cuda if available)"})
-    device_memory: str = field(default="256MiB", metadata={"help": "device memory budget"})
-    host_memory: str = field(default="1GiB", metadata={"help": "host memory budget"})
-    nvme: str | None = field(default=None, metadata={"help": "NVMe spill directory; default: a temporary directory under the user cache, removed at exit; 'none' disables the NVMe tier"})
-    dtype: str | None = field(default=None, metadata={"help": "compute dtype on the device (float32, bfloat16, float16); masters stay fp32. Default: the model's"})
-    steps: int = field(default=30, metadata={"help": "optimizer steps"})
-    batch_size: int = field(default=1, metadata={"help": "sequences per micro-batch"})
-    seq_len: int = field(default=256, metadata={"help": "tokens per sequence"})
-    grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
-    lr: float = field(default=1e-3, metadata={"help": "peak learning rate (AdamW)"})
-    warmup: int = field(default=5, metadata={"help": "linear warm-up steps, then cosine decay to 10%%"})
-    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay"})
-    clip: float = field(default=1.0, metadata={"help": "global gradient-norm clip (0: off)"})
-    seed: int = field(default=0, metadata={"help": "seed for the model init and the data order"})
-    log_every: int = field(default=10, metadata={"help": "print a log line every N steps (0: never)"})
+    model: str = _flag("llama-100m", "NAME|PATH", "built-in name (llama-100m, llama-tiny, gpt2-tiny) "
+                       "or a local Hugging Face model directory")
+    data: str | None = _flag(None, "FILE", 'a .txt or .jsonl ("text" field) file; '
+                             "default: the Python standard library's sources")
+    device: str = _flag("auto", "DEVICE", "compute device: cpu, cuda, cuda:N, or auto (cuda if available)")
+    device_memory: str = _flag("256MiB", "SIZE", "device memory budget")
+    host_memory: str = _flag("1GiB", "SIZE", "host memory budget")
+    nvme: str | None = _flag(None, "DIR", "NVMe spill directory; default: a temporary directory under "
+                             "the user cache, removed at exit; 'none' turns the NVMe tier off")
+    dtype: str | None = _flag(None, "DTYPE", "compute dtype on the device (float32, bfloat16, float16); "
+                              "masters stay fp32. Default: the model's")
+    steps: int = _flag(30, "N", "optimizer steps")
+    batch_size: int = _flag(1, "N", "sequences per micro-batch")
+    seq_len: int = _flag(256, "N", "tokens per sequence")
+    grad_accum: int = _flag(1, "N", "micro-batches per optimizer step")
+    lr: float = _flag(1e-3, "LR", "peak learning rate (AdamW)")
+    warmup: int = _flag(5, "N", "linear warm-up steps, then cosine decay to 10%%")
+    weight_decay: float = _flag(0.01, "WD", "AdamW weight decay")
+    clip: float = _flag(1.0, "NORM", "global gradient-norm clip (0: off)")
+    seed: int = _flag(0, "N", "seed for the model init and the data order")
+    log_every: int = _flag(10, "N", "print a log line every N steps (0: never)")
 
     def __post_init__(self) -> None:
         from tierflow.errors import ConfigError
@@ -76,8 +85,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     for f in fields(TrainArgs):
         kind = {"int": int, "float": float}.get(str(f.type), str)
         default = f"default: {f.default}" if f.default is not None else None
-        text = f.metadata["help"] if default is None or "default" in f.metadata["help"] else f"{f.metadata['help']} ({default})"
-        parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=kind, default=f.default, help=text)
+        text = f.metadata["help"]
+        if default is not None and "default" not in text.lower():
+            text = f"{text} ({default})"
+        parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=kind, default=f.default,
+                            metavar=f.metadata["metavar"], help=text)
 
 
 def run(ns: argparse.Namespace) -> int:
@@ -204,9 +216,10 @@ def _print_summary(result: TrainResult, args: TrainArgs, console) -> None:
     table.add_column(style="bold")
     table.add_column()
     table.add_row("loss", f"{result.losses[0]:.4f} (step 1) -> {result.losses[-1]:.4f} (step {steps})")
-    k = max(1, min(5, steps // 2))
-    table.add_row(f"loss, mean of {k}", f"{sum(result.losses[:k]) / k:.4f} (first {k} steps) -> "
-                  f"{sum(result.losses[-k:]) / k:.4f} (last {k} steps)")
+    k = min(5, steps // 2)
+    if k >= 2:  # single steps are noisy: also compare means
+        table.add_row(f"loss, mean of {k}", f"{sum(result.losses[:k]) / k:.4f} (first {k} steps) -> "
+                      f"{sum(result.losses[-k:]) / k:.4f} (last {k} steps)")
     table.add_row("step time", f"{mean:.2f} s mean over {steps} steps; {sum(later) / len(later):.2f} s after step 1")
     table.add_row("throughput", f"{result.tokens / sum(result.step_seconds):,.0f} tokens/s "
                   f"({result.tokens // steps:,} tokens/step)")
