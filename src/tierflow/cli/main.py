@@ -14,6 +14,7 @@ import sys
 #: Subcommand modules under ``tierflow.cli``, in the order ``--help`` lists them.
 COMMANDS = (
     "train",
+    "bench",
 )
 
 #: Exit status for a tierflow error (bad input, budget, NVMe): a message, no traceback.

@@ -1,0 +1,41 @@
+"""Side-by-side benchmarks: tierflow and its reference in one run, with ratios.
+
+    tierflow bench io     NVMe tier vs fio (sequential read/write) and compute overlap
+    tierflow bench train  step time vs plain PyTorch (in memory and with NVMe spill)
+"""
+from __future__ import annotations
+
+HELP = "run tierflow and its baselines side by side and print ratios"
+
+
+def add_arguments(parser) -> None:
+    sub = parser.add_subparsers(dest="bench", metavar="BENCH", required=True)
+    io = sub.add_parser("io", help="NVMe tier throughput vs fio, and compute overlap")
+    io.add_argument("--dir", default="tierflow-io-bench", help="directory on the disk to test")
+    io.add_argument("--size", default="2GiB", help="bytes written and read (default 2GiB)")
+    io.add_argument("--repeats", type=int, default=3, help="runs per figure (median)")
+    io.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    train = sub.add_parser("train", help="training step time vs plain PyTorch")
+    train.add_argument("--model", default="llama-100m")
+    train.add_argument("--steps", type=int, default=6)
+    train.add_argument("--warmup", type=int, default=2)
+    train.add_argument("--seq-len", type=int, default=256)
+    train.add_argument("--device-memory", default="256MiB")
+    train.add_argument("--host-memory", default="512MiB")
+    train.add_argument("--nvme", default=None, help="spill directory (default: a temporary one)")
+    train.add_argument("--disk-gbps", type=float, default=None,
+                       help="disk bandwidth (GB/s, e.g. from `tierflow bench io`) for the physical bound")
+    train.add_argument("--json", default=None)
+
+
+def run(args) -> int:
+    from tierflow.config import parse_size
+
+    if args.bench == "io":
+        from tierflow.bench.io import run_io_bench
+        run_io_bench(args.dir, parse_size(args.size, what="--size"), args.json, repeats=args.repeats)
+    elif args.bench == "train":
+        from tierflow.bench.train import run_train_bench
+        run_train_bench(args.model, args.steps, args.warmup, args.seq_len, args.device_memory,
+                        args.host_memory, args.nvme, args.disk_gbps, args.json)
+    return 0
