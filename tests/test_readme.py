@@ -144,4 +144,5 @@ def test_train_smoke_tiny_with_nvme(tmp_path):
     out = result.stdout
     assert "placement" in out and "summary" in out
     assert "step 3/3" in out
-    assert re.search(r"loss\s+\S+ \(step 1\) -> \S+ \(step 3\)", out), out
+    assert re.search(r"loss\W+[\d.]+ \(step 1\) -> [\d.]+ \(step 3\)", out), out
+    assert f"NVMe tier: {nvme}" in out

@@ -143,6 +143,7 @@ def train(args: TrainArgs, console=None) -> TrainResult:
         console.print(f"[bold]model[/] {args.model}: {n_params / 1e6:.1f} M parameters, "
                       f"training state ~{_fmt_bytes(16 * n_params)} (16 B/param)", soft_wrap=True)
         console.print(_placement_table(engine.placement(), budgets, nvme_dir))
+        console.print(f"NVMe tier: {nvme_dir or 'off'}", soft_wrap=True, highlight=False)
         result = _loop(engine, opt, sched, _prepend(first_batch, batches), args, device, console)
     finally:
         if engine is not None:
@@ -252,7 +253,6 @@ def _placement_table(placement: dict, budgets: dict[str, int], nvme_dir: str | N
     totals = [sum(placement[tier].values()) for tier in tiers]
     table.add_row("[bold]total", *map(_fmt_bytes, totals), _fmt_bytes(sum(totals)), end_section=True)
     table.add_row("[bold]budget", *[_budget_text(tier, budgets, nvme_dir) for tier in tiers], "")
-    table.caption = f"NVMe tier: {nvme_dir}" if nvme_dir else "NVMe tier: off"
     return table
 
 
