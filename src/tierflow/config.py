@@ -122,10 +122,20 @@ class OffloadConfig:
 
     @classmethod
     def create(cls, device="cpu", device_memory=None, host_memory=None, nvme=None, dtype=None,
-               unit_bytes=None, prefetch_bytes=None, chunk_bytes="8MiB", staging_buffers=8,
+               unit_bytes=None, prefetch_bytes=None, chunk_bytes=None, staging_buffers=8,
                io_threads=2, direct_io=None) -> "OffloadConfig":
-        """Parse and validate user-facing values (sizes as strings or ints)."""
-        chunk = parse_size(chunk_bytes, what="chunk_bytes")
+        """Parse and validate user-facing values (sizes as strings or ints).
+
+        `chunk_bytes` defaults to 8 MiB, less when the host budget is small: the staging
+        buffers (staging_buffers + 2 of them) take at most a quarter of host_memory.
+        """
+        host = parse_size(host_memory, what="host_memory")
+        if chunk_bytes is None:
+            chunk = 8 * 2**20
+            if host is not None:
+                chunk = min(chunk, max(64 * 2**10, host // (4 * (int(staging_buffers) + 2)) // 65536 * 65536))
+        else:
+            chunk = parse_size(chunk_bytes, what="chunk_bytes")
         if chunk <= 0 or chunk % 4096:
             raise ConfigError(f"chunk_bytes must be a positive multiple of 4096, got {chunk}")
         if int(staging_buffers) < 2:
@@ -135,7 +145,7 @@ class OffloadConfig:
         return cls(
             device=parse_device(device),
             device_memory=parse_size(device_memory, what="device_memory"),
-            host_memory=parse_size(host_memory, what="host_memory"),
+            host_memory=host,
             nvme=Path(nvme).expanduser() if nvme is not None else None,
             dtype=parse_dtype(dtype),
             unit_bytes=parse_size(unit_bytes, what="unit_bytes"),

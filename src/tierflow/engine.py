@@ -258,15 +258,20 @@ class Engine:
             self._attach(uid)
 
     def _fetch_job(self, uid: int, pending: list, copy: bool):
-        """Transfer thread: apply recorded AdamW updates, then copy weights to the device."""
+        """Transfer thread: apply recorded AdamW updates, then copy weights to the device.
+
+        When the updates cover every parameter of the unit, the updated windows are copied
+        to the device as they are produced, so the weights are not read a second time."""
         unit, state = self.units[uid], self.states[uid]
-        if pending:
-            self._apply_updates(unit, state, pending)
-        if not copy:
-            return self._device_view(uid), None
-        flat = self.device.empty(unit.numel, self.compute_dtype)
+        flat = self.device.empty(unit.numel, self.compute_dtype) if copy else None
+        covered = len(pending) == len(unit.slots)
         with self.device.side_stream():
-            self.io.read_into(state, "weights" if "weights" in state.arrays else "master", flat)
+            if pending:
+                self._apply_updates(unit, state, pending, flat if covered else None)
+            if not copy:
+                return self._device_view(uid), None
+            if not (pending and covered):
+                self.io.read_into(state, "weights" if "weights" in state.arrays else "master", flat)
             event = self.device.record_event()
         self._count("host_to_device", flat.numel() * flat.element_size())
         return flat, event
@@ -487,8 +492,9 @@ class Engine:
             # Start the first units' updates now, overlapped with whatever the caller does next.
             self._prefetch(self.trace.order)
 
-    def _apply_updates(self, unit: Unit, state: UnitState, pending: list) -> None:
-        """Transfer thread: run AdamW over each updated parameter, window by window."""
+    def _apply_updates(self, unit: Unit, state: UnitState, pending: list, flat=None) -> None:
+        """Transfer thread: run AdamW over each updated parameter, window by window; with
+        `flat`, also copy each updated window of weights into that device buffer."""
         names = ("master", "grad", "exp_avg", "exp_avg_sq")
         for update in pending:
             slot = update.slot
@@ -500,6 +506,10 @@ class Engine:
                         weights = self.io.open(state, ("weights",), start, count, read=False)
                         weights.views[0].copy_(window.views[0])
                         self.io.close(weights, write=("weights",))
+                    if flat is not None:
+                        flat[start:start + count].copy_(window.views[0], non_blocking=True)
+                        if window.buffers:  # the staging buffer is reused once closed
+                            self.device.synchronize_event(self.device.record_event())
                 except BaseException:
                     self.io.close(window)
                     raise
