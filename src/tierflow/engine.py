@@ -451,9 +451,10 @@ class Engine:
         if float(norm_type) != 2.0:
             raise ConfigError("tierflow clips by the L2 norm only (norm_type=2)")
         self.wait_for_gradients()
-        norms = [self._grad_norms[i] for i in sorted(self._grad_norms)]
+        target = self.device.device
+        norms = [self._grad_norms[i].to(target) for i in sorted(self._grad_norms)]
         if not norms:
-            return torch.tensor(0.0)
+            return torch.tensor(0.0, device=target)
         total = torch.linalg.vector_norm(torch.stack(norms), 2.0)
         if error_if_nonfinite and (total.isnan() or total.isinf()):
             raise RuntimeError(f"the total norm of gradients is non-finite ({total.item()})")

@@ -44,7 +44,7 @@ def adamw_(master: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_
            update: PendingUpdate) -> None:
     """Update one window of fp32 arrays in place, exactly as torch's AdamW would."""
     if update.grad_scale is not None:
-        grad.mul_(update.grad_scale)  # what clip_grad_norm_ does to .grad, deferred to here
+        grad.mul_(update.grad_scale.to(grad.device))  # clip_grad_norm_'s multiply, deferred to here
     hp = update.hp
     if hp.fused:
         step = torch.tensor(float(update.step), dtype=torch.float32)  # the kernel reads, never bumps, it
