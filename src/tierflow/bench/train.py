@@ -24,32 +24,33 @@ from tierflow.bench.report import print_row, row, write_json
 from tierflow.models import build_model
 
 
-def _step(model, opt, batch, clip) -> float:
+def _step(model, opt, batch, clip) -> tuple[float, float]:
     start = time.perf_counter()
     loss = model(**batch).loss
     loss.backward()
     clip()
     opt.step()
     opt.zero_grad()
-    return time.perf_counter() - start, loss.item()
+    loss = loss.item()  # waits for the device
+    return time.perf_counter() - start, loss
 
 
 def run_train_bench(model_name: str = "llama-100m", steps: int = 6, warmup: int = 2, seq_len: int = 256,
                     device_memory: str = "256MiB", host_memory: str = "512MiB", nvme: str | None = None,
-                    disk_gbps: float | None = None, json_path=None) -> list[dict]:
+                    disk_gbps: float | None = None, json_path=None, device: str = "cpu") -> list[dict]:
     """Run the three contenders and return the comparison rows."""
     nvme = nvme or tempfile.mkdtemp(prefix="tierflow-bench-")
     gen = torch.Generator().manual_seed(0)
-    batches = [{"input_ids": ids, "labels": ids}
+    batches = [{"input_ids": ids.to(device), "labels": ids.to(device)}
                for ids in (torch.randint(0, 256, (1, seq_len), generator=gen) for _ in range(steps))]
 
-    plain = build_model(model_name)
+    plain = build_model(model_name).to(device)
     plain_opt = torch.optim.AdamW(plain.parameters(), lr=1e-4, fused=True)
     params = sum(p.numel() for p in plain.parameters())
     contenders = {"torch": (plain, plain_opt, lambda: torch.nn.utils.clip_grad_norm_(plain.parameters(), 1.0))}
     for name, kwargs in (("tierflow-memory", dict(placement="device")),
                          ("tierflow-nvme", dict(device_memory=device_memory, host_memory=host_memory, nvme=nvme))):
-        engine = tierflow.offload(build_model(model_name), **kwargs)
+        engine = tierflow.offload(build_model(model_name), device=device, **kwargs)
         opt = tierflow.AdamW(engine, lr=1e-4)
         contenders[name] = (engine, opt, lambda o=opt: o.clip_grad_norm_(1.0))
     nvme_engine = contenders["tierflow-nvme"][0]

@@ -25,6 +25,7 @@ def add_arguments(parser) -> None:
     train.add_argument("--nvme", default=None, help="spill directory (default: a temporary one)")
     train.add_argument("--disk-gbps", type=float, default=None,
                        help="disk bandwidth (GB/s, e.g. from `tierflow bench io`) for the physical bound")
+    train.add_argument("--device", default="cpu", help="compute device: cpu or cuda")
     train.add_argument("--json", default=None)
 
 
@@ -37,5 +38,5 @@ def run(args) -> int:
     elif args.bench == "train":
         from tierflow.bench.train import run_train_bench
         run_train_bench(args.model, args.steps, args.warmup, args.seq_len, args.device_memory,
-                        args.host_memory, args.nvme, args.disk_gbps, args.json)
+                        args.host_memory, args.nvme, args.disk_gbps, args.json, args.device)
     return 0
