@@ -44,8 +44,8 @@ class TrainArgs:
     data: str | None = _flag(None, "FILE", 'a .txt or .jsonl ("text" field) file; '
                              "default: the Python standard library's sources")
     device: str = _flag("auto", "DEVICE", "compute device: cpu, cuda, cuda:N, or auto (cuda if available)")
-    device_memory: str = _flag("256MiB", "SIZE", "device memory budget")
-    host_memory: str = _flag("1GiB", "SIZE", "host memory budget")
+    device_memory: str = _flag("256MiB", "SIZE", "device memory budget, e.g. 8GiB ('none': no limit)")
+    host_memory: str = _flag("1GiB", "SIZE", "host memory budget ('none': no limit)")
     nvme: str | None = _flag(None, "DIR", "NVMe spill directory; default: a temporary directory under "
                              "the user cache, removed at exit; 'none' turns the NVMe tier off")
     dtype: str | None = _flag(None, "DTYPE", "compute dtype on the device (float32, bfloat16, float16); "
@@ -122,7 +122,8 @@ def train(args: TrainArgs, console=None) -> TrainResult:
     console = console or Console()
     if not hasattr(tierflow, "offload"):
         raise TierflowError("this tierflow installation has no engine (tierflow.offload is missing)")
-    budgets = {"device": tierflow.parse_size(args.device_memory), "host": tierflow.parse_size(args.host_memory)}
+    limits = {"device": _budget(args.device_memory), "host": _budget(args.host_memory)}
+    budgets = {tier: tierflow.parse_size(limit) for tier, limit in limits.items() if limit is not None}
     device = _resolve_device(args.device)
     tokenizer = load_tokenizer(None if is_builtin(args.model) else args.model)
     batches = text_batches(args.data, tokenizer, args.batch_size, args.seq_len, seed=args.seed)
@@ -131,15 +132,15 @@ def train(args: TrainArgs, console=None) -> TrainResult:
     model = build_model(args.model, seed=args.seed)
     _check_model_fits_data(model, tokenizer, args.seq_len, ConfigError)
     model.train()
+    n_params = parameter_count(model)
     nvme_dir, temporary = _nvme_dir(args.nvme)
     engine = None
     try:
-        engine = tierflow.offload(model, device=device, device_memory=args.device_memory,
-                                  host_memory=args.host_memory, nvme=nvme_dir,
+        engine = tierflow.offload(model, device=device, device_memory=limits["device"],
+                                  host_memory=limits["host"], nvme=nvme_dir,
                                   dtype=getattr(torch, _DTYPES[args.dtype]) if args.dtype else None)
         opt = tierflow.AdamW(engine, lr=args.lr, weight_decay=args.weight_decay)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, args.warmup, args.steps))
-        n_params = parameter_count(model)
         console.print(f"[bold]model[/] {args.model}: {n_params / 1e6:.1f} M parameters, "
                       f"training state ~{_fmt_bytes(16 * n_params)} (16 B/param)", soft_wrap=True)
         console.print(_placement_table(engine.placement(), budgets, nvme_dir))
@@ -231,7 +232,7 @@ def _print_summary(result: TrainResult, args: TrainArgs, console) -> None:
     for tier in _ordered(result.peaks, _TIER_ORDER):
         peak, capacity = result.peaks[tier]
         share = f" ({100 * peak / capacity:.0f}%)" if capacity else ""
-        peaks.append(f"{tier} {_fmt_bytes(peak)} / {_fmt_bytes(capacity) if capacity else 'unbounded'}{share}")
+        peaks.append(f"{tier} {_fmt_bytes(peak)} / {_fmt_bytes(capacity) if capacity else 'unlimited'}{share}")
     table.add_row("peak budget use", ", ".join(peaks))
     console.print(table)
 
@@ -260,7 +261,7 @@ def _budget_text(tier: str, budgets: dict[str, int], nvme_dir: str | None) -> st
     """A tier's budget for the placement table; the NVMe tier shows its directory."""
     if tier == "nvme":
         return "disk" if nvme_dir else "off"
-    return _fmt_bytes(budgets[tier]) if tier in budgets else "-"
+    return _fmt_bytes(budgets[tier]) if tier in budgets else "unlimited"
 
 
 def _check_model_fits_data(model, tokenizer, seq_len: int, error: type) -> None:
@@ -271,6 +272,11 @@ def _check_model_fits_data(model, tokenizer, seq_len: int, error: type) -> None:
     limit = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
     if limit and seq_len > limit:
         raise error(f"--seq-len {seq_len} exceeds the model's {limit} positions")
+
+
+def _budget(size: str) -> str | None:
+    """A budget flag's value; ``none`` / ``unlimited`` mean no limit (``None``)."""
+    return None if size.strip().lower() in ("none", "unlimited") else size
 
 
 def _resolve_device(device: str) -> str:
