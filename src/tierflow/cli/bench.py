@@ -2,6 +2,8 @@
 
     tierflow bench io     NVMe tier vs fio (sequential read/write) and compute overlap
     tierflow bench train  step time vs plain PyTorch (in memory and with NVMe spill)
+    tierflow bench optim  CPU AdamW vs torch (fused/foreach) and DeepSpeed, and memcpy bandwidth
+    tierflow bench transfer  host<->device copies from the pinned pool vs a plain copy_ (CUDA)
 """
 from __future__ import annotations
 
@@ -27,6 +29,14 @@ def add_arguments(parser) -> None:
                        help="disk bandwidth (GB/s, e.g. from `tierflow bench io`) for the physical bound")
     train.add_argument("--device", default="cpu", help="compute device: cpu or cuda")
     train.add_argument("--json", default=None)
+    optim = sub.add_parser("optim", help="CPU AdamW vs torch and DeepSpeed, and memcpy bandwidth")
+    optim.add_argument("--numel", type=int, default=100_000_000, help="parameters (default 1e8)")
+    optim.add_argument("--repeats", type=int, default=5, help="runs per figure (median)")
+    optim.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    transfer = sub.add_parser("transfer", help="host<->device copies from the pinned pool (needs CUDA)")
+    transfer.add_argument("--size", default="1GiB", help="bytes copied each way (default 1GiB)")
+    transfer.add_argument("--repeats", type=int, default=5, help="runs per figure (median)")
+    transfer.add_argument("--json", default=None, help="also write the rows to this JSON file")
 
 
 def run(args) -> int:
@@ -39,4 +49,10 @@ def run(args) -> int:
         from tierflow.bench.train import run_train_bench
         run_train_bench(args.model, args.steps, args.warmup, args.seq_len, args.device_memory,
                         args.host_memory, args.nvme, args.disk_gbps, args.json, args.device)
+    elif args.bench == "optim":
+        from tierflow.bench.optim import run_optim_bench
+        run_optim_bench(args.numel, args.repeats, args.json)
+    elif args.bench == "transfer":
+        from tierflow.bench.transfer import run_transfer_bench
+        run_transfer_bench(parse_size(args.size, what="--size"), args.json, repeats=args.repeats)
     return 0
