@@ -413,3 +413,12 @@ def test_close_waits_for_pending_io(tmp_path):
     s.close()
     assert fut.done() and fut.exception() is None
     assert not s.path.exists()
+
+
+@pytest.mark.skipif(not os.uname().sysname == "Linux", reason="per-thread nice is Linux only")
+def test_io_threads_run_at_lower_priority(tmp_path):
+    base = os.getpriority(os.PRIO_PROCESS, 0)
+    with NvmeStore(tmp_path, io_nice=5) as s:
+        nice = s._executor.submit(lambda: os.getpriority(os.PRIO_PROCESS, 0)).result()
+    assert nice == min(19, base + 5)
+    assert os.getpriority(os.PRIO_PROCESS, 0) == base  # the caller is untouched

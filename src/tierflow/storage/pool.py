@@ -120,6 +120,9 @@ class BufferPool:
         # Each buffer starts on an aligned address: stride is nbytes rounded up.
         stride = _round_up(nbytes, alignment)
         self._slab = aligned_empty(stride * count, alignment=alignment, pin=pin)
+        # Touch every page now: the memory is really committed (no surprise
+        # out-of-memory mid-step) and the first transfers pay no page faults.
+        self._slab.zero_()
         self._buffers = [self._slab[i * stride : i * stride + nbytes] for i in range(count)]
         self._index_of = {buf.data_ptr(): i for i, buf in enumerate(self._buffers)}
         self._free = list(range(count - 1, -1, -1))  # stack: acquire pops from the end
