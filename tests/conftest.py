@@ -1,0 +1,124 @@
+"""Shared fixtures of the engine tests: tiny models, batches, and a train loop that runs
+the same schedule on plain PyTorch and on a tierflow engine."""
+from __future__ import annotations
+
+import copy
+import types
+import warnings
+
+import pytest
+import torch
+
+VOCAB = 96
+
+# Small units and staging buffers, so that even a tiny model is split into many units
+# that really stream between tiers (chunk_bytes must be a multiple of 4096).
+SMALL_UNITS = dict(unit_bytes="8KiB", chunk_bytes="32KiB", prefetch_bytes="40KiB")
+# Budgets that give the tiny GPT-2 and Llama below a mix of device, host and NVMe homes.
+MIX_BUDGETS = dict(device_memory="200KiB", host_memory="768KiB")
+
+
+def tiny_config(arch: str):
+    import transformers
+
+    if arch == "gpt2":  # tied input/output embeddings (wte / lm_head)
+        return transformers.GPT2Config(vocab_size=VOCAB, n_positions=32, n_embd=32, n_layer=2, n_head=2,
+                                       bos_token_id=0, eos_token_id=0)
+    if arch == "llama":
+        return transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
+                                        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                        max_position_embeddings=64)
+    raise ValueError(arch)
+
+
+def make_tiny(arch: str, seed: int = 0):
+    """A tiny causal LM with a fixed random init."""
+    import transformers
+
+    torch.manual_seed(seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = transformers.AutoModelForCausalLM.from_config(tiny_config(arch))
+    if arch == "gpt2":
+        assert model.lm_head.weight is model.transformer.wte.weight, "GPT-2 must tie wte and lm_head"
+    return model
+
+
+def make_batches(n: int, batch: int = 2, seq: int = 16, vocab: int = VOCAB, seed: int = 1):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, vocab, (batch, seq), generator=gen) for _ in range(n)]
+
+
+def lm_batch(ids):
+    return {"input_ids": ids, "labels": ids}
+
+
+def train(module, opt, clip, microbatches, accum: int, sched=None, make_kwargs=lm_batch, loss_of=None,
+          before_step=None, seed: int = 123):
+    """Run len(microbatches)//accum optimizer steps; returns (losses, grad norms).
+
+    `clip(max_norm)` is torch.nn.utils.clip_grad_norm_ over the reference's parameters or
+    the engine optimizer's clip_grad_norm_; None skips clipping. The RNG is reset first
+    (GPT-2 has dropout), so both runs draw the same masks.
+    """
+    torch.manual_seed(seed)
+    losses, norms = [], []
+    steps = len(microbatches) // accum
+    for step in range(steps):
+        if before_step is not None:
+            before_step(step)
+        for mb in range(accum):
+            out = module(**make_kwargs(microbatches[step * accum + mb]))
+            loss = out.loss if loss_of is None else loss_of(out)
+            loss.backward()
+            losses.append(loss.detach().clone())
+        if clip is not None:
+            norms.append(clip(1.0).detach().clone())
+        opt.step()
+        opt.zero_grad()
+        if sched is not None:
+            sched.step()
+    return losses, norms
+
+
+def torch_clip(model):
+    params = [p for p in model.parameters() if p.requires_grad]
+    return lambda max_norm: torch.nn.utils.clip_grad_norm_(params, max_norm)
+
+
+def assert_bitwise(a, b, what):
+    assert len(a) == len(b), f"{what}: {len(a)} vs {len(b)} values"
+    for i, (x, y) in enumerate(zip(a, b)):
+        assert torch.equal(x, y), f"{what}[{i}] differs: {x!r} vs {y!r} (diff {(x - y).abs().max()})"
+
+
+def assert_state_bitwise(ref_sd, got_sd):
+    assert set(ref_sd) == set(got_sd), f"keys differ: {set(ref_sd) ^ set(got_sd)}"
+    bad = []
+    for key, value in ref_sd.items():
+        got = got_sd[key]
+        if value.dtype != got.dtype or value.shape != got.shape or not torch.equal(value, got):
+            diff = (value.double() - got.double()).abs().max().item() if value.shape == got.shape else None
+            bad.append(f"{key} (dtype {value.dtype}/{got.dtype}, max diff {diff})")
+    assert not bad, f"{len(bad)} of {len(ref_sd)} tensors differ: {bad[:6]}"
+
+
+@pytest.fixture
+def tf():
+    """Helpers of the engine tests, as one namespace."""
+    return types.SimpleNamespace(
+        VOCAB=VOCAB, SMALL_UNITS=SMALL_UNITS, MIX_BUDGETS=MIX_BUDGETS, make_tiny=make_tiny,
+        make_batches=make_batches, lm_batch=lm_batch, train=train, torch_clip=torch_clip,
+        assert_bitwise=assert_bitwise, assert_state_bitwise=assert_state_bitwise, copy=copy.deepcopy)
+
+
+@pytest.fixture
+def engines():
+    """Collects engines and closes them at the end of the test (threads, spill files)."""
+    made = []
+    yield made
+    for engine in made:
+        try:
+            engine.close()
+        except Exception:
+            pass
