@@ -1,0 +1,295 @@
+"""Bad input: tierflow.offload raises a clear error (tierflow.errors type, message naming
+the problem and what to change) before training starts, and leaves the model intact."""
+from __future__ import annotations
+
+import errno
+import os
+import re
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import tierflow
+import tierflow.storage.nvme as nvme_module
+from tierflow.errors import BudgetError, ConfigError, NvmeError, TierflowError
+
+SMALL = dict(unit_bytes="8KiB", chunk_bytes="32KiB")
+
+
+def make_model(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Embedding(64, 32), nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 64))
+
+
+def snapshot(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def assert_intact(model, before):
+    """No data lost, no hooks left behind, the model still runs as a plain model."""
+    after = model.state_dict()
+    assert set(after) == set(before)
+    for key, value in before.items():
+        assert torch.equal(after[key], value), f"{key} changed by a failed offload"
+    for module in model.modules():
+        assert not module._forward_hooks and not module._forward_pre_hooks, f"hooks left on {module}"
+    for param in model.parameters():
+        assert not param._post_accumulate_grad_hooks, "gradient hooks left behind"
+    ref = make_model()
+    x = torch.randint(0, 64, (2, 5))
+    assert torch.equal(model(x), ref(x))
+
+
+def expect(exc_type, *words, **kwargs):
+    """Call offload on a fresh model; assert the error type and that the message names
+    every word (case-insensitive); assert the model is intact afterwards. Returns the error."""
+    model = kwargs.pop("model", None) or make_model()
+    before = snapshot(model)
+    with pytest.raises(exc_type) as info:
+        engine = tierflow.offload(model, **kwargs)
+        engine.close()
+    message = str(info.value)
+    for word in words:
+        assert word.lower() in message.lower(), f"{word!r} not in error message: {message}"
+    assert isinstance(info.value, TierflowError)
+    if isinstance(model, nn.Sequential) and len(model) == 4:
+        assert_intact(model, before)
+    return info.value
+
+
+# ---------------------------------------------------------------------------- NVMe directory
+
+def test_nvme_directory_that_cannot_be_created(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    err = expect(NvmeError, str(blocker / "spill"), "cannot create", "pass a directory",
+                 nvme=blocker / "spill", placement="nvme", **SMALL)
+    assert err.errno == errno.ENOTDIR
+    assert blocker.read_text() == "not a directory"
+
+
+def test_nvme_path_is_a_regular_file(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("keep me")
+    expect(NvmeError, str(blocker), "directory", nvme=blocker, placement="nvme", **SMALL)
+    assert blocker.read_text() == "keep me"
+
+
+def test_nvme_directory_that_cannot_be_written():
+    # /proc/self is a directory no one (not even root) can create files in.
+    expect(NvmeError, "/proc/self", "pass another directory", nvme="/proc/self", placement="nvme", **SMALL)
+
+
+def test_nvme_directory_without_room_for_the_spill(tmp_path, monkeypatch):
+    spill = tmp_path / "spill"
+    real_statvfs = os.statvfs
+
+    def tiny_disk(path):
+        st = real_statvfs(path)
+        fields = {name: getattr(st, name) for name in dir(st) if name.startswith("f_")}
+        fields.update(f_bavail=4, f_bfree=4, f_frsize=4096)  # 16 KiB free
+        return types.SimpleNamespace(**fields)
+
+    monkeypatch.setattr(nvme_module.os, "statvfs", tiny_disk)
+    err = expect(NvmeError, str(spill), "free", "larger disk", nvme=spill, placement="nvme", **SMALL)
+    assert err.errno == errno.ENOSPC
+    assert not list(spill.glob("*")) or all(p.stat().st_size == 0 for p in spill.glob("*")), \
+        "nothing may be spilled before the space check"
+
+
+def test_missing_nvme_directory_is_created(tmp_path, engines):
+    spill = tmp_path / "not" / "yet" / "there"
+    model = make_model()
+    engine = tierflow.offload(model, nvme=spill, placement="nvme", **SMALL)
+    engines.append(engine)
+    assert spill.is_dir() and any(spill.iterdir())
+    opt = tierflow.AdamW(engine, lr=1e-2)
+    x = torch.randint(0, 64, (2, 5))
+    engine(x).square().mean().backward()
+    opt.step()
+    opt.zero_grad()
+    assert engine.state_dict()["1.weight"].dtype == torch.float32
+
+
+def test_placement_nvme_without_directory():
+    expect(ConfigError, "placement='nvme'", "nvme=DIR", placement="nvme", **SMALL)
+
+
+# ---------------------------------------------------------------------------- budgets
+
+def test_device_budget_too_small_for_one_layer():
+    expect(BudgetError, "device_memory", "too small", "raise device_memory", device_memory="16KiB")
+    expect(BudgetError, "device_memory", "raise device_memory", device_memory=0)
+
+
+def test_host_budget_too_small_without_nvme():
+    expect(BudgetError, "does not fit", "host_memory", "nvme=DIR", device_memory="64KiB", host_memory="64KiB",
+           **SMALL)
+
+
+def test_host_budget_too_small_for_nvme_staging_buffers(tmp_path):
+    expect(BudgetError, "staging", "host_memory", device_memory="64KiB", host_memory="64KiB",
+           nvme=tmp_path / "spill", **SMALL)
+
+
+# ---------------------------------------------------------------------------- device, sizes, dtypes
+
+def test_unknown_device():
+    expect(ConfigError, "'tpu'", "cpu", "cuda", device="tpu")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_requested_without_cuda():
+    expect(ConfigError, "CUDA is not available", "device='cpu'", device="cuda")
+
+
+@pytest.mark.parametrize("what", ["device_memory", "host_memory", "unit_bytes"])
+def test_unparseable_size(what):
+    expect(ConfigError, what, "'12 parsecs'", "GiB", **{what: "12 parsecs"})
+
+
+def test_negative_size():
+    expect(ConfigError, "host_memory", "negative", host_memory=-5)
+
+
+def test_unsupported_dtype():
+    expect(ConfigError, "int8", "bfloat16", "float32", dtype=torch.int8)
+    expect(ConfigError, "float64", "bfloat16", dtype="float64")
+
+
+def test_unknown_placement():
+    expect(ConfigError, "'gpu'", "'auto'", "'nvme'", placement="gpu")
+
+
+def test_chunk_bytes_not_a_multiple_of_4096():
+    expect(ConfigError, "chunk_bytes", "4096", chunk_bytes=5000)
+
+
+# ---------------------------------------------------------------------------- models
+
+class IntegerParam(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.codes = nn.Parameter(torch.zeros(3, dtype=torch.long), requires_grad=False)
+
+
+def test_model_with_integer_parameter():
+    model = IntegerParam()
+    before = snapshot(model)
+    with pytest.raises(ConfigError) as info:
+        tierflow.offload(model)
+    message = str(info.value)
+    assert "codes" in message and "int64" in message, message
+    # What to change: keep integer data as a buffer (register_buffer) or cast it.
+    assert re.search(r"buffer|cast|\.float\(\)", message), f"the message must say what to change: {message}"
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+
+
+def test_model_with_meta_parameters():
+    with torch.device("meta"):
+        model = nn.Linear(4, 4)
+    with pytest.raises(ConfigError) as info:
+        tierflow.offload(model)
+    message = str(info.value)
+    assert "meta" in message and "weight" in message and "materialise" in message.replace("materialize", "materialise")
+    # A fix the message names must exist.
+    for api in re.findall(r"tierflow\.(\w+)", message):
+        assert hasattr(tierflow, api), f"the error message recommends tierflow.{api}, which does not exist: {message}"
+
+
+def test_model_with_mixed_parameter_dtypes():
+    model = make_model()
+    model[3].to(torch.bfloat16)
+    before = snapshot(model)
+    with pytest.raises(ConfigError) as info:
+        tierflow.offload(model)
+    message = str(info.value)
+    assert "bfloat16" in message and "float32" in message and "model.float()" in message, message
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+    assert model[3].weight.dtype == torch.bfloat16
+
+
+def test_not_a_module_and_no_parameters():
+    with pytest.raises(ConfigError, match="nn.Module"):
+        tierflow.offload("model.safetensors")
+    with pytest.raises(ConfigError, match="no parameters"):
+        tierflow.offload(nn.ReLU())
+
+
+# ---------------------------------------------------------------------------- recovery
+
+def test_failed_offload_then_valid_offload_trains(tmp_path, engines):
+    """After a failed offload the same model object can be offloaded with fixed arguments."""
+    model = make_model()
+    with pytest.raises(BudgetError):
+        tierflow.offload(model, device_memory="16KiB")
+    with pytest.raises(NvmeError):
+        blocker = tmp_path / "f"
+        blocker.write_text("")
+        tierflow.offload(model, nvme=blocker / "x", placement="nvme", **SMALL)
+    ref = make_model()
+    engine = tierflow.offload(model, nvme=tmp_path / "spill", placement="nvme", **SMALL)
+    engines.append(engine)
+    x = torch.randint(0, 64, (2, 5))
+    assert torch.equal(engine(x), ref(x))
+    assert len([h for h in model._forward_pre_hooks.values()]) == 1, "exactly one set of engine hooks"
+
+
+# ---------------------------------------------------------------------------- staging buffers
+
+STAGING_CHILD = r'''
+import os, sys, threading, tempfile
+import torch
+from torch import nn
+import tierflow
+
+def watchdog(label):
+    timer = threading.Timer(10.0, lambda: (print("HANG " + label, flush=True), os._exit(3)))
+    timer.daemon = True
+    timer.start()
+    return timer
+
+for staging, dtype in ((2, None), (3, None), (4, torch.bfloat16)):
+    label = f"staging_buffers={staging} dtype={dtype}"
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(64, 32), nn.Linear(32, 32), nn.Linear(32, 64))
+    try:
+        engine = tierflow.offload(model, nvme=tempfile.mkdtemp(), placement="nvme", unit_bytes="8KiB",
+                                  chunk_bytes="32KiB", staging_buffers=staging, dtype=dtype)
+    except tierflow.ConfigError as exc:
+        assert "staging_buffers" in str(exc), exc
+        print("REFUSED " + label, flush=True)
+        continue
+    timer = watchdog(label)
+    opt = tierflow.AdamW(engine, lr=1e-2)
+    x = torch.randint(0, 64, (2, 5))
+    for step in range(2):
+        engine(x).float().square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+    engine.state_dict()
+    engine.close()
+    timer.cancel()
+    print("TRAINED " + label, flush=True)
+'''
+
+
+def test_few_staging_buffers_train_or_are_refused():
+    """staging_buffers is accepted down to 2, but one AdamW window on NVMe state holds four
+    arrays (master, grad, exp_avg, exp_avg_sq; five with bf16 weights). Each value must
+    either be refused by offload with a ConfigError naming staging_buffers, or train;
+    it must never hang. (Run in a subprocess with a watchdog so a hang cannot block the suite.)"""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(tierflow.__file__).parents[1]),
+                                                       os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, "-c", STAGING_CHILD], capture_output=True, text=True, timeout=120,
+                          env=env)
+    lines = [l for l in proc.stdout.splitlines() if l.split(" ")[0] in ("HANG", "REFUSED", "TRAINED")]
+    hangs = [l for l in lines if l.startswith("HANG")]
+    assert not hangs, f"training hung (no staging buffer ever frees up): {hangs}; stderr: {proc.stderr[-2000:]}"
+    assert proc.returncode == 0 and len(lines) == 3, proc.stdout + proc.stderr[-3000:]
