@@ -15,7 +15,7 @@ def main() -> None:
     parser.add_argument("--size", default="2G", type=parse_size,
                         help="bytes to write and read, e.g. 2G, 512M (default 2G)")
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
-    parser.add_argument("--repeats", default=3, type=int, help="runs per figure (median)")
+    parser.add_argument("--repeats", default=5, type=int, help="runs per figure (median)")
     args = parser.parse_args()
     run_io_bench(args.dir, args.size, args.json, repeats=args.repeats)
 

@@ -200,7 +200,7 @@ def _matmuls_per_second(seconds: float, n: int = 512) -> float:
 
 
 def _compute_overlap(store: NvmeStore, extent, pool: BufferPool, seconds: float,
-                     rounds: int = 3):
+                     rounds: int = 8):
     """(matmul/s with background I/O, matmul/s alone, I/O GB/s during overlap).
 
     Alternates short "alone" and "with I/O" periods so that load from other
@@ -208,6 +208,7 @@ def _compute_overlap(store: NvmeStore, extent, pool: BufferPool, seconds: float,
     """
     step = pool.nbytes
     alone, with_io, moved, io_time = [], [], 0, 0.0
+    pos = {"write": True, "start": 0}  # carried across rounds: a mix of writes and reads
     for _ in range(rounds):
         alone.append(_matmuls_per_second(seconds / rounds))
         stop = threading.Event()
@@ -216,18 +217,18 @@ def _compute_overlap(store: NvmeStore, extent, pool: BufferPool, seconds: float,
         def background_io():
             # Alternate writing and reading the extent, one buffer per
             # request and two in flight, until told to stop.
-            write, start, pending = True, 0, []
+            pending = []
             while not stop.is_set():
                 buf = pool.acquire()
-                n = min(step, extent.nbytes - start)
-                io = store.write_async if write else store.read_async
-                fut = io(extent, buf[:n], start)
+                n = min(step, extent.nbytes - pos["start"])
+                io = store.write_async if pos["write"] else store.read_async
+                fut = io(extent, buf[:n], pos["start"])
                 fut.add_done_callback(lambda f, b=buf: pool.release(b))
                 pending.append(fut)
                 done[0] += n
-                start += n
-                if start >= extent.nbytes:
-                    write, start = not write, 0
+                pos["start"] += n
+                if pos["start"] >= extent.nbytes:
+                    pos["write"], pos["start"] = not pos["write"], 0
             for fut in pending:
                 fut.result()
 
@@ -239,7 +240,8 @@ def _compute_overlap(store: NvmeStore, extent, pool: BufferPool, seconds: float,
         thread.join()
         io_time += time.perf_counter() - t0
         moved += done[0]
-    return statistics.mean(with_io), statistics.mean(alone), moved / io_time / GB
+    # Medians: a burst of load from another process spoils one round, not the figure.
+    return statistics.median(with_io), statistics.median(alone), moved / io_time / GB
 
 
 # ----------------------------------------------------------------------- driver
@@ -262,7 +264,7 @@ def _print_row(row: dict) -> None:
 
 def run_io_bench(directory: str | Path, size_bytes: int = 2 << 30, json_path: str | Path | None = None,
                  *, io_threads: int = 2, chunk_bytes: int = 8 << 20, buffer_bytes: int = 64 << 20,
-                 repeats: int = 3, overlap_seconds: float = 3.0) -> list[dict]:
+                 repeats: int = 5, overlap_seconds: float = 6.0) -> list[dict]:
     """Benchmark the NVMe tier in ``directory``; print and return one row per comparison.
 
     Throughputs are medians over ``repeats`` runs, tierflow and fio interleaved
