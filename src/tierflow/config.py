@@ -18,6 +18,7 @@ _UNITS = {
     "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9, "t": 10**12, "tb": 10**12,
     "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
 }
+MIN_STAGING_BUFFERS = 5
 _SIZE_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*$")
 
 
@@ -138,8 +139,10 @@ class OffloadConfig:
             chunk = parse_size(chunk_bytes, what="chunk_bytes")
         if chunk <= 0 or chunk % 4096:
             raise ConfigError(f"chunk_bytes must be a positive multiple of 4096, got {chunk}")
-        if int(staging_buffers) < 2:
-            raise ConfigError("staging_buffers must be at least 2 (one reading, one in use)")
+        if int(staging_buffers) < MIN_STAGING_BUFFERS:
+            raise ConfigError(f"staging_buffers must be at least {MIN_STAGING_BUFFERS}: an AdamW update "
+                              f"of NVMe-resident state holds master, gradient, both moments and the "
+                              f"compute-dtype weights at once")
         if int(io_threads) < 1:
             raise ConfigError("io_threads must be at least 1")
         return cls(

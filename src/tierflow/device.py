@@ -6,9 +6,32 @@ synchronous fallback, so the engine runs the same code paths everywhere.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import sys
 import warnings
 
 import torch
+
+
+def return_freed_memory_to_os(threshold: int = 1 << 20) -> bool:
+    """Make glibc serve allocations >= `threshold` with mmap, so freeing them returns the
+    memory to the OS at once.
+
+    By default glibc raises its mmap threshold after large frees (up to 32 MiB), after
+    which the engine's per-step buffers come from per-thread heaps that are never trimmed:
+    resident memory then creeps above the budgets although the engine freed everything.
+    Returns False where this is not glibc (nothing to do).
+    """
+    if sys.platform != "linux":
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(_M_MMAP_THRESHOLD, threshold))
+    except (OSError, AttributeError):
+        return False
+
+
+_M_MMAP_THRESHOLD = -3
 
 
 class ComputeDevice:
@@ -20,6 +43,7 @@ class ComputeDevice:
         self.copy_stream = torch.cuda.Stream(device) if self.is_cuda else None
         self._placeholders: dict[torch.dtype, torch.Tensor] = {}
         self._warned_unpinned = False
+        return_freed_memory_to_os()
 
     def empty(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
         """A flat uninitialised tensor on the compute device."""

@@ -247,6 +247,15 @@ class Engine:
         res.fetch = self._transfer.submit(self._fetch_job, uid, pending, nbytes > 0)
         return True
 
+    def _update_now(self, uid: int) -> None:
+        """Apply the unit's recorded updates without bringing its weights to the device."""
+        res = self.residency[uid]
+        if res.fetch is not None:
+            self._finish_fetch(uid)
+        if res.pending:
+            pending, res.pending = res.pending, []
+            self._transfer.submit(self._apply_updates, self.units[uid], self.states[uid], pending).result()
+
     def _finish_fetch(self, uid: int) -> None:
         res = self.residency[uid]
         future, res.fetch = res.fetch, None
@@ -368,8 +377,7 @@ class Engine:
             self._queue_backward_callback()
             res = self.residency[unit.uid]
             if res.pending:  # an update from the last step still reads the old gradient
-                self._start_fetch(unit.uid, required=True)
-                self._finish_fetch(unit.uid)
+                self._update_now(unit.uid)
             nbytes = grad.numel() * grad.element_size()
             self._reserve_device(nbytes, f"the gradient of {slot.name}", required=True)
             fresh = slot.index not in self._has_grad
@@ -480,11 +488,7 @@ class Engine:
                 if res.refs:
                     raise TierflowError("opt.step() was called while a forward or backward pass is "
                                         "still using the parameters")
-                if res.fetch is not None:
-                    self._finish_fetch(unit.uid)
-                if res.pending:  # two steps without a forward in between: apply the older one now
-                    self._start_fetch(unit.uid, required=True)
-                    self._finish_fetch(unit.uid)
+                self._update_now(unit.uid)  # two steps without a forward between: older one first
                 if res.flat is not None and not self._is_permanent(unit.uid):
                     self._evict(unit.uid)  # its weights are about to change
                 res.pending = updates
@@ -520,12 +524,8 @@ class Engine:
         """Apply every recorded update now (before reading or saving the state)."""
         self.wait_for_gradients()
         with self._engine_code():
-            for uid, res in enumerate(self.residency):
-                if res.fetch is not None:
-                    self._finish_fetch(uid)
-                if res.pending:
-                    self._start_fetch(uid, required=True)
-                    self._finish_fetch(uid)
+            for uid in range(len(self.units)):
+                self._update_now(uid)
 
     # ---- reading state ------------------------------------------------------------------
     def _read_param(self, slot: Slot, uid: int, name: str = "master") -> torch.Tensor:

@@ -136,10 +136,12 @@ def _check_params(model: nn.Module) -> None:
     for name, param in model.named_parameters():
         if not param.dtype.is_floating_point:
             raise ConfigError(f"parameter {name} has dtype {param.dtype}: tierflow tiers floating-point "
-                              f"parameters only")
+                              f"parameters only; register it as a buffer (module.register_buffer) or "
+                              f"cast it to a floating-point dtype")
         if param.device.type == "meta":
             raise ConfigError(f"parameter {name} is on the meta device (no data): materialise the model "
-                              f"first, or load it with tierflow.load")
+                              f"first (e.g. model.to_empty(device='cpu') and initialise it, or "
+                              f"from_pretrained / from_config without a meta-device context)")
         if param.is_sparse or not param.is_contiguous() and param.layout != torch.strided:
             raise ConfigError(f"parameter {name} is not a dense strided tensor: unsupported")
     if not any(True for _ in model.parameters()):

@@ -85,6 +85,11 @@ def plan_placement(units: list[Unit], cfg: OffloadConfig, compute_dtype: torch.d
     staging = (cfg.staging_buffers + DRAIN_BUFFERS) * cfg.chunk_bytes
     homes, tier_bytes = _assign(units, cfg, compute_dtype, placement, device_cap, device_working, staging)
     uses_nvme = "nvme" in homes
+    if uses_nvme and cfg.host_memory is not None and cfg.host_memory < staging + tier_bytes["host"]:
+        raise BudgetError(
+            f"host_memory={format_size(cfg.host_memory)} cannot hold the NVMe staging buffers "
+            f"({cfg.staging_buffers + DRAIN_BUFFERS} x {format_size(cfg.chunk_bytes)} = {format_size(staging)}): "
+            f"raise host_memory, or pass a smaller chunk_bytes or fewer staging_buffers")
     return Placement(tuple(homes), device_working, prefetch, staging if uses_nvme else 0, tier_bytes)
 
 

@@ -1,8 +1,9 @@
 """`tierflow bench optim`: tierflow's CPU AdamW against torch's and DeepSpeed's, and memcpy.
 
 All contenders update the same flat fp32 arrays of `numel` parameters (master weights,
-gradient, two moments), one after another within each repeat, in an order that rotates
-from repeat to repeat so that machine noise hits all alike; figures are medians.
+gradient, two moments), one after another, in an order that rotates from round to round
+so that machine noise hits all alike; figures are medians over `repeats` (each the mean
+of 3 rounds).
 
 * `tierflow`: `tierflow.optim.adamw_` called as the engine's `_apply_updates` calls it
   for host-resident state: one window per parameter (here: the whole array);
@@ -126,23 +127,31 @@ def _time(fn, calls: int) -> float:
     return (time.perf_counter() - start) / calls
 
 
-def _interleaved(contenders: dict, repeats: int) -> dict[str, float]:
-    """Median seconds per call of each contender (name -> (function, calls per sample));
-    the order rotates every repeat."""
+def _interleaved(contenders: dict, repeats: int, rounds: int = 3) -> dict[str, float]:
+    """Median seconds per call of each contender (name -> (function, calls in a row)).
+
+    Each repeat is `rounds` rounds; a round runs every contender once (its calls in a row),
+    in an order that rotates from round to round, so slow drifts of the machine hit all
+    contenders alike. A repeat's figure is the contender's mean over its rounds."""
     names = list(contenders)
     for fn, _ in contenders.values():  # warm-up: first touch, lazy initialisation, JIT loading
         fn()
     samples = {name: [] for name in names}
     for r in range(repeats):
-        for name in names[r % len(names):] + names[:r % len(names)]:
-            fn, calls = contenders[name]
-            samples[name].append(_time(fn, calls))
+        total = dict.fromkeys(names, 0.0)
+        for k in range(rounds):
+            shift = (r * rounds + k) % len(names)
+            for name in names[shift:] + names[:shift]:
+                fn, calls = contenders[name]
+                total[name] += _time(fn, calls)
+        for name in names:
+            samples[name].append(total[name] / rounds)
     return {name: statistics.median(times) for name, times in samples.items()}
 
 
-def _calls_per_sample(numel: int) -> int:
-    """Enough calls that a sample of the fastest contender is not all timer noise."""
-    return max(3, min(50, 300_000_000 // max(numel, 1)))
+def _calls_in_a_row(numel: int) -> int:
+    """One AdamW call at 1e8 parameters; more for small arrays, so a timing is not all noise."""
+    return max(1, min(50, 100_000_000 // max(numel, 1)))
 
 
 # ---- the benchmark ------------------------------------------------------------------------
@@ -159,7 +168,7 @@ def run_optim_bench(numel: int = 100_000_000, repeats: int = 5, json_path=None,
           f"torch's fastest CPU AdamW: {'fused=True' if fused else 'foreach=True (fused unsupported)'}",
           flush=True)
     steps, ds_error = _build_contenders(numel, fused, include_deepspeed)
-    calls = _calls_per_sample(numel)
+    calls = _calls_in_a_row(numel)
     contenders = {name: (fn, calls) for name, fn in steps.items() if fn is not None}
     contenders.update(_copies())
     seconds = _interleaved(contenders, repeats)
@@ -209,7 +218,7 @@ def _copies() -> dict:
     is written, traffic that "bytes read + written" does not count)."""
     src = torch.ones(MEMCPY_ELEMENTS)
     dst = torch.zeros(MEMCPY_ELEMENTS)  # touched, so page faults are not timed
-    return {"memcpy": ((lambda: dst.copy_(src)), 3), "in-place": ((lambda: src.mul_(1.0)), 3)}
+    return {"memcpy": ((lambda: dst.copy_(src)), 1), "in-place": ((lambda: src.mul_(1.0)), 1)}
 
 
 def _rows(rate: dict, memcpy_gbps: float, inplace_gbps: float, best_torch: str) -> list[dict]:
