@@ -18,7 +18,7 @@ __version__ = "0.1.0"
 
 
 def offload(model: nn.Module, device="cpu", device_memory=None, host_memory=None, nvme=None,
-            dtype=None, placement: str = "auto", **options) -> Engine:
+            dtype=None, placement: str = "auto", source=None, **options) -> Engine:
     """Tier `model`'s parameters, gradients and AdamW state within the given budgets.
 
     Args:
@@ -30,6 +30,9 @@ def offload(model: nn.Module, device="cpu", device_memory=None, host_memory=None
             weights and Adam moments stay fp32.
         placement: "auto" (from the budgets) or force every unit's state into
             "device", "host" or "nvme".
+        source: optional callable (parameter name) -> tensor with each parameter's initial
+            value, read one tensor at a time (checkpoints, safetensors shards); the model's
+            parameters may then be on the meta device, so it is never whole in memory.
         **options: advanced knobs of `OffloadConfig` (unit_bytes, prefetch_bytes, chunk_bytes,
             staging_buffers, io_threads, direct_io).
 
@@ -39,4 +42,4 @@ def offload(model: nn.Module, device="cpu", device_memory=None, host_memory=None
         raise ConfigError(f"tierflow.offload expects a torch.nn.Module, got {type(model).__name__}")
     cfg = OffloadConfig.create(device=device, device_memory=device_memory, host_memory=host_memory,
                                nvme=nvme, dtype=dtype, **options)
-    return Engine(model, cfg, placement=placement)
+    return Engine(model, cfg, placement=placement, source=source)

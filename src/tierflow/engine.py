@@ -62,15 +62,20 @@ class Engine:
     Create it with `tierflow.offload`. Call it like the model.
     """
 
-    def __init__(self, model: nn.Module, cfg: OffloadConfig, placement: str = "auto"):
+    def __init__(self, model: nn.Module, cfg: OffloadConfig, placement: str = "auto", source=None):
+        """`source`: optional callable (parameter name) -> tensor giving each parameter's initial
+        value (e.g. read from a checkpoint or safetensors shard, one tensor at a time); the
+        model's parameters may then be on the meta device."""
         self.module = model
         self.cfg = cfg
         self.device = ComputeDevice(cfg.device)
         self.param_dtype = _model_dtype(model)
         self.compute_dtype = cfg.dtype or self.param_dtype
         self.budgets = {"device": Budget("device", _device_cap(cfg)), "host": Budget("host", cfg.host_memory)}
+        if source is not None:
+            self._replace_meta_parameters()
         unit_bytes = cfg.unit_bytes or _default_unit_bytes(cfg, model)
-        self.units, hooked = partition(model, unit_bytes)
+        self.units, hooked = partition(model, unit_bytes, allow_meta=source is not None)
         self.param_owner = {id(s.param): u.uid for u in self.units for s in u.slots}
         buffer_bytes = sum(b.numel() * b.element_size() for b in model.buffers())
         self.plan: Placement = plan_placement(self.units, cfg, self.compute_dtype, buffer_bytes, placement)
@@ -85,7 +90,7 @@ class Engine:
         self._busy = 0                             # >0 while engine code runs (hooks off)
         self.states: list[UnitState] = []
         self.residency = [Residency() for _ in self.units]
-        self._load_state()
+        self._load_state(source)
         self.trace = Trace()
         self._tick = itertools.count(1)
         self._lock = threading.RLock()
@@ -106,6 +111,19 @@ class Engine:
         self._handles = hooks.install(self, model, hooked)
 
     # ---- construction -----------------------------------------------------------------
+    def _replace_meta_parameters(self) -> None:
+        """Meta parameters cannot take real data: swap in placeholder parameters (same shape,
+        same requires_grad; tied parameters stay tied)."""
+        replaced: dict[int, nn.Parameter] = {}
+        for module in self.module.modules():
+            for name, param in module._parameters.items():
+                if param is None or param.device.type != "meta":
+                    continue
+                if id(param) not in replaced:
+                    base = self.device.placeholder(self.compute_dtype).expand(param.shape)
+                    replaced[id(param)] = nn.Parameter(base, requires_grad=param.requires_grad)
+                module._parameters[name] = replaced[id(param)]
+
     def _open_nvme(self) -> NvmeStore | None:
         if not self.plan.uses_nvme:
             return None
@@ -133,13 +151,15 @@ class Engine:
                 if buf is not None and buf.device != self.device.device:
                     module._buffers[name] = buf.to(self.device.device)
 
-    def _load_state(self) -> None:
-        """Copy each parameter into its unit's home tier, then free the original."""
+    def _load_state(self, source) -> None:
+        """Copy each parameter (or its value from `source`) into its unit's home tier, then
+        free the original."""
         for unit, home in zip(self.units, self.plan.homes):
             state = self.io.allocate(unit, home, self.compute_dtype)
             self.states.append(state)
             for slot in unit.slots:
-                data = slot.param.detach().reshape(-1)
+                data = slot.param.detach() if source is None else _checked(source(slot.name), slot)
+                data = data.reshape(-1)
                 self.io.write_from(state, "master", data.to(FP32), slot.offset)
                 if "weights" in state.arrays:
                     self.io.write_from(state, "weights", data.to(self.compute_dtype), slot.offset)
@@ -527,15 +547,58 @@ class Engine:
             for uid in range(len(self.units)):
                 self._update_now(uid)
 
-    # ---- reading state ------------------------------------------------------------------
-    def _read_param(self, slot: Slot, uid: int, name: str = "master") -> torch.Tensor:
+    # ---- reading and writing state ------------------------------------------------------
+    def named_slots(self):
+        """(unit, slot) for every parameter, in unit order; slot.name is the parameter name."""
+        for unit in self.units:
+            for slot in unit.slots:
+                yield unit, slot
+
+    def read_array(self, unit: Unit, slot: Slot, name: str = "master") -> torch.Tensor:
+        """One parameter's slice of an array ('master', 'exp_avg', 'exp_avg_sq', 'grad'), as a
+        new fp32 CPU tensor of the parameter's shape. Call `flush()` first for current values."""
         out = torch.empty(slot.numel, dtype=FP32)
-        state = self.states[uid]
+        state = self.states[unit.uid]
         for start, count in self.io.pieces(slot.offset, slot.numel):
             window = self.io.open(state, (name,), start, count)
-            out[start - slot.offset:start - slot.offset + count].copy_(window.views[0])
-            self.io.close(window)
+            try:
+                out[start - slot.offset:start - slot.offset + count].copy_(window.views[0])
+            finally:
+                self.io.close(window)
         return out.view(slot.shape)
+
+    def write_array(self, unit: Unit, slot: Slot, name: str, value: torch.Tensor) -> None:
+        """Overwrite one parameter's slice of an array in its home tier (e.g. when resuming).
+        Writing 'master' also refreshes the compute-dtype weights and drops device copies."""
+        self.flush()
+        value = _checked(value, slot).reshape(-1)
+        state = self.states[unit.uid]
+        with self._engine_code():
+            res = self.residency[unit.uid]
+            if res.refs:
+                raise TierflowError("cannot overwrite state while a forward or backward pass uses it")
+            self.io.write_from(state, name, value.to(state.dtypes[name]), slot.offset)
+            if name == "master" and "weights" in state.arrays:
+                self.io.write_from(state, "weights", value.to(self.compute_dtype), slot.offset)
+            if name == "master" and res.flat is not None and not self._is_permanent(unit.uid):
+                self._evict(unit.uid)
+
+    @property
+    def optimizer_steps(self) -> dict[str, int]:
+        """Parameter name -> AdamW steps taken (absent: never updated). Assignable on resume."""
+        return {slot.name: self._steps[slot.index] for _, slot in self.named_slots() if slot.index in self._steps}
+
+    @optimizer_steps.setter
+    def optimizer_steps(self, steps: dict[str, int]) -> None:
+        self.flush()
+        index = {slot.name: slot.index for _, slot in self.named_slots()}
+        unknown = set(steps) - set(index)
+        if unknown:
+            raise ConfigError(f"optimizer steps for unknown parameters: {sorted(unknown)[:5]}")
+        self._steps = {index[name]: int(step) for name, step in steps.items()}
+
+    def _read_param(self, slot: Slot, uid: int, name: str = "master") -> torch.Tensor:
+        return self.read_array(self.units[uid], slot, name)
 
     def state_dict(self) -> dict:
         """Full tensors (in the model's dtype), same keys as `model.state_dict()`."""
@@ -621,6 +684,19 @@ def _model_dtype(model: nn.Module) -> torch.dtype:
         raise ConfigError(f"the model mixes parameter dtypes {sorted(map(str, dtypes))}: cast it to one "
                           f"dtype first (e.g. model.float())")
     return dtypes.pop() if dtypes else torch.float32
+
+
+def _checked(value: torch.Tensor, slot: Slot) -> torch.Tensor:
+    """A source tensor for `slot`, verified to have its shape and a floating dtype."""
+    if not isinstance(value, torch.Tensor):
+        raise ConfigError(f"the value given for {slot.name} is not a tensor ({type(value).__name__})")
+    if tuple(value.shape) != tuple(slot.shape):
+        raise ConfigError(f"the value given for {slot.name} has shape {tuple(value.shape)}, but the model "
+                          f"expects {tuple(slot.shape)}")
+    if not value.dtype.is_floating_point:
+        raise ConfigError(f"the value given for {slot.name} has dtype {value.dtype}; a floating-point "
+                          f"dtype is needed")
+    return value.detach()
 
 
 def _device_cap(cfg: OffloadConfig) -> int | None:

@@ -67,13 +67,15 @@ def _param_bytes(module: nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in module.parameters())
 
 
-def partition(model: nn.Module, unit_bytes: int) -> tuple[list[Unit], dict[nn.Module, set[int]]]:
+def partition(model: nn.Module, unit_bytes: int,
+              allow_meta: bool = False) -> tuple[list[Unit], dict[nn.Module, set[int]]]:
     """Split `model` into units of at most ~`unit_bytes` parameter bytes.
 
     Returns the units and, for every module that needs hooks, the set of unit ids it
-    must have resident while it runs.
+    must have resident while it runs. `allow_meta`: parameters may be on the meta
+    device (their values come from elsewhere).
     """
-    _check_params(model)
+    _check_params(model, allow_meta)
     owner: dict[int, Unit] = {}
     units: list[Unit] = []
     hooked: dict[nn.Module, set[int]] = {}
@@ -131,14 +133,14 @@ def _assign_hooks(model, owner, hooked, unit_bytes) -> None:
     visit(model)
 
 
-def _check_params(model: nn.Module) -> None:
+def _check_params(model: nn.Module, allow_meta: bool = False) -> None:
     """Reject what the engine cannot tier, before any work starts."""
     for name, param in model.named_parameters():
         if not param.dtype.is_floating_point:
             raise ConfigError(f"parameter {name} has dtype {param.dtype}: tierflow tiers floating-point "
                               f"parameters only; register it as a buffer (module.register_buffer) or "
                               f"cast it to a floating-point dtype")
-        if param.device.type == "meta":
+        if param.device.type == "meta" and not allow_meta:
             raise ConfigError(f"parameter {name} is on the meta device (no data): materialise the model "
                               f"first (e.g. model.to_empty(device='cpu') and initialise it, or "
                               f"from_pretrained / from_config without a meta-device context)")
