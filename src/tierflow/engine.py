@@ -32,9 +32,10 @@ from . import hooks
 from .budget import Budget
 from .config import OffloadConfig
 from .device import ComputeDevice
-from .errors import BudgetError, ConfigError, TierflowError
+from .errors import ConfigError, TierflowError
+from .gradients import GradientSink
 from .layout import Slot, Unit, partition
-from .optim import PendingUpdate, adamw_
+from .optim import PendingUpdate, apply_updates
 from .plan import DRAIN_BUFFERS, Placement, plan_placement, working_bytes
 from .schedule import eviction_order, prefetch_window
 from .storage import BufferPool, NvmeStore
@@ -80,6 +81,15 @@ class Engine:
         buffer_bytes = sum(b.numel() * b.element_size() for b in model.buffers())
         self.plan: Placement = plan_placement(self.units, cfg, self.compute_dtype, buffer_bytes, placement)
         self.nvme = self._open_nvme()
+        try:
+            self._setup(model, source, buffer_bytes, hooked)
+        except BaseException:
+            if self.nvme is not None:
+                self.nvme.close()  # removes the spill file
+            raise
+
+    def _setup(self, model, source, buffer_bytes, hooked) -> None:
+        """Everything after the plan: pools, state in its tiers, threads, hooks."""
         self._pools = self._make_pools()
         self.io = StateIO(self.device, self.budgets, self.nvme,
                           self._pools[0] if self._pools else None)
@@ -95,15 +105,11 @@ class Engine:
         self._tick = itertools.count(1)
         self._lock = threading.RLock()
         self._transfer = ThreadPoolExecutor(1, thread_name_prefix="tierflow-transfer")
-        self._drain = ThreadPoolExecutor(1, thread_name_prefix="tierflow-drain")
-        self._drains: list[Future] = []
+        self.grads = GradientSink(self._drain_io, self.budgets["device"], self.device, self._count)
         self._scopes: list[list[int]] = []
         self._backward_holds: set[int] = set()
         self._backward_callback_queued = False
-        self._has_grad: set[int] = set()          # slot indices with a gradient since zero_grad
-        self._grad_norms: dict[int, torch.Tensor] = {}
         self._steps: dict[int, int] = {}          # slot index -> AdamW steps taken
-        self._grad_scale: torch.Tensor | None = None
         self._counters = {"host_to_device": 0, "device_to_host": 0}
         self._counter_lock = threading.Lock()
         self._optimizer = None
@@ -152,8 +158,8 @@ class Engine:
                     module._buffers[name] = buf.to(self.device.device)
 
     def _load_state(self, source) -> None:
-        """Copy each parameter (or its value from `source`) into its unit's home tier, then
-        free the original."""
+        """Copy each parameter (or its value from `source`) into its unit's home tier. Only once
+        every unit is in place are the originals freed: a failure (disk full...) loses nothing."""
         for unit, home in zip(self.units, self.plan.homes):
             state = self.io.allocate(unit, home, self.compute_dtype)
             self.states.append(state)
@@ -163,6 +169,8 @@ class Engine:
                 self.io.write_from(state, "master", data.to(FP32), slot.offset)
                 if "weights" in state.arrays:
                     self.io.write_from(state, "weights", data.to(self.compute_dtype), slot.offset)
+        for unit, home in zip(self.units, self.plan.homes):
+            for slot in unit.slots:
                 slot.param.data = self._placeholder(slot)
             if home == "device":  # weights stay put: the device buffer is the state itself
                 self.residency[unit.uid].flat = self._device_view(unit.uid)
@@ -274,7 +282,7 @@ class Engine:
             self._finish_fetch(uid)
         if res.pending:
             pending, res.pending = res.pending, []
-            self._transfer.submit(self._apply_updates, self.units[uid], self.states[uid], pending).result()
+            self._transfer.submit(apply_updates, self.io, self.device, self.states[uid], pending).result()
 
     def _finish_fetch(self, uid: int) -> None:
         res = self.residency[uid]
@@ -296,7 +304,7 @@ class Engine:
         covered = len(pending) == len(unit.slots)
         with self.device.side_stream():
             if pending:
-                self._apply_updates(unit, state, pending, flat if covered else None)
+                apply_updates(self.io, self.device, state, pending, flat if covered else None)
             if not copy:
                 return self._device_view(uid), None
             if not (pending and covered):
@@ -400,42 +408,12 @@ class Engine:
                 self._update_now(unit.uid)
             nbytes = grad.numel() * grad.element_size()
             self._reserve_device(nbytes, f"the gradient of {slot.name}", required=True)
-            fresh = slot.index not in self._has_grad
-            self._has_grad.add(slot.index)
-            self._drains.append(self._drain.submit(self._drain_job, unit.uid, slot, grad, fresh, nbytes))
+            self.grads.submit(self.states[unit.uid], slot, grad, nbytes)
             if unit.uid in self._backward_holds:
                 res.grads_left -= 1
                 if res.grads_left == 0:
                     self._backward_holds.discard(unit.uid)
                     self.release(unit.uid)
-
-    def _drain_job(self, uid: int, slot: Slot, grad: torch.Tensor, fresh: bool, nbytes: int) -> None:
-        """Drain thread: accumulate one gradient into the fp32 gradient of its home tier."""
-        try:
-            state, io = self.states[uid], self._drain_io
-            incoming = grad.detach().reshape(-1).to(FP32)
-            if state.home != "device":
-                self._count("device_to_host", nbytes)
-            if fresh:
-                self._grad_norms[slot.index] = torch.linalg.vector_norm(incoming)
-            norms = []
-            for start, count in io.pieces(slot.offset, slot.numel):
-                window = io.open(state, ("grad",), start, count, read=not fresh)
-                try:
-                    target = window.views[0]
-                    piece = incoming[start - slot.offset:start - slot.offset + count].to(target.device)
-                    target.copy_(piece) if fresh else target.add_(piece)
-                    if not fresh:
-                        norms.append(torch.linalg.vector_norm(target))
-                except BaseException:
-                    io.close(window)
-                    raise
-                io.close(window, write=("grad",))
-            if not fresh:
-                self._grad_norms[slot.index] = norms[0] if len(norms) == 1 else torch.linalg.vector_norm(
-                    torch.stack(norms))
-        finally:
-            self.budgets["device"].release(nbytes)
 
     def _queue_backward_callback(self) -> None:
         if not self._backward_callback_queued:
@@ -451,9 +429,7 @@ class Engine:
 
     def wait_for_gradients(self) -> None:
         """Block until every gradient has reached its tier (errors surface here)."""
-        drains, self._drains = self._drains, []
-        for future in drains:
-            future.result()
+        self.grads.wait()
 
     # ---- optimizer --------------------------------------------------------------------
     def attach_optimizer(self, optimizer) -> None:
@@ -468,27 +444,12 @@ class Engine:
         self._optimizer = optimizer
 
     def zero_grad(self) -> None:
-        self.wait_for_gradients()
-        self._has_grad.clear()
-        self._grad_norms.clear()
-        self._grad_scale = None
+        self.grads.zero()
 
     def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0,
                         error_if_nonfinite: bool = False) -> torch.Tensor:
         """Global gradient norm over all tiers, computed as torch.nn.utils.clip_grad_norm_ does."""
-        if float(norm_type) != 2.0:
-            raise ConfigError("tierflow clips by the L2 norm only (norm_type=2)")
-        self.wait_for_gradients()
-        target = self.device.device
-        norms = [self._grad_norms[i].to(target) for i in sorted(self._grad_norms)]
-        if not norms:
-            return torch.tensor(0.0, device=target)
-        total = torch.linalg.vector_norm(torch.stack(norms), 2.0)
-        if error_if_nonfinite and (total.isnan() or total.isinf()):
-            raise RuntimeError(f"the total norm of gradients is non-finite ({total.item()})")
-        coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
-        self._grad_scale = coef if self._grad_scale is None else self._grad_scale * coef
-        return total
+        return self.grads.clip(max_norm, norm_type, error_if_nonfinite)
 
     def queue_step(self, hyper_params: dict) -> None:
         """Record an AdamW update for every parameter with a gradient; applied lazily."""
@@ -497,11 +458,11 @@ class Engine:
             for unit in self.units:
                 updates = []
                 for slot in unit.slots:
-                    if slot.trainable and slot.index in self._has_grad and id(slot.param) in hyper_params:
+                    if slot.trainable and slot.index in self.grads.has_grad and id(slot.param) in hyper_params:
                         step = self._steps.get(slot.index, 0) + 1
                         self._steps[slot.index] = step
                         updates.append(PendingUpdate(slot, hyper_params[id(slot.param)], step,
-                                                     self._grad_scale))
+                                                     self.grads.scale))
                 if not updates:
                     continue
                 res = self.residency[unit.uid]
@@ -512,33 +473,9 @@ class Engine:
                 if res.flat is not None and not self._is_permanent(unit.uid):
                     self._evict(unit.uid)  # its weights are about to change
                 res.pending = updates
-            self._has_grad.clear()
-            self._grad_scale = None
+            self.grads.zero()
             # Start the first units' updates now, overlapped with whatever the caller does next.
             self._prefetch(self.trace.order)
-
-    def _apply_updates(self, unit: Unit, state: UnitState, pending: list, flat=None) -> None:
-        """Transfer thread: run AdamW over each updated parameter, window by window; with
-        `flat`, also copy each updated window of weights into that device buffer."""
-        names = ("master", "grad", "exp_avg", "exp_avg_sq")
-        for update in pending:
-            slot = update.slot
-            for start, count in self.io.pieces(slot.offset, slot.numel):
-                window = self.io.open(state, names, start, count)
-                try:
-                    adamw_(*window.views, update)
-                    if "weights" in state.arrays:
-                        weights = self.io.open(state, ("weights",), start, count, read=False)
-                        weights.views[0].copy_(window.views[0])
-                        self.io.close(weights, write=("weights",))
-                    if flat is not None:
-                        flat[start:start + count].copy_(window.views[0], non_blocking=True)
-                        if window.buffers:  # the staging buffer is reused once closed
-                            self.device.synchronize_event(self.device.record_event())
-                except BaseException:
-                    self.io.close(window)
-                    raise
-                self.io.close(window, write=("master", "exp_avg", "exp_avg_sq"))
 
     def flush(self) -> None:
         """Apply every recorded update now (before reading or saving the state)."""
@@ -667,7 +604,7 @@ class Engine:
         for handle in self._handles:
             handle.remove()
         self._transfer.shutdown(wait=True)
-        self._drain.shutdown(wait=True)
+        self.grads.close()
         if self.nvme is not None:
             self.nvme.close()
 

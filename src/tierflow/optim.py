@@ -65,6 +65,33 @@ def adamw_(master: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_
     master.addcdiv_(exp_avg, denom, value=-step_size)
 
 
+def apply_updates(io, device, state, pending: list, flat: torch.Tensor | None = None) -> None:
+    """Run AdamW over each updated parameter of one unit, window by window, in its home tier.
+
+    Lower-precision compute weights are rewritten from the new master weights; with `flat`
+    (the unit's device buffer) each updated window is also copied there as it is produced.
+    """
+    names = ("master", "grad", "exp_avg", "exp_avg_sq")
+    for update in pending:
+        slot = update.slot
+        for start, count in io.pieces(slot.offset, slot.numel):
+            window = io.open(state, names, start, count)
+            try:
+                adamw_(*window.views, update)
+                if "weights" in state.arrays:
+                    weights = io.open(state, ("weights",), start, count, read=False)
+                    weights.views[0].copy_(window.views[0])
+                    io.close(weights, write=("weights",))
+                if flat is not None:
+                    flat[start:start + count].copy_(window.views[0], non_blocking=True)
+                    if window.buffers:  # the staging buffer is reused once closed
+                        device.synchronize_event(device.record_event())
+            except BaseException:
+                io.close(window)
+                raise
+            io.close(window, write=("master", "exp_avg", "exp_avg_sq"))
+
+
 class AdamW(torch.optim.Optimizer):
     """AdamW whose state lives in the engine's tiers.
 
