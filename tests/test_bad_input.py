@@ -293,3 +293,27 @@ def test_few_staging_buffers_train_or_are_refused():
     hangs = [l for l in lines if l.startswith("HANG")]
     assert not hangs, f"training hung (no staging buffer ever frees up): {hangs}; stderr: {proc.stderr[-2000:]}"
     assert proc.returncode == 0 and len(lines) == 3, proc.stdout + proc.stderr[-3000:]
+
+
+def test_disk_full_while_offloading_loses_nothing(tmp_path, monkeypatch):
+    """The disk fills up while state is being written to NVMe: a clear NvmeError, the model's
+    parameters untouched (originals are freed only once every unit is in place), the spill
+    file removed."""
+    model = make_model()
+    before = snapshot(model)
+    real_pwritev = os.pwritev
+    calls = {"n": 0}
+
+    def failing_pwritev(fd, buffers, offset, *args):
+        calls["n"] += 1
+        if calls["n"] > 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_pwritev(fd, buffers, offset, *args)
+
+    monkeypatch.setattr(os, "pwritev", failing_pwritev)
+    with pytest.raises(NvmeError, match="(?i)full|space"):
+        tierflow.offload(model, nvme=tmp_path, placement="nvme", **SMALL)
+    monkeypatch.setattr(os, "pwritev", real_pwritev)
+    assert calls["n"] > 3, "the fault was never injected"
+    assert_intact(model, before)
+    assert not list(tmp_path.iterdir()), "the spill file was left behind"
