@@ -22,6 +22,7 @@ class Budget:
         self.capacity = capacity
         self.used = 0
         self.peak = 0
+        self.listener = None  # optional callable(name, used), called after every change
         self._cond = threading.Condition()
 
     def room(self) -> float:
@@ -52,10 +53,14 @@ class Budget:
             self.used -= nbytes
             assert self.used >= 0, f"{self.name} budget released more than it reserved"
             self._cond.notify_all()
+            if self.listener is not None:
+                self.listener(self.name, self.used)
 
     def _take(self, nbytes: int) -> None:
         self.used += nbytes
         self.peak = max(self.peak, self.used)
+        if self.listener is not None:
+            self.listener(self.name, self.used)
 
     def _message(self, nbytes: int, what: str) -> str:
         return (f"{self.name} budget of {format_size(self.capacity)} cannot hold {what} "

@@ -33,6 +33,7 @@ from .budget import Budget
 from .config import OffloadConfig
 from .device import ComputeDevice
 from .errors import ConfigError, TierflowError
+from .events import EventLog, Span
 from .gradients import GradientSink
 from .layout import Slot, Unit, partition
 from .optim import PendingUpdate, apply_updates
@@ -73,6 +74,9 @@ class Engine:
         self.param_dtype = _model_dtype(model)
         self.compute_dtype = cfg.dtype or self.param_dtype
         self.budgets = {"device": Budget("device", _device_cap(cfg)), "host": Budget("host", cfg.host_memory)}
+        self.events = EventLog()  # engine.events.enable() records spans and memory for timelines
+        for budget in self.budgets.values():
+            budget.listener = self.events.budget_changed
         if source is not None:
             self._replace_meta_parameters()
         unit_bytes = cfg.unit_bytes or _default_unit_bytes(cfg, model)
@@ -105,8 +109,10 @@ class Engine:
         self._tick = itertools.count(1)
         self._lock = threading.RLock()
         self._transfer = ThreadPoolExecutor(1, thread_name_prefix="tierflow-transfer")
-        self.grads = GradientSink(self._drain_io, self.budgets["device"], self.device, self._count)
+        self.grads = GradientSink(self._drain_io, self.budgets["device"], self.device, self._count,
+                                  self.events)
         self._scopes: list[list[int]] = []
+        self._module_starts: list[float] = []
         self._backward_holds: set[int] = set()
         self._backward_callback_queued = False
         self._steps: dict[int, int] = {}          # slot index -> AdamW steps taken
@@ -216,6 +222,7 @@ class Engine:
             self.trace.end()
 
     def enter_module(self, uids: list[int]) -> None:
+        self._module_starts.append(self.events.now())
         with self._engine_code():
             for uid in sorted(uids, key=self.trace.position):
                 self.trace.record(uid)
@@ -229,6 +236,9 @@ class Engine:
                 self.release(uid)
             for uid in uids:
                 self.release(uid)
+        start = self._module_starts.pop()
+        if self.events.enabled:
+            self.events.add(Span("forward", self.units[uids[0]].name, start, self.events.now(), 0, "main"))
 
     def ensure_resident(self, uid: int) -> None:
         """On-demand fetch of a parameter used outside its module (held until the scope ends)."""
@@ -304,11 +314,13 @@ class Engine:
         covered = len(pending) == len(unit.slots)
         with self.device.side_stream():
             if pending:
-                apply_updates(self.io, self.device, state, pending, flat if covered else None)
+                with self.events.span("update", unit.name, 28 * sum(u.slot.numel for u in pending)):
+                    apply_updates(self.io, self.device, state, pending, flat if covered else None)
             if not copy:
                 return self._device_view(uid), None
             if not (pending and covered):
-                self.io.read_into(state, "weights" if "weights" in state.arrays else "master", flat)
+                with self.events.span("fetch", unit.name, flat.numel() * flat.element_size()):
+                    self.io.read_into(state, "weights" if "weights" in state.arrays else "master", flat)
             event = self.device.record_event()
         self._count("host_to_device", flat.numel() * flat.element_size())
         return flat, event

@@ -22,11 +22,12 @@ from .tiers import FP32, StateIO, UnitState
 class GradientSink:
     """Accumulates gradients into their tiers and keeps what clipping needs."""
 
-    def __init__(self, io: StateIO, device_budget: Budget, device, count):
+    def __init__(self, io: StateIO, device_budget: Budget, device, count, events):
         self.io = io
         self.device_budget = device_budget
         self.device = device
         self._count = count                        # count(key, nbytes): engine's I/O counters
+        self.events = events
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="tierflow-drain")
         self._futures: list[Future] = []
         self.has_grad: set[int] = set()            # slot indices with a gradient since zero()
@@ -41,6 +42,10 @@ class GradientSink:
 
     def _drain(self, state: UnitState, slot: Slot, grad: torch.Tensor, fresh: bool, nbytes: int) -> None:
         """Drain thread: copy (first micro-batch) or add (later ones) into the fp32 gradient."""
+        with self.events.span("drain", slot.name, nbytes):
+            self._accumulate(state, slot, grad, fresh, nbytes)
+
+    def _accumulate(self, state: UnitState, slot: Slot, grad: torch.Tensor, fresh: bool, nbytes: int) -> None:
         try:
             incoming = grad.detach().reshape(-1).to(FP32)
             if state.home != "device":
