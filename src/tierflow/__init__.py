@@ -5,6 +5,8 @@
 """
 from __future__ import annotations
 
+import os
+
 from torch import nn
 
 from .config import OffloadConfig, format_size, parse_size
@@ -13,8 +15,14 @@ from .errors import BudgetError, ConfigError, NvmeError, TierflowError
 from .optim import AdamW
 
 __all__ = ["offload", "Engine", "AdamW", "OffloadConfig", "parse_size", "format_size",
-           "TierflowError", "ConfigError", "BudgetError", "NvmeError"]
+           "TierflowError", "ConfigError", "BudgetError", "NvmeError",
+           "resume", "load", "save_pretrained", "CheckpointError"]
 __version__ = "0.1.0"
+
+from .checkpoint import CheckpointError, load, resume, save, save_pretrained  # noqa: E402
+
+Engine.save = save                        # engine.save("ckpt/step-N", scheduler=..., extra=...)
+Engine.save_pretrained = save_pretrained  # engine.save_pretrained("out/"): Hugging Face format
 
 
 def offload(model: nn.Module, device="cpu", device_memory=None, host_memory=None, nvme=None,
@@ -36,8 +44,12 @@ def offload(model: nn.Module, device="cpu", device_memory=None, host_memory=None
         **options: advanced knobs of `OffloadConfig` (unit_bytes, prefetch_bytes, chunk_bytes,
             staging_buffers, io_threads, direct_io).
 
-    Returns the `Engine`; call it like the model.
+    Returns the `Engine`; call it like the model. `model` may also be the path of a Hugging
+    Face model directory: see `tierflow.load`.
     """
+    if isinstance(model, (str, os.PathLike)):
+        return load(model, device=device, device_memory=device_memory, host_memory=host_memory, nvme=nvme,
+                    dtype=dtype, placement=placement, **options)
     if not isinstance(model, nn.Module):
         raise ConfigError(f"tierflow.offload expects a torch.nn.Module, got {type(model).__name__}")
     cfg = OffloadConfig.create(device=device, device_memory=device_memory, host_memory=host_memory,

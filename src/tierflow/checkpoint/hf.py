@@ -1,0 +1,287 @@
+"""Hugging Face format, streamed: export an engine as config + safetensors shards (+ index),
+and build an engine from such a directory without ever holding the model in memory.
+
+`save_pretrained` reads each parameter window by window out of its tier and writes it,
+converted to the export dtype, into its shard. `load` builds the model with its
+parameters on the meta device (`meta_parameters`), then lets `tierflow.offload` pull each
+parameter from its shard with positional reads, one tensor at a time, straight into the
+tier the plan gives it: a model bigger than RAM starts training without being whole in
+memory.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..config import parse_dtype, parse_size
+from .files import CheckpointError, TensorFileReader, TensorFileWriter, fsync_dir, write_bytes_durably
+from .manifest import TMP_MARK
+from .state import os_reason, read_windows
+
+INDEX = "model.safetensors.index.json"
+
+
+@contextlib.contextmanager
+def meta_parameters():
+    """Inside this context, modules register their parameters on the meta device (no memory,
+    no initialisation cost); buffers stay real tensors. Not thread-safe (patches nn.Module)."""
+    register = nn.Module.register_parameter
+
+    def register_on_meta(module, name, param):
+        if param is not None and param.device.type != "meta":
+            param = nn.Parameter(param.detach().to("meta"), requires_grad=param.requires_grad)
+        register(module, name, param)
+
+    nn.Module.register_parameter = register_on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register
+
+
+# ==== export =================================================================================
+def save_pretrained(engine, out_dir, max_shard_size="2GiB", dtype=None) -> Path:
+    """Write the engine's current weights in Hugging Face format to `out_dir`: config.json
+    (and generation_config.json), safetensors shards of at most `max_shard_size` and, for
+    several shards, model.safetensors.index.json. `dtype`: export dtype (default: the
+    model's own). Streams tensor by tensor; loadable with `from_pretrained`. A new
+    directory appears complete or not at all; in an existing one each file is replaced
+    atomically (the index and config last) and stale shards are removed."""
+    engine.flush()
+    out = Path(out_dir).absolute()
+    dtype = parse_dtype(dtype) or engine.param_dtype
+    entries = _export_entries(engine)
+    shards = _shards(entries, parse_size(max_shard_size, what="max_shard_size"), dtype)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.parent / f".{out.name}{TMP_MARK}{os.getpid()}-{os.urandom(4).hex()}"
+        tmp.mkdir()
+    except OSError as exc:
+        raise CheckpointError(f"cannot create the export directory {out}: {os_reason(exc)}") from exc
+    try:
+        files = _write_shards(engine, tmp, shards, dtype)
+        files += _write_configs(engine.module, tmp, dtype)
+        fsync_dir(tmp)
+        _publish(tmp, out, files)
+    except OSError as exc:
+        raise CheckpointError(f"could not export to {out}: {os_reason(exc)}") from exc
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _export_entries(engine) -> list:
+    """(key, shape, source) per state_dict entry, tied duplicates once; source is the
+    (unit, slot) of a parameter or the buffer tensor."""
+    slots = {id(slot.param): (unit, slot) for unit, slot in engine.named_slots()}
+    entries, seen = [], set()
+    for key, value in engine.module.state_dict(keep_vars=True).items():
+        if id(value) in seen:
+            continue
+        seen.add(id(value))
+        entries.append((key, tuple(value.shape), slots.get(id(value), value)))
+    return entries
+
+
+def _export_dtype(source, dtype: torch.dtype) -> torch.dtype:
+    if isinstance(source, torch.Tensor) and not source.dtype.is_floating_point:
+        return source.dtype
+    return dtype
+
+
+def _shards(entries: list, limit: int, dtype: torch.dtype) -> list[list]:
+    """Greedy split in state_dict order, each shard at most `limit` bytes (or one tensor)."""
+    shards, size = [[]], 0
+    for entry in entries:
+        nbytes = _numel(entry[1]) * _export_dtype(entry[2], dtype).itemsize
+        if shards[-1] and size + nbytes > limit:
+            shards.append([])
+            size = 0
+        shards[-1].append(entry)
+        size += nbytes
+    return shards
+
+
+def _numel(shape) -> int:
+    count = 1
+    for dim in shape:
+        count *= dim
+    return count
+
+
+def _write_shards(engine, directory: Path, shards: list, dtype: torch.dtype) -> list[str]:
+    names = ["model.safetensors"] if len(shards) == 1 else [
+        f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    weight_map, total = {}, 0
+    for name, shard in zip(names, shards):
+        specs = [(key, shape, _export_dtype(source, dtype)) for key, shape, source in shard]
+        writer = TensorFileWriter(directory / name, specs, metadata={"format": "pt"})
+        try:
+            for key, _, source in shard:
+                if isinstance(source, torch.Tensor):
+                    writer.write(key, source.detach().cpu().to(_export_dtype(source, dtype)))
+                    continue
+                unit, slot = source
+                for (piece,) in read_windows(engine, unit, slot, ("master",)):
+                    writer.write(key, piece.to(dtype))
+            total += writer.close()[0]
+        finally:
+            writer.abort()
+        weight_map.update({key: name for key, _, _ in shard})
+    if len(names) == 1:
+        return names
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    write_bytes_durably(directory / INDEX, json.dumps(index, indent=2).encode())
+    return names + [INDEX]
+
+
+def _write_configs(module: nn.Module, directory: Path, dtype: torch.dtype) -> list[str]:
+    """config.json (with the export dtype) and generation_config.json, when the model has them."""
+    written = []
+    config = getattr(module, "config", None)
+    if config is not None and hasattr(config, "save_pretrained"):
+        config = copy.deepcopy(config)
+        setattr(config, "dtype" if _transformers_v5() else "torch_dtype", dtype)
+        config.save_pretrained(str(directory))
+        written.append("config.json")
+    generation = getattr(module, "generation_config", None)
+    if generation is not None and hasattr(generation, "save_pretrained"):
+        generation.save_pretrained(str(directory))
+        written.append("generation_config.json")
+    return written
+
+
+def _transformers_v5() -> bool:
+    import transformers
+
+    major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
+    return (major, minor) >= (4, 56)
+
+
+def _publish(tmp: Path, out: Path, files: list[str]) -> None:
+    """Move the finished export into place (see save_pretrained)."""
+    if not out.exists():
+        os.rename(tmp, out)
+        fsync_dir(out.parent)
+        return
+    if not out.is_dir():
+        raise CheckpointError(f"{out} exists and is not a directory")
+    weights = [f for f in files if f.endswith(".safetensors")]
+    for name in weights + [f for f in files if f not in weights]:  # index and config last
+        os.replace(tmp / name, out / name)
+    for stale in list(out.glob("model*.safetensors")) + [out / INDEX]:
+        if stale.name not in files and stale.exists():
+            stale.unlink()
+    fsync_dir(out)
+
+
+# ==== import =================================================================================
+def load(path, device="cpu", device_memory=None, host_memory=None, nvme=None, dtype=None,
+         placement: str = "auto", model_class=None, **options):
+    """An engine over the Hugging Face model in directory `path` (config.json + safetensors),
+    built without materialising the model: each tensor is read from its shard and placed
+    into its tier one at a time. Arguments as `tierflow.offload`; `model_class` defaults to
+    `transformers.AutoModelForCausalLM`. The model starts in eval mode, as `from_pretrained`
+    leaves it (call `engine.train()` to train)."""
+    from .. import offload
+
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise CheckpointError(f"{path} is not a Hugging Face model directory (no config.json)")
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(str(path), local_files_only=True)
+    with meta_parameters():
+        model = (model_class or AutoModelForCausalLM).from_config(config)
+    model.eval()
+    readers = _open_shards(path)
+    try:
+        keys = _match_keys(model, readers, path)
+        _load_buffers(model, readers)
+        return offload(model, device=device, device_memory=device_memory, host_memory=host_memory, nvme=nvme,
+                       dtype=dtype, placement=placement, source=lambda name: keys[name][0].read(keys[name][1]),
+                       **options)
+    finally:
+        for reader in readers:
+            reader.close()
+
+
+def _open_shards(path: Path) -> list[TensorFileReader]:
+    """Readers of the weight files the index names (or model.safetensors, or every *.safetensors)."""
+    index = path / INDEX
+    if index.is_file():
+        try:
+            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError, AttributeError) as exc:
+            raise CheckpointError(f"{index} is not a valid safetensors index ({exc})") from None
+    else:
+        files = ["model.safetensors"] if (path / "model.safetensors").is_file() else sorted(
+            p.name for p in path.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"{path} has no safetensors weights (other formats such as pytorch_model.bin "
+                              f"are not read: convert them to safetensors)")
+    readers = []
+    try:
+        for name in files:
+            if not (path / name).is_file():
+                raise CheckpointError(f"{path / name} is missing (named by {INDEX})")
+            readers.append(TensorFileReader(path / name))
+    except BaseException:
+        for reader in readers:
+            reader.close()
+        raise
+    return readers
+
+
+def _match_keys(model: nn.Module, readers: list, path: Path) -> dict:
+    """Model parameter name -> (reader, key); every parameter must be found with its shape."""
+    available = {key: reader for reader in readers for key in reader.keys()}
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    groups: dict[int, tuple[nn.Parameter, list[str]]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(param), (param, []))[1].append(name)
+    keys = {}
+    for param, names in groups.values():
+        key = next((k for k in _candidates(names, prefix) if k in available), None)
+        if key is None:
+            raise CheckpointError(f"{path}: no tensor for parameter {names[0]} in "
+                                  f"{', '.join(r.path.name for r in readers)}")
+        reader = available[key]
+        if reader.shape(key) != tuple(param.shape):
+            raise CheckpointError(f"{reader.path}: tensor {key} has shape {list(reader.shape(key))}, the model "
+                                  f"expects {list(param.shape)} (does config.json match the weights?)")
+        if not reader.dtype(key).is_floating_point:
+            raise CheckpointError(f"{reader.path}: tensor {key} has dtype {reader.dtype(key)}, not floating point")
+        keys.update({name: (reader, key) for name in names})
+    return keys
+
+
+def _candidates(names: list[str], prefix: str):
+    """Keys under which a parameter may be stored: each of its names, with or without the
+    base model's prefix (checkpoints of the bare model, or of a model with a head)."""
+    for name in names:
+        yield name
+        if prefix:
+            yield name.removeprefix(prefix + ".")
+            yield f"{prefix}.{name}"
+
+
+def _load_buffers(model: nn.Module, readers: list) -> None:
+    """Persistent buffers found in the shards replace the freshly built ones."""
+    available = {key: reader for reader in readers for key in reader.keys()}
+    for name, buf in list(model.named_buffers()):
+        reader = available.get(name)
+        if reader is None:
+            continue
+        if reader.shape(name) != tuple(buf.shape):
+            raise CheckpointError(f"{reader.path}: buffer {name} has shape {list(reader.shape(name))}, the model "
+                                  f"expects {list(buf.shape)}")
+        module_name, _, leaf = name.rpartition(".")
+        model.get_submodule(module_name)._buffers[leaf] = reader.read(name).to(buf.dtype)
