@@ -20,6 +20,8 @@ import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+from tierflow.cli import checkpointing
+
 HELP = "train a causal LM beyond memory (default: built-in 100M Llama on stdlib text)"
 
 _DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
@@ -60,6 +62,15 @@ class TrainArgs:
     clip: float = _flag(1.0, "NORM", "global gradient-norm clip (0: off)")
     seed: int = _flag(0, "N", "seed for the model init and the data order")
     log_every: int = _flag(10, "N", "print a log line every N steps (0: never)")
+    save_every: int = _flag(0, "N", "save a checkpoint every N steps (and after the last) under --output "
+                            "(0: only after the last, when --output is given)")
+    output: str | None = _flag(None, "DIR", "checkpoint directory: DIR/step-N, and DIR/latest naming the newest")
+    keep: int = _flag(2, "N", "keep only the newest N checkpoints under --output (0: keep all)")
+    resume: str | None = _flag(None, "DIR", "continue exactly the run saved in DIR (an --output directory or one "
+                               "checkpoint): weights, optimizer, lr schedule, RNG and data position; the "
+                               "checkpoint's model, data, batch and schedule flags apply")
+    export: str | None = _flag(None, "DIR", "at the end, write the model in Hugging Face format (config.json + "
+                               "safetensors) to DIR")
 
     def __post_init__(self) -> None:
         from tierflow.errors import ConfigError
@@ -69,8 +80,11 @@ class TrainArgs:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
         if self.seq_len < 2:
             raise ConfigError("--seq-len must be at least 2")
-        if not self.lr > 0 or self.warmup < 0 or self.clip < 0 or self.log_every < 0:
-            raise ConfigError("--lr must be > 0; --warmup, --clip and --log-every must be >= 0")
+        if not self.lr > 0 or min(self.warmup, self.clip, self.log_every, self.save_every, self.keep) < 0:
+            raise ConfigError("--lr must be > 0; --warmup, --clip, --log-every, --save-every and --keep "
+                              "must be >= 0")
+        if self.save_every and not (self.output or self.resume):
+            raise ConfigError("--save-every needs --output DIR (where the checkpoints go)")
         if self.dtype is not None and self.dtype not in _DTYPES:
             raise ConfigError(f"unknown --dtype {self.dtype!r}; choose one of {', '.join(_DTYPES)}")
 
@@ -107,56 +121,91 @@ class TrainResult:
     tokens: int
     io_per_step: dict[str, float]
     peaks: dict
+    first_step: int = 1  # later than 1 when the run was resumed from a checkpoint
 
 
 def train(args: TrainArgs, console=None) -> TrainResult:
     """Train as ``args`` says, printing placement, progress and a summary."""
-    import torch
     from rich.console import Console
 
     import tierflow
     from tierflow.data import load_tokenizer, text_batches
-    from tierflow.errors import ConfigError, TierflowError
-    from tierflow.models import build_model, is_builtin, parameter_count
+    from tierflow.errors import TierflowError
+    from tierflow.models import is_builtin, parameter_count
 
     console = console or Console()
     if not hasattr(tierflow, "offload"):
         raise TierflowError("this tierflow installation has no engine (tierflow.offload is missing)")
+    start, checkpoint = 0, None
+    if args.resume:
+        args, checkpoint, start = checkpointing.resume_plan(args)
     limits = {"device": _budget(args.device_memory), "host": _budget(args.host_memory)}
     budgets = {tier: tierflow.parse_size(limit) for tier, limit in limits.items() if limit is not None}
     device = _resolve_device(args.device)
     tokenizer = load_tokenizer(None if is_builtin(args.model) else args.model)
     batches = text_batches(args.data, tokenizer, args.batch_size, args.seq_len, seed=args.seed)
+    checkpointing.skip(batches, start * args.grad_accum)  # the data position of the checkpoint
     first_batch = next(batches)  # data errors surface before any model is built
-    torch.manual_seed(args.seed)
-    model = build_model(args.model, seed=args.seed)
-    _check_model_fits_data(model, tokenizer, args.seq_len, ConfigError)
-    model.train()
-    n_params = parameter_count(model)
     nvme_dir, temporary = _nvme_dir(args.nvme)
-    engine = None
+    engine, result = None, None
     try:
-        engine = tierflow.offload(model, device=device, device_memory=limits["device"],
-                                  host_memory=limits["host"], nvme=nvme_dir,
-                                  dtype=getattr(torch, _DTYPES[args.dtype]) if args.dtype else None)
-        opt = tierflow.AdamW(engine, lr=args.lr, weight_decay=args.weight_decay)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, args.warmup, args.steps))
+        engine, opt, sched = _start(args, checkpoint, device, limits, nvme_dir, tokenizer)
+        if checkpoint is not None:
+            console.print(f"resumed from {checkpoint} at step {start}", soft_wrap=True, highlight=False)
+        n_params = parameter_count(engine.module)
         console.print(f"[bold]model[/] {args.model}: {n_params / 1e6:.1f} M parameters, "
                       f"training state ~{_fmt_bytes(16 * n_params)} (16 B/param)", soft_wrap=True)
         console.print(_placement_table(engine.placement(), budgets, nvme_dir))
         console.print(f"NVMe tier: {nvme_dir or 'off'}", soft_wrap=True, highlight=False)
-        result = _loop(engine, opt, sched, _prepend(first_batch, batches), args, device, console)
+        if start < args.steps:
+            result = _loop(engine, opt, sched, _prepend(first_batch, batches), args, device, console, start)
+        else:
+            console.print(f"the checkpoint is at step {start} of {args.steps}: nothing left to train")
+        if args.export:
+            console.print(f"exported to {engine.save_pretrained(args.export)}", soft_wrap=True, highlight=False)
     finally:
         if engine is not None:
             engine.close()
         if temporary:
             shutil.rmtree(nvme_dir, ignore_errors=True)
-    _print_summary(result, args, console)
+    if result is not None:
+        _print_summary(result, args, console)
     return result
 
 
-def _loop(engine, opt, sched, batches, args: TrainArgs, device: str, console) -> TrainResult:
-    """The training loop with a progress bar; returns the measurements."""
+def _start(args: TrainArgs, checkpoint, device: str, limits: dict, nvme_dir, tokenizer):
+    """(engine, optimizer, lr scheduler): a fresh model, or the run resumed from ``checkpoint``."""
+    import torch
+
+    import tierflow
+    from tierflow.errors import ConfigError
+    from tierflow.models import build_model
+
+    dtype = getattr(torch, _DTYPES[args.dtype]) if args.dtype else None
+    budgets = dict(device=device, device_memory=limits["device"], host_memory=limits["host"], nvme=nvme_dir,
+                   dtype=dtype)
+    schedule = lambda opt: torch.optim.lr_scheduler.LambdaLR(  # noqa: E731
+        opt, lambda s: _lr_factor(s, args.warmup, args.steps))
+    if checkpoint is not None:
+        engine, opt, sched = tierflow.resume(checkpoint, scheduler=schedule, **budgets)
+        try:
+            _check_model_fits_data(engine.module, tokenizer, args.seq_len, ConfigError)
+        except BaseException:
+            engine.close()
+            raise
+        return engine, opt, sched
+    torch.manual_seed(args.seed)
+    model = build_model(args.model, seed=args.seed)
+    _check_model_fits_data(model, tokenizer, args.seq_len, ConfigError)
+    model.train()
+    engine = tierflow.offload(model, **budgets)
+    opt = tierflow.AdamW(engine, lr=args.lr, weight_decay=args.weight_decay)
+    return engine, opt, schedule(opt)
+
+
+def _loop(engine, opt, sched, batches, args: TrainArgs, device: str, console, done: int = 0) -> TrainResult:
+    """The training loop after the ``done`` steps already taken, with a progress bar, saving checkpoints as asked;
+    returns the measurements."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     losses, seconds, tokens = [], [], 0
@@ -164,8 +213,8 @@ def _loop(engine, opt, sched, batches, args: TrainArgs, device: str, console) ->
     columns = (TextColumn("train"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.fields[info]}"))
     with Progress(*columns, console=console, disable=not console.is_terminal) as progress:
-        task = progress.add_task("train", total=args.steps, info="")
-        for step in range(1, args.steps + 1):
+        task = progress.add_task("train", total=args.steps, completed=done, info="")
+        for step in range(done + 1, args.steps + 1):
             io_before, start = engine.io_stats(), time.perf_counter()
             loss, step_tokens, norm = _step(engine, opt, batches, args, device)
             sched.step()
@@ -177,9 +226,12 @@ def _loop(engine, opt, sched, batches, args: TrainArgs, device: str, console) ->
             if args.log_every and (step % args.log_every == 0 or step == 1):
                 progress.console.print(f"step {step}/{args.steps}  lr {sched.get_last_lr()[0]:.1e}  {info}",
                                        soft_wrap=True, highlight=False)
+            if checkpointing.should_save(args, step):
+                path = checkpointing.save_step(engine, sched, args, step)
+                progress.console.print(f"saved {path}", soft_wrap=True, highlight=False)
     io_total = _delta(engine.io_stats(), io_start)
-    per_step = {k: v / args.steps for k, v in io_total.items()}
-    return TrainResult(losses, seconds, tokens, per_step, dict(engine.budget_peaks()))
+    per_step = {k: v / len(seconds) for k, v in io_total.items()}
+    return TrainResult(losses, seconds, tokens, per_step, dict(engine.budget_peaks()), done + 1)
 
 
 def _step(engine, opt, batches, args: TrainArgs, device: str) -> tuple[float, int, float]:
@@ -217,7 +269,8 @@ def _print_summary(result: TrainResult, args: TrainArgs, console) -> None:
     table = Table(title="summary", show_header=False, title_justify="left")
     table.add_column(style="bold")
     table.add_column()
-    table.add_row("loss", f"{result.losses[0]:.4f} (step 1) -> {result.losses[-1]:.4f} (step {steps})")
+    first, last = result.first_step, result.first_step + steps - 1
+    table.add_row("loss", f"{result.losses[0]:.4f} (step {first}) -> {result.losses[-1]:.4f} (step {last})")
     k = min(5, steps // 2)
     if k >= 2:  # single steps are noisy: also compare means
         table.add_row(f"loss, mean of {k}", f"{sum(result.losses[:k]) / k:.4f} (first {k} steps) -> "

@@ -1,0 +1,75 @@
+"""Checkpoints of ``tierflow train``: periodic saves under ``--output``, ``--resume``.
+
+``--output DIR`` holds one checkpoint per save, ``DIR/step-N``, and a small file
+``DIR/latest`` naming the newest complete one (replaced atomically after the
+checkpoint is in place, so it never names a partial checkpoint). ``--keep N``
+prunes all but the newest N. ``--resume`` takes such a directory (or one
+checkpoint) and continues the run exactly: the checkpoint records the flags that
+define the run (model, data, seed, batch shape, schedule, steps), the step
+reached, and with it the data position; the engine restores weights, optimizer,
+learning-rate schedule and RNG states.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import asdict, replace
+from pathlib import Path
+
+LATEST = "latest"
+#: TrainArgs fields that define the run: a resumed run takes them from its checkpoint.
+RUN_FIELDS = ("model", "data", "dtype", "steps", "batch_size", "seq_len", "grad_accum", "lr", "warmup",
+              "weight_decay", "clip", "seed")
+
+
+def save_step(engine, sched, args, step: int) -> Path:
+    """Save ``DIR/step-<step>``, point ``DIR/latest`` at it, prune old ones; returns its path."""
+    from tierflow.checkpoint import save
+    from tierflow.checkpoint.files import replace_file_atomically
+
+    output = Path(args.output)
+    state = {"args": {k: v for k, v in asdict(args).items() if k in RUN_FIELDS}, "step": step,
+             "batches_consumed": step * args.grad_accum}
+    path = save(engine, output / f"step-{step}", scheduler=sched, extra={"train": state})
+    replace_file_atomically(output / LATEST, f"{path.name}\n".encode())
+    prune(output, args.keep, keep_name=path.name)
+    return path
+
+
+def should_save(args, step: int) -> bool:
+    """Whether step ``step`` ends with a checkpoint (every ``--save-every`` steps, and the last)."""
+    if not args.output:
+        return False
+    return step == args.steps or (args.save_every > 0 and step % args.save_every == 0)
+
+
+def prune(output: Path, keep: int, keep_name: str) -> None:
+    """Remove all but the newest ``keep`` complete ``step-N`` checkpoints (0: keep all)."""
+    if keep <= 0:
+        return
+    steps = sorted((int(p.name[5:]), p) for p in output.glob("step-*") if p.name[5:].isdigit() and p.is_dir())
+    for _, path in steps[:-keep]:
+        if path.name != keep_name:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def resume_plan(args):
+    """(args with the run-defining flags of the checkpoint, checkpoint path, step reached) for
+    ``--resume``; ``--output`` defaults to the directory resumed from."""
+    from tierflow.checkpoint import checkpoint_dir, read_manifest
+    from tierflow.errors import ConfigError
+
+    given = Path(args.resume)
+    path = checkpoint_dir(given)
+    train = (read_manifest(path).get("extra") or {}).get("train")
+    if not train:
+        raise ConfigError(f"{path} was not saved by tierflow train (no training position in its manifest); "
+                          f"resume it from Python with tierflow.resume")
+    output = args.output or str(given if path != given else path.parent)
+    return replace(args, **train["args"], output=output), path, int(train["step"])
+
+
+def skip(batches, count: int) -> None:
+    """Advance the batch iterator past the ``count`` micro-batches already trained on."""
+    for _ in range(count):
+        next(batches)
