@@ -431,7 +431,10 @@ class NvmeStore:
             return
         executor = getattr(self, "_executor", None)
         if executor is not None:
-            executor.shutdown(wait=True)  # queued pieces hold `fd`: let them finish
+            try:
+                executor.shutdown(wait=True)  # queued pieces hold `fd`: let them finish
+            except RuntimeError:  # closed from one of its own threads (e.g. via __del__)
+                executor.shutdown(wait=False)
         os.close(fd)
         try:
             os.unlink(self.path)
