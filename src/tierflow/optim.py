@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from .errors import ConfigError
+from .tiers import wait_all
 
 
 @dataclass(frozen=True)
@@ -70,26 +71,35 @@ def apply_updates(io, device, state, pending: list, flat: torch.Tensor | None = 
 
     Lower-precision compute weights are rewritten from the new master weights; with `flat`
     (the unit's device buffer) each updated window is also copied there as it is produced.
+    On NVMe the next window is read while the current one is computed and written back.
     """
     names = ("master", "grad", "exp_avg", "exp_avg_sq")
+    by_start = {}
+    ranges = []
     for update in pending:
-        slot = update.slot
-        for start, count in io.pieces(slot.offset, slot.numel):
-            window = io.open(state, names, start, count)
+        for start, count in io.pieces(update.slot.offset, update.slot.numel):
+            by_start[start] = update
+            ranges.append((start, count))
+    writes = []
+    try:
+        for window in io.windows(state, names, ranges):
+            start, count = window.start, window.views[0].numel()
             try:
-                adamw_(*window.views, update)
+                adamw_(*window.views, by_start[start])
                 if "weights" in state.arrays:
                     weights = io.open(state, ("weights",), start, count, read=False)
                     weights.views[0].copy_(window.views[0])
-                    io.close(weights, write=("weights",))
+                    writes += io.close(weights, write=("weights",), wait=False)
                 if flat is not None:
                     flat[start:start + count].copy_(window.views[0], non_blocking=True)
-                    if window.buffers:  # the staging buffer is reused once closed
+                    if window.buffers:  # the staging buffer is reused once written back
                         device.synchronize_event(device.record_event())
             except BaseException:
-                io.close(window)
+                io.discard(window)
                 raise
-            io.close(window, write=("master", "exp_avg", "exp_avg_sq"))
+            writes += io.close(window, write=("master", "exp_avg", "exp_avg_sq"), wait=False)
+    finally:
+        wait_all(writes)
 
 
 class AdamW(torch.optim.Optimizer):

@@ -124,57 +124,89 @@ class StateIO:
         for offset in range(start, start + numel, step):
             yield offset, min(step, start + numel - offset)
 
-    def open(self, state: UnitState, names, start: int, numel: int, read: bool = True) -> "Window":
-        """A window onto elements [start, start+numel) of the named arrays."""
+    def open(self, state: UnitState, names, start: int, numel: int, read: bool = True,
+             wait: bool = True) -> "Window":
+        """A window onto elements [start, start+numel) of the named arrays. With wait=False
+        the NVMe reads are only started: call `window.wait()` before touching the views."""
         if state.home != "nvme":
             return Window(state, tuple(names), start, [state.arrays[n][start:start + numel] for n in names])
-        buffers, views, futures = [], [], []
+        window = Window(state, tuple(names), start, [], [])
         try:
             for name in names:
                 dtype = state.dtypes[name]
                 buf = self.pool.acquire()
-                buffers.append(buf)
-                views.append(buf[:numel * dtype.itemsize].view(dtype))
+                window.buffers.append(buf)
+                window.views.append(buf[:numel * dtype.itemsize].view(dtype))
                 if read:
                     nbytes = _round_up(numel * dtype.itemsize, ALIGN)
-                    futures.append(self.nvme.read_async(state.arrays[name], buf[:nbytes],
-                                                        start * dtype.itemsize))
-            for future in futures:
-                future.result()
+                    window.reads.append(self.nvme.read_async(state.arrays[name], buf[:nbytes],
+                                                             start * dtype.itemsize))
+            if wait:
+                window.wait()
         except BaseException:
-            for future in futures:
-                future.exception()  # let in-flight reads finish before their buffers are reused
-            for buf in buffers:
-                self.pool.release(buf)
+            self.discard(window)
             raise
-        return Window(state, tuple(names), start, views, buffers)
+        return window
 
-    def close(self, window: "Window", write=()) -> None:
-        """Write back the arrays named in `write`, then release the staging buffers."""
+    def discard(self, window: "Window") -> None:
+        """Give a window's buffers back without writing (after its reads have settled)."""
+        for future in window.reads:
+            future.exception()  # in-flight reads must finish before their buffers are reused
+        for buf in window.buffers:
+            self.pool.release(buf)
+        window.buffers = []
+
+    def close(self, window: "Window", write=(), wait: bool = True) -> list:
+        """Write back the arrays named in `write` and give the buffers back (each as soon as its
+        write is done). With wait=False returns the write futures instead of waiting."""
         if not window.buffers:
-            return
-        futures = []
-        try:
-            for name, view, buf in zip(window.names, window.views, window.buffers):
-                if name in write:
-                    dtype = window.state.dtypes[name]
-                    nbytes = _round_up(view.numel() * dtype.itemsize, ALIGN)
-                    futures.append(self.nvme.write_async(window.state.arrays[name], buf[:nbytes],
-                                                         window.start * dtype.itemsize))
-            for future in futures:
-                future.result()
-        finally:
-            for future in futures:
-                future.exception()
-            for buf in window.buffers:
+            return []
+        writes = []
+        for name, view, buf in zip(window.names, window.views, window.buffers):
+            if name not in write:
                 self.pool.release(buf)
+                continue
+            dtype = window.state.dtypes[name]
+            nbytes = _round_up(view.numel() * dtype.itemsize, ALIGN)
+            try:
+                future = self.nvme.write_async(window.state.arrays[name], buf[:nbytes],
+                                               window.start * dtype.itemsize)
+            except BaseException:
+                self.pool.release(buf)
+                raise
+            future.add_done_callback(lambda _f, b=buf: self.pool.release(b))
+            writes.append(future)
+        window.buffers = []
+        if wait:
+            wait_all(writes)
+            return []
+        return writes
+
+    def windows(self, state: UnitState, names, ranges, read: bool = True):
+        """Yield open windows over consecutive (start, numel) ranges, reading the next window
+        while the caller works on the current one. The caller closes each window."""
+        ranges = list(ranges)
+        if not ranges:
+            return
+        ahead = self.open(state, names, *ranges[0], read=read, wait=False)
+        for i in range(len(ranges)):
+            current = ahead
+            try:
+                current.wait()
+            except BaseException:
+                self.discard(current)
+                raise
+            yield current
+            if i + 1 < len(ranges):
+                ahead = self.open(state, names, *ranges[i + 1], read=read, wait=False)
 
     def read_into(self, state: UnitState, name: str, dst: torch.Tensor) -> None:
-        """Copy a whole array into `dst` (same numel, any dtype/device), piece by piece."""
-        for start, count in self.pieces(0, dst.numel()):
-            window = self.open(state, (name,), start, count)
+        """Copy a whole array into `dst` (same numel, any dtype/device), piece by piece, the
+        next piece's read overlapping the current piece's copy."""
+        for window in self.windows(state, (name,), self.pieces(0, dst.numel())):
             try:
-                dst[start:start + count].copy_(window.views[0], non_blocking=True)
+                dst[window.start:window.start + window.views[0].numel()].copy_(window.views[0],
+                                                                               non_blocking=True)
                 if window.buffers:
                     # The staging buffer goes back to the pool: the copy must have finished.
                     self.device.synchronize_event(self.device.record_event())
@@ -202,3 +234,17 @@ class Window:
     start: int
     views: list
     buffers: list = field(default_factory=list)
+    reads: list = field(default_factory=list)   # in-flight read futures (NVMe)
+
+    def wait(self) -> None:
+        """Block until the window's reads are done."""
+        wait_all(self.reads)
+        self.reads = []
+
+
+def wait_all(futures) -> None:
+    """Wait for every future, then raise the first error (none is left running)."""
+    errors = [f.exception() for f in futures]
+    for error in errors:
+        if error is not None:
+            raise error
