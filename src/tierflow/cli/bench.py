@@ -4,6 +4,8 @@
     tierflow bench train  step time vs plain PyTorch (in memory and with NVMe spill)
     tierflow bench optim  CPU AdamW vs torch (fused/foreach) and DeepSpeed, and memcpy bandwidth
     tierflow bench transfer  host<->device copies from the pinned pool vs a plain copy_ (CUDA)
+    tierflow bench calibrate  measure this machine's figures for the cost model (cached)
+    tierflow bench plan-accuracy  the cost model's predictions against real training steps
 """
 from __future__ import annotations
 
@@ -37,6 +39,22 @@ def add_arguments(parser) -> None:
     transfer.add_argument("--size", default="1GiB", help="bytes copied each way (default 1GiB)")
     transfer.add_argument("--repeats", type=int, default=5, help="runs per figure (median)")
     transfer.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    calibrate = sub.add_parser("calibrate", help="measure compute, memory, NVMe and AdamW speed (cached)")
+    calibrate.add_argument("--device", default="cpu", help="compute device: cpu or cuda")
+    calibrate.add_argument("--dtype", default=None, help="compute dtype (default float32)")
+    calibrate.add_argument("--dir", default=None, help="directory on the NVMe disk (default: user cache)")
+    calibrate.add_argument("--recalibrate", action="store_true", help="measure again even if cached")
+    calibrate.add_argument("--json", default=None, help="also write the figures to this JSON file")
+    accuracy = sub.add_parser("plan-accuracy", help="predicted vs measured step time and peak memory")
+    accuracy.add_argument("--sizes", nargs="+", default=None, help="models (default: llama-20m llama-50m)")
+    accuracy.add_argument("--settings", nargs="+", default=None,
+                          help="budgets/placements (default: device host mixed nvme)")
+    accuracy.add_argument("--seq-len", type=int, default=256)
+    accuracy.add_argument("--steps", type=int, default=4, help="measured steps (median)")
+    accuracy.add_argument("--warmup", type=int, default=2)
+    accuracy.add_argument("--nvme", default=None, help="spill directory (default: a temporary one)")
+    accuracy.add_argument("--recalibrate", action="store_true", help="calibrate first even if cached")
+    accuracy.add_argument("--json", default=None)
 
 
 def run(args) -> int:
@@ -55,4 +73,11 @@ def run(args) -> int:
     elif args.bench == "transfer":
         from tierflow.bench.transfer import run_transfer_bench
         run_transfer_bench(parse_size(args.size, what="--size"), args.json, repeats=args.repeats)
+    elif args.bench == "calibrate":
+        from tierflow.calibrate import run_calibrate_bench
+        run_calibrate_bench(args.device, args.dtype, args.dir, args.recalibrate, args.json)
+    elif args.bench == "plan-accuracy":
+        from tierflow.bench.plan_accuracy import run_plan_accuracy_bench
+        run_plan_accuracy_bench(args.sizes, args.settings, args.seq_len, args.steps, args.warmup,
+                                args.nvme, args.recalibrate, args.json)
     return 0

@@ -14,6 +14,7 @@ import sys
 #: Subcommand modules under ``tierflow.cli``, in the order ``--help`` lists them.
 COMMANDS = (
     "train",
+    "plan",
     "bench",
 )
 

@@ -71,6 +71,8 @@ class TrainArgs:
                                "checkpoint's model, data, batch and schedule flags apply")
     export: str | None = _flag(None, "DIR", "at the end, write the model in Hugging Face format (config.json + "
                                "safetensors) to DIR")
+    timeline: str | None = _flag(None, "FILE.png", "save a picture of the run: bytes per tier over time and "
+                                 "compute, transfer, update and drain spans")
 
     def __post_init__(self) -> None:
         from tierflow.errors import ConfigError
@@ -158,7 +160,13 @@ def train(args: TrainArgs, console=None) -> TrainResult:
         console.print(_placement_table(engine.placement(), budgets, nvme_dir))
         console.print(f"NVMe tier: {nvme_dir or 'off'}", soft_wrap=True, highlight=False)
         if start < args.steps:
+            if args.timeline:  # record from the first step on
+                from tierflow.timeline import record_phases, save_timeline
+                engine.events.enable()
+                record_phases(engine)
             result = _loop(engine, opt, sched, _prepend(first_batch, batches), args, device, console, start)
+            if args.timeline:
+                console.print(f"timeline: {save_timeline(engine, args.timeline)}", soft_wrap=True, highlight=False)
         else:
             console.print(f"the checkpoint is at step {start} of {args.steps}: nothing left to train")
         if args.export:

@@ -1,0 +1,169 @@
+"""`tierflow bench plan-accuracy`: the cost model's predictions against real training steps.
+
+For each configuration (model size x budgets/placement) it predicts, with the cached
+calibration (`tierflow bench calibrate`), the step time and the peak accounted bytes
+of the device and host tiers, then trains the same model for a few steps and
+measures them: the median step time after warm-up and `engine.budget_peaks()`.
+It prints the matrix with relative errors (targets: step time within 20%, peak
+memory per tier within 10%).
+"""
+from __future__ import annotations
+
+import shutil
+import statistics
+import tempfile
+import time
+import warnings
+from dataclasses import asdict, dataclass
+
+import torch
+
+import tierflow
+from tierflow.bench.report import write_json
+from tierflow.config import OffloadConfig, format_size
+
+MIB = 2**20
+# name -> (hidden, layers, intermediate, heads): ~20 M and ~50 M parameters (byte vocabulary).
+SIZES = {"llama-20m": (512, 6, 1376, 8), "llama-50m": (768, 7, 2048, 12)}
+# name -> (offload keyword arguments, placement); "nvme" is filled with the spill directory.
+SETTINGS = {
+    "device": (dict(), "device"),
+    "host": (dict(device_memory="64MiB"), "host"),
+    "mixed": (dict(device_memory="128MiB"), "auto"),
+    "nvme": (dict(device_memory="64MiB", host_memory="256MiB", nvme=True), "auto"),
+}
+
+
+@dataclass(frozen=True)
+class Row:
+    """Predicted and measured figures of one configuration."""
+
+    model: str
+    setting: str
+    params: int
+    homes: str
+    predicted_step_s: float
+    measured_step_s: float
+    bottleneck: str
+    predicted_device: int
+    measured_device: int
+    predicted_host: int
+    measured_host: int
+
+    @property
+    def step_error(self) -> float:
+        return _error(self.predicted_step_s, self.measured_step_s)
+
+    @property
+    def device_error(self) -> float:
+        return _error(self.predicted_device, self.measured_device)
+
+    @property
+    def host_error(self) -> float:
+        return _error(self.predicted_host, self.measured_host)
+
+
+def _error(predicted: float, measured: float) -> float:
+    if measured == 0:
+        return 0.0 if predicted == 0 else float("inf")
+    return (predicted - measured) / measured
+
+
+def build(size: str, seed: int = 0):
+    """A randomly initialised Llama of one of `SIZES`, byte vocabulary."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from tierflow.data import BYTE_VOCAB_PADDED
+
+    hidden, layers, inter, heads = SIZES[size]
+    cfg = LlamaConfig(vocab_size=BYTE_VOCAB_PADDED, hidden_size=hidden, intermediate_size=inter,
+                      num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
+                      max_position_embeddings=2048, tie_word_embeddings=False, use_cache=False)
+    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.manual_seed(seed)
+        return AutoModelForCausalLM.from_config(cfg)
+
+
+def measure(size: str, setting: str, cal, seq_len: int, steps: int, warmup: int, spill_dir: str,
+            device: str = "cpu") -> Row:
+    """Predict, then train `steps` steps and measure one configuration."""
+    from tierflow.cost import predict
+
+    kwargs, placement = SETTINGS[setting]
+    kwargs = dict(kwargs, nvme=spill_dir) if kwargs.get("nvme") else kwargs
+    model = build(size)
+    params = sum(p.numel() for p in model.parameters())
+    cfg = OffloadConfig.create(device=device, **kwargs)
+    pred = predict(model, cfg, cal, batch_size=1, seq_len=seq_len, placement=placement)
+    engine = tierflow.offload(model, device=device, placement=placement, **kwargs)
+    try:
+        opt = tierflow.AdamW(engine, lr=1e-4)
+        gen = torch.Generator().manual_seed(1)
+        times = []
+        for i in range(warmup + steps):
+            ids = torch.randint(0, 256, (1, seq_len), generator=gen).to(device)
+            start = time.perf_counter()
+            loss = engine(input_ids=ids, labels=ids).loss
+            loss.backward()
+            opt.clip_grad_norm_(1.0)
+            opt.step()
+            opt.zero_grad()
+            loss.item()
+            if i >= warmup:
+                times.append(time.perf_counter() - start)
+        peaks = engine.budget_peaks()
+        homes = ", ".join(f"{h} {engine.plan.homes.count(h)}" for h in ("device", "host", "nvme")
+                          if h in engine.plan.homes)
+    finally:
+        engine.close()
+    return Row(size, setting, params, homes, pred.step.step_s, statistics.median(times), pred.step.bottleneck,
+               pred.peaks["device"], peaks["device"][0], pred.peaks["host"], peaks["host"][0])
+
+
+def print_matrix(rows: list[Row]) -> None:
+    """One line per configuration: predicted / measured / error for step time and peaks."""
+    print(f"{'model':<10} {'setting':<7} {'homes (units)':<24} {'step s pred/meas':>17} {'err':>6}  "
+          f"{'device peak pred/meas':>23} {'err':>6}  {'host peak pred/meas':>23} {'err':>6}  bottleneck")
+    for r in rows:
+        print(f"{r.model:<10} {r.setting:<7} {r.homes:<24} {r.predicted_step_s:>8.3f}/{r.measured_step_s:<8.3f} "
+              f"{r.step_error:>+6.0%}  {_mib(r.predicted_device):>11}/{_mib(r.measured_device):<11} "
+              f"{r.device_error:>+6.1%}  {_mib(r.predicted_host):>11}/{_mib(r.measured_host):<11} "
+              f"{r.host_error:>+6.1%}  {r.bottleneck}")
+    step_ok = sum(abs(r.step_error) <= 0.20 for r in rows)
+    mem_ok = sum(abs(r.device_error) <= 0.10 and abs(r.host_error) <= 0.10 for r in rows)
+    print(f"within target: step time {step_ok}/{len(rows)} (20%), peak memory {mem_ok}/{len(rows)} (10%); "
+          f"max |error|: step {max(abs(r.step_error) for r in rows):.0%}, device "
+          f"{max(abs(r.device_error) for r in rows):.1%}, host {max(abs(r.host_error) for r in rows):.1%}")
+
+
+def _mib(nbytes: int) -> str:
+    return f"{nbytes / MIB:.1f}M"
+
+
+def run_plan_accuracy_bench(sizes=None, settings=None, seq_len: int = 256, steps: int = 4, warmup: int = 2,
+                            nvme: str | None = None, recalibrate: bool = False, json_path=None,
+                            device: str = "cpu") -> list[Row]:
+    """Run the matrix (default: every size x every setting) and print it."""
+    from tierflow.calibrate import describe, get_calibration
+
+    spill = nvme or tempfile.mkdtemp(prefix="tierflow-plan-accuracy-")
+    try:
+        cal, cached = get_calibration(device, torch.float32, spill, recalibrate)
+        print(f"calibration ({'cached' if cached else 'measured now'}): "
+              + "; ".join(line.strip() for line in describe(cal)[1:2] + describe(cal)[5:10]))
+        rows = []
+        for size in sizes or SIZES:
+            for setting in settings or SETTINGS:
+                rows.append(measure(size, setting, cal, seq_len, steps, warmup, spill, device))
+                r = rows[-1]
+                print(f"  {size} {setting}: step {r.measured_step_s:.3f} s (predicted {r.predicted_step_s:.3f}), "
+                      f"device peak {format_size(r.measured_device)}, host {format_size(r.measured_host)}",
+                      flush=True)
+    finally:
+        if nvme is None:
+            shutil.rmtree(spill, ignore_errors=True)
+    print_matrix(rows)
+    write_json([dict(asdict(r), step_error=r.step_error, device_error=r.device_error, host_error=r.host_error)
+                for r in rows], json_path)
+    return rows
