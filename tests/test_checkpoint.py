@@ -194,6 +194,20 @@ def test_mismatched_model_and_incomplete_names_are_refused(tmp_path, engines):
         tierflow.resume(tmp_path / "nope")
 
 
+def test_leftovers_of_dead_writers_are_removed_and_others_kept(tmp_path, engines):
+    engine, _, _ = fresh("llama", "host", tmp_path / "spill", engines)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    leftovers = [tmp_path / f"old.tmp-{dead}-0123abcd", tmp_path / f".latest.tmp-{dead}-89abcdef"]
+    leftovers[0].mkdir()
+    leftovers[1].write_text("step-1")
+    keep = [tmp_path / f"ckpt.tmp-{os.getpid()}-0123abcd", tmp_path / "notes.tmp-1-2"]
+    for path in keep:
+        path.mkdir()
+    engine.save(tmp_path / "ckpt")
+    assert not any(p.exists() for p in leftovers) and all(p.exists() for p in keep)
+
+
 # ---------------------------------------------------------------------------- write errors
 
 def _count_writes(monkeypatch, fail_at: int | None):

@@ -20,6 +20,8 @@ import errno
 import hashlib
 import json
 import os
+import re
+import shutil
 import struct
 from pathlib import Path
 
@@ -38,6 +40,8 @@ for _name, _code in (("float8_e4m3fn", "F8_E4M3"), ("float8_e5m2", "F8_E5M2")):
         DTYPE_CODES[getattr(torch, _name)] = _code
         CODE_DTYPES[_code] = getattr(torch, _name)
 
+TMP_MARK = ".tmp-"  # temporaries are named NAME.tmp-<pid>-<8 hex digits>
+_TEMPORARY = re.compile(r"^.+\.tmp-(?P<pid>\d+)-[0-9a-f]{8}$")
 HASH_CHUNK = 8 * 2**20
 MAX_HEADER = 100 * 2**20  # safetensors' own limit
 
@@ -279,10 +283,41 @@ def write_bytes_durably(path: Path, data: bytes) -> None:
         os.close(fd)
 
 
+def temporary_name(name: str) -> str:
+    """A name for the temporary of `name`, unique, recording the writing process."""
+    return f"{name}{TMP_MARK}{os.getpid()}-{os.urandom(4).hex()}"
+
+
+def remove_stale_temporaries(directory: Path) -> None:
+    """Remove temporaries in `directory` whose writing process no longer runs (killed while
+    writing); those of live processes are left alone."""
+    for entry in Path(directory).iterdir():
+        match = _TEMPORARY.match(entry.name)
+        if match is None or _alive(int(match["pid"])):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def replace_file_atomically(path: Path, data: bytes) -> None:
     """Replace `path` with `data` so that a crash leaves the old or the new content."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{os.urandom(4).hex()}")
+    remove_stale_temporaries(path.parent)
+    tmp = path.with_name(temporary_name(f".{path.name}"))
     try:
         write_bytes_durably(tmp, data)
         os.replace(tmp, path)

@@ -21,8 +21,8 @@ import torch
 from torch import nn
 
 from ..config import parse_dtype, parse_size
-from .files import CheckpointError, TensorFileReader, TensorFileWriter, fsync_dir, write_bytes_durably
-from .manifest import TMP_MARK
+from .files import (CheckpointError, TensorFileReader, TensorFileWriter, fsync_dir, remove_stale_temporaries,
+                    temporary_name, write_bytes_durably)
 from .state import os_reason, read_windows
 
 INDEX = "model.safetensors.index.json"
@@ -61,7 +61,8 @@ def save_pretrained(engine, out_dir, max_shard_size="2GiB", dtype=None) -> Path:
     shards = _shards(entries, parse_size(max_shard_size, what="max_shard_size"), dtype)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.parent / f".{out.name}{TMP_MARK}{os.getpid()}-{os.urandom(4).hex()}"
+        remove_stale_temporaries(out.parent)
+        tmp = out.parent / temporary_name(f".{out.name}")
         tmp.mkdir()
     except OSError as exc:
         raise CheckpointError(f"cannot create the export directory {out}: {os_reason(exc)}") from exc

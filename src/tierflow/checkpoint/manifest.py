@@ -19,14 +19,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .files import CheckpointError, TensorFileReader, file_sha256, write_bytes_durably
+from .files import TMP_MARK, CheckpointError, TensorFileReader, file_sha256, write_bytes_durably
 
 FORMAT, VERSION = "tierflow-checkpoint", 1
 MANIFEST = "manifest.json"
 FILES = {"master": "master.safetensors", "exp_avg": "exp_avg.safetensors",
          "exp_avg_sq": "exp_avg_sq.safetensors", "buffers": "buffers.safetensors"}
 MOMENTS = ("exp_avg", "exp_avg_sq")
-TMP_MARK, OLD_MARK = ".tmp-", ".old-"
+OLD_MARK = ".old-"
 TUNING = ("unit_bytes", "prefetch_bytes", "chunk_bytes", "staging_buffers", "io_threads", "direct_io")
 
 

@@ -14,6 +14,7 @@ import errno
 import importlib
 import os
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +23,8 @@ from torch import nn
 
 from ..config import format_size, parse_size
 from ..errors import TierflowError
-from .files import CheckpointError, TensorFileReader, TensorFileWriter, exchange_dirs, fsync_dir
+from .files import (CheckpointError, TensorFileReader, TensorFileWriter, exchange_dirs, fsync_dir,
+                    remove_stale_temporaries, temporary_name)
 from .manifest import (FILES, MANIFEST, MOMENTS, OLD_MARK, TMP_MARK, TUNING, checkpoint_dir, decode, describe,
                        set_rng_state, verify, write_manifest)
 
@@ -43,6 +45,10 @@ def save(engine, path, scheduler=None, extra=None) -> Path:
     path = Path(path).absolute()
     if TMP_MARK in path.name or OLD_MARK in path.name:
         raise CheckpointError(f"{path}: checkpoint names must not contain '{TMP_MARK}' or '{OLD_MARK}'")
+    if getattr(engine, "_has_grad", None):
+        warnings.warn("saving a checkpoint while gradients are being accumulated: they are not saved, so "
+                      "a resume will not continue exactly; save after opt.step() and opt.zero_grad()",
+                      stacklevel=2)
     engine.flush()
     manifest = describe(engine, scheduler, extra)
     plan = _file_plan(engine)
@@ -55,7 +61,7 @@ def save(engine, path, scheduler=None, extra=None) -> Path:
     _check_replaceable(path)
     _remove_stale(parent, path.name)
     _check_space(parent, sum(_planned_bytes(specs) for specs in plan.values()), path)
-    tmp = parent / f"{path.name}{TMP_MARK}{os.getpid()}-{os.urandom(4).hex()}"
+    tmp = parent / temporary_name(path.name)
     try:
         tmp.mkdir()
         manifest["files"] = _write_state(engine, tmp, plan)
@@ -141,26 +147,12 @@ def _check_replaceable(path: Path) -> None:
 
 
 def _remove_stale(parent: Path, name: str) -> None:
-    """Remove leftovers of saves to `name` by processes that no longer run (killed mid-save)."""
-    for entry in parent.glob(f"{name}{TMP_MARK}*"):
-        pid = entry.name[len(name) + len(TMP_MARK):].split("-")[0]
-        if pid.isdigit() and not _alive(int(pid)):
-            shutil.rmtree(entry, ignore_errors=True)
-    if (parent / name / MANIFEST).is_file():  # the swap finished: older copies are garbage
+    """Remove what killed saves left behind: temporaries of dead processes, and copies of
+    `name` set aside by an interrupted replacement once `name` itself is complete."""
+    remove_stale_temporaries(parent)
+    if (parent / name / MANIFEST).is_file():
         for entry in parent.glob(f"{name}{OLD_MARK}*"):
             shutil.rmtree(entry, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _check_space(parent: Path, need: int, path: Path) -> None:
