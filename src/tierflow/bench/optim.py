@@ -5,10 +5,11 @@ gradient, two moments), one after another, in an order that rotates from round t
 so that machine noise hits all alike; figures are medians over `repeats` (each the mean
 of 3 rounds).
 
-* `tierflow`: `tierflow.optim.adamw_` called as the engine's `_apply_updates` calls it
-  for host-resident state: one window per parameter (here: the whole array);
-* `tierflow-8MiB`: the same over 8 MiB windows (what the engine does when staging
-  buffers of 8 MiB split the work, e.g. for NVMe-resident state);
+* `tierflow`: the engine's own update code, `tierflow.optim.apply_updates`, over
+  host-resident state as the engine sets it up without an NVMe tier: one window per
+  parameter (here the whole array), each updated by `tierflow.optim.adamw_`;
+* `tierflow-8MiB`: the same over 8 MiB windows, as the engine splits the work when it
+  has staging buffers (an NVMe tier; default chunk_bytes 8 MiB), host units included;
 * `torch-fused`: `torch.optim.AdamW(fused=True)` (foreach=True where fused is unsupported);
 * `torch-foreach`: `torch.optim.AdamW(foreach=True)`;
 * `deepspeed`: `deepspeed.ops.adam.DeepSpeedCPUAdam`, when DeepSpeed imports and builds;
@@ -26,17 +27,21 @@ from __future__ import annotations
 import os
 import statistics
 import time
+from types import SimpleNamespace
 
 import torch
 
 from tierflow.bench.report import print_row, row, write_json
-from tierflow.optim import HyperParams, PendingUpdate, adamw_
+from tierflow.device import ComputeDevice
+from tierflow.optim import HyperParams, PendingUpdate, apply_updates
+from tierflow.storage import BufferPool
+from tierflow.tiers import StateIO, UnitState
 
 __all__ = ["run_optim_bench"]
 
 G = 1e9
 BYTES_PER_PARAM = 28           # fp32 master/grad/m/v read (16 B), master/m/v written (12 B)
-WINDOW_ELEMENTS = 8 * 2**20 // 4  # fp32 elements in an 8 MiB staging buffer
+WINDOW_BYTES = 8 * 2**20       # the engine's default staging buffer (chunk_bytes)
 MEMCPY_ELEMENTS = 2**28            # 1 GiB of fp32
 LR, BETAS, EPS, WEIGHT_DECAY = 1e-3, (0.9, 0.999), 1e-8, 0.01
 
@@ -65,23 +70,21 @@ def _fused_supported() -> bool:
 
 # ---- contenders: each returns a function doing one optimizer step ---------------------------
 
-def _tierflow_step(state: dict, window: int, fused: bool, bf16: bool):
-    """One engine update: adamw_ window by window (as `_apply_updates`), optionally followed
-    by the bf16 write-out of each window (`weights.copy_(master)`)."""
+def _tierflow_step(state: dict, window_bytes: int | None, fused: bool, bf16: bool):
+    """One engine update of host-resident state: `tierflow.optim.apply_updates`, the engine's
+    own code, window by window (whole parameters without staging buffers, else windows of
+    one staging buffer), then with `bf16` the write-out of each window into bf16 weights."""
+    names = ["master", "grad", "exp_avg", "exp_avg_sq"] + (["weights"] if bf16 else [])
+    unit_state = UnitState("host", {n: state[n] for n in names}, {n: state[n].dtype for n in names})
+    pool = BufferPool(1, window_bytes) if window_bytes else None  # only its size is used here
+    io = StateIO(ComputeDevice(torch.device("cpu")), budgets={}, nvme=None, pool=pool)
     hp = HyperParams(LR, BETAS[0], BETAS[1], EPS, WEIGHT_DECAY, fused)
-    arrays = [state[n] for n in ("master", "grad", "exp_avg", "exp_avg_sq")]
-    numel = arrays[0].numel()
+    slot = SimpleNamespace(offset=0, numel=state["master"].numel())  # the parts of a Slot it reads
     count = [0]
 
     def step():
         count[0] += 1
-        update = PendingUpdate(slot=None, hp=hp, step=count[0], grad_scale=None)
-        for start in range(0, numel, window):
-            stop = min(start + window, numel)
-            views = [a[start:stop] for a in arrays]
-            adamw_(*views, update)
-            if bf16:
-                state["weights"][start:stop].copy_(views[0])
+        apply_updates(io, io.device, unit_state, [PendingUpdate(slot, hp, count[0], grad_scale=None)])
     return step
 
 
@@ -194,15 +197,14 @@ def _build_contenders(numel: int, fused: bool, include_deepspeed: bool) -> tuple
     """(name -> step function, all over one shared set of arrays; why DeepSpeed is missing).
     A contender that cannot run here is None."""
     state = _make_state(numel)
-    window = min(WINDOW_ELEMENTS, numel)
     best = {"fused": True} if fused else {"foreach": True}
     steps = {
-        "tierflow": _tierflow_step(state, numel, fused, bf16=False),
-        "tierflow-8MiB": _tierflow_step(state, window, fused, bf16=False),
+        "tierflow": _tierflow_step(state, None, fused, bf16=False),
+        "tierflow-8MiB": _tierflow_step(state, WINDOW_BYTES, fused, bf16=False),
         "torch-fused": _torch_step(state, bf16=False, fused=True) if fused else None,
         "torch-foreach": _torch_step(state, bf16=False, foreach=True),
-        "tierflow-bf16": _tierflow_step(state, numel, fused, bf16=True),
-        "tierflow-bf16-8MiB": _tierflow_step(state, window, fused, bf16=True),
+        "tierflow-bf16": _tierflow_step(state, None, fused, bf16=True),
+        "tierflow-bf16-8MiB": _tierflow_step(state, WINDOW_BYTES, fused, bf16=True),
         "torch-bf16": _torch_step(state, bf16=True, **best),
     }
     ds_error = "not requested (include_deepspeed=False)"
