@@ -23,6 +23,8 @@ import os
 import re
 import shutil
 import struct
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -57,6 +59,19 @@ def byte_view(tensor: torch.Tensor) -> memoryview:
     if flat.numel() == 0:
         return memoryview(b"")
     return memoryview(flat.view(torch.uint8).numpy())
+
+
+_OVERLAP_BYTES = 1 << 20  # pieces at least this big are hashed while they are written
+_hasher: ThreadPoolExecutor | None = None
+_hasher_lock = threading.Lock()
+
+
+def _hash_thread() -> ThreadPoolExecutor:
+    global _hasher
+    with _hasher_lock:
+        if _hasher is None:
+            _hasher = ThreadPoolExecutor(1, thread_name_prefix="tierflow-sha256")
+        return _hasher
 
 
 def write_all(fd: int, data: memoryview) -> None:
@@ -102,8 +117,17 @@ class TensorFileWriter:
             raise
 
     def _emit(self, data: memoryview) -> None:
-        self._hash.update(data)
-        write_all(self._fd, data)
+        """Hash and write `data`; big pieces are hashed on another thread meanwhile (both
+        release the GIL), so saving costs max(disk, sha256) rather than their sum."""
+        if len(data) < _OVERLAP_BYTES:
+            self._hash.update(data)
+            write_all(self._fd, data)
+            return
+        hashed = _hash_thread().submit(self._hash.update, data)
+        try:
+            write_all(self._fd, data)
+        finally:
+            hashed.result()
 
     def write(self, name: str, piece: torch.Tensor) -> None:
         """Append the next bytes of tensor `name` (must be the tensor now due)."""
