@@ -130,8 +130,9 @@ def _write_shards(engine, directory: Path, shards: list, dtype: torch.dtype) -> 
                     writer.write(key, source.detach().cpu().to(_export_dtype(source, dtype)))
                     continue
                 unit, slot = source
-                for (piece,) in read_windows(engine, unit, slot, ("master",)):
-                    writer.write(key, piece.to(dtype))
+                with contextlib.closing(read_windows(engine, unit, slot, ("master",))) as windows:
+                    for (piece,) in windows:
+                        writer.write(key, piece.to(dtype))
             total += writer.close()[0]
         finally:
             writer.abort()
@@ -149,7 +150,7 @@ def _write_configs(module: nn.Module, directory: Path, dtype: torch.dtype) -> li
     config = getattr(module, "config", None)
     if config is not None and hasattr(config, "save_pretrained"):
         config = copy.deepcopy(config)
-        setattr(config, "dtype" if _transformers_v5() else "torch_dtype", dtype)
+        setattr(config, _config_dtype_key(), dtype)
         config.save_pretrained(str(directory))
         written.append("config.json")
     generation = getattr(module, "generation_config", None)
@@ -159,11 +160,12 @@ def _write_configs(module: nn.Module, directory: Path, dtype: torch.dtype) -> li
     return written
 
 
-def _transformers_v5() -> bool:
+def _config_dtype_key() -> str:
+    """The config attribute that records the weights' dtype: `dtype` from transformers 4.56."""
     import transformers
 
     major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
-    return (major, minor) >= (4, 56)
+    return "dtype" if (major, minor) >= (4, 56) else "torch_dtype"
 
 
 def _publish(tmp: Path, out: Path, files: list[str]) -> None:

@@ -212,10 +212,18 @@ def verify(path, checksums: bool = True) -> dict:
             want = expected[key]
             got = {name: (list(reader.shape(name)), reader.dtype(name)) for name in reader.keys()}
             if got != want:
-                missing = sorted(set(want) - set(got)) or sorted(n for n in want if got[n] != want[n])
-                raise CheckpointError(f"{path / file_name} does not match the manifest (first difference: "
-                                      f"{missing[:1] or sorted(set(got) - set(want))[:1]})")
+                raise CheckpointError(f"{path / file_name} does not match the manifest: {_difference(want, got)}")
     return manifest
+
+
+def _difference(want: dict, got: dict) -> str:
+    """The first way in which a file's tensors (name -> (shape, dtype)) differ from the manifest's."""
+    for name in want:
+        if name not in got:
+            return f"tensor {name} is missing"
+        if got[name] != want[name]:
+            return f"tensor {name} is {got[name]}, the manifest says {want[name]}"
+    return f"tensor {sorted(set(got) - set(want))[0]} is not in the manifest"
 
 
 def expected_tensors(manifest: dict) -> dict:

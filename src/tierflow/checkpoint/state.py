@@ -10,6 +10,7 @@ model before it builds anything; then it streams tensors one at a time into thei
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import importlib
 import os
@@ -107,9 +108,10 @@ def _write_state(engine, directory: Path, plan: dict) -> dict:
             writers[key] = TensorFileWriter(directory / FILES[key], plan[key])
         for unit, slot in engine.named_slots():
             names = ("master",) + MOMENTS if slot.trainable else ("master",)
-            for pieces in read_windows(engine, unit, slot, names):
-                for name, piece in zip(names, pieces):
-                    writers[name].write(slot.name, piece)
+            with contextlib.closing(read_windows(engine, unit, slot, names)) as windows:
+                for pieces in windows:  # closing: the staging buffers go back at once on errors
+                    for name, piece in zip(names, pieces):
+                        writers[name].write(slot.name, piece)
         writers["buffers"] = TensorFileWriter(directory / FILES["buffers"], plan["buffers"])
         for name, buf in engine.module.named_buffers():
             writers["buffers"].write(name, buf.detach().cpu())
