@@ -13,7 +13,7 @@ learning-rate schedule and RNG states.
 from __future__ import annotations
 
 import shutil
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 
 LATEST = "latest"
@@ -28,7 +28,7 @@ def save_step(engine, sched, args, step: int) -> Path:
     from tierflow.checkpoint.files import replace_file_atomically
 
     output = Path(args.output)
-    state = {"args": {k: v for k, v in asdict(args).items() if k in RUN_FIELDS}, "step": step,
+    state = {"args": {k: getattr(args, k) for k in RUN_FIELDS if hasattr(args, k)}, "step": step,
              "batches_consumed": step * args.grad_accum}
     path = save(engine, output / f"step-{step}", scheduler=sched, extra={"train": state})
     replace_file_atomically(output / LATEST, f"{path.name}\n".encode())
