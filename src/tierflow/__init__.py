@@ -47,7 +47,7 @@ def offload(model: nn.Module, device="cpu", device_memory=None, host_memory=None
     Returns the `Engine`; call it like the model. `model` may also be the path of a Hugging
     Face model directory: see `tierflow.load`.
     """
-    if isinstance(model, (str, os.PathLike)):
+    if isinstance(model, (str, os.PathLike)) and os.path.isdir(model):
         return load(model, device=device, device_memory=device_memory, host_memory=host_memory, nvme=nvme,
                     dtype=dtype, placement=placement, **options)
     if not isinstance(model, nn.Module):
