@@ -131,6 +131,31 @@ def test_saving_does_not_change_training(tmp_path, engines):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "ckpt"], "no temporary leftovers"
 
 
+def test_frozen_parameters_and_param_groups_survive_resume(tmp_path, engines):
+    """A frozen embedding stays frozen (no moments saved), and two param groups keep their
+    members and settings."""
+    model = make_tiny("llama")
+    model.model.embed_tokens.weight.requires_grad_(False)
+    engine = tierflow.offload(model, **engine_kwargs("nvme", tmp_path / "a"))
+    engines.append(engine)
+    decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim == 2]
+    rest = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim != 2]
+    opt = tierflow.AdamW(engine, [{"params": decay}, {"params": rest, "weight_decay": 0.0, "lr": 3e-3}], lr=LR)
+    sched = schedule(opt)
+    batches = make_batches(4, batch=4)
+    steps(engine, opt, sched, batches[:2])
+    ckpt = engine.save(tmp_path / "ckpt", scheduler=sched)
+    expected = steps(engine, opt, sched, batches[2:])
+    resumed, ropt, rsched = tierflow.resume(ckpt, scheduler=schedule, nvme=tmp_path / "b")
+    engines.append(resumed)
+    assert not resumed.module.model.embed_tokens.weight.requires_grad
+    assert "model.embed_tokens.weight" not in resumed.optimizer_state()
+    assert [len(g["params"]) for g in ropt.param_groups] == [len(decay), len(rest)]
+    assert ropt.param_groups[1]["weight_decay"] == 0.0
+    assert_bitwise(expected, steps(resumed, ropt, rsched, batches[2:]), "loss after resume")
+    assert_state_bitwise(engine.state_dict(), resumed.state_dict())
+
+
 # ---------------------------------------------------------------------------- verification
 
 def _saved(tmp_path, engines, arch="llama"):

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from ..config import format_size, parse_size
-from ..errors import TierflowError
+from ..errors import ConfigError
 from .files import (CheckpointError, TensorFileReader, TensorFileWriter, exchange_dirs, fsync_dir,
                     remove_stale_temporaries, temporary_name)
 from .manifest import (FILES, MANIFEST, MOMENTS, OLD_MARK, TMP_MARK, TUNING, checkpoint_dir, decode, describe,
@@ -205,10 +205,15 @@ def resume(path, model: nn.Module | None = None, *, device=None, device_memory=_
     """
     from .. import offload
 
+    unknown = set(options) - set(TUNING)
+    if unknown:
+        raise ConfigError(f"unknown options for resume: {sorted(unknown)} (known: {', '.join(TUNING)})")
     path = checkpoint_dir(path)
     manifest = verify(path, checksums=verify_checksums)
     model = model if model is not None else _rebuild_model(manifest, path)
     names = _match_params(model, manifest, path / FILES["master"])
+    _check_buffers(model, manifest, path / FILES["buffers"])
+    _set_trainable(model, manifest)  # the model is changed only once everything matched
     readers = {key: TensorFileReader(path / file) for key, file in FILES.items()}
     try:
         _restore_buffers(model, manifest, readers["buffers"])
@@ -261,13 +266,13 @@ def _transformers_class(qualified: str, path: Path):
 
 
 def _match_params(model: nn.Module, manifest: dict, file: Path) -> dict[str, str]:
-    """Model parameter name (any alias) -> its name in the checkpoint; checks names, shapes
-    and requires_grad flags, and sets requires_grad as saved."""
+    """Model parameter name (any alias) -> its name in the checkpoint; checks that names and
+    shapes match."""
     saved = {}
     for entry in manifest["params"]:
         for name in [entry["name"], *entry["aliases"]]:
             saved[name] = entry
-    names, used = {}, set()
+    names = {}
     for name, param in model.named_parameters(remove_duplicate=False):
         entry = saved.get(name)
         if entry is None:
@@ -275,26 +280,35 @@ def _match_params(model: nn.Module, manifest: dict, file: Path) -> dict[str, str
         if list(param.shape) != entry["shape"]:
             raise CheckpointError(f"{file}: parameter {name} has shape {entry['shape']} in the checkpoint but "
                                   f"{list(param.shape)} in the model")
-        param.requires_grad_(entry["trainable"])
         names[name] = entry["name"]
-        used.add(entry["name"])
-    unused = [e["name"] for e in manifest["params"] if e["name"] not in used]
+    unused = sorted({e["name"] for e in manifest["params"]} - set(names.values()))
     if unused:
         raise CheckpointError(f"{file} has parameters the model lacks: {unused[:5]}")
     return names
 
 
-def _restore_buffers(model: nn.Module, manifest: dict, reader: TensorFileReader) -> None:
+def _check_buffers(model: nn.Module, manifest: dict, file: Path) -> None:
     own = dict(model.named_buffers())
     for entry in manifest["buffers"]:
         name = entry["name"]
         if name not in own:
-            raise CheckpointError(f"{reader.path} has buffer {name}, which the model lacks")
+            raise CheckpointError(f"{file} has buffer {name}, which the model lacks")
         if list(own[name].shape) != entry["shape"]:
-            raise CheckpointError(f"{reader.path}: buffer {name} has shape {entry['shape']} in the checkpoint "
-                                  f"but {list(own[name].shape)} in the model")
-        module_name, _, leaf = name.rpartition(".")
-        model.get_submodule(module_name)._buffers[leaf] = reader.read(name)
+            raise CheckpointError(f"{file}: buffer {name} has shape {entry['shape']} in the checkpoint but "
+                                  f"{list(own[name].shape)} in the model")
+
+
+def _set_trainable(model: nn.Module, manifest: dict) -> None:
+    """requires_grad of every parameter as saved (frozen parameters stay frozen)."""
+    trainable = {name: e["trainable"] for e in manifest["params"] for name in [e["name"], *e["aliases"]]}
+    for name, param in model.named_parameters():
+        param.requires_grad_(trainable[name])
+
+
+def _restore_buffers(model: nn.Module, manifest: dict, reader: TensorFileReader) -> None:
+    for entry in manifest["buffers"]:
+        module_name, _, leaf = entry["name"].rpartition(".")
+        model.get_submodule(module_name)._buffers[leaf] = reader.read(entry["name"])
 
 
 def _engine_kwargs(manifest, device, device_memory, host_memory, nvme, dtype, options) -> dict:
@@ -309,9 +323,6 @@ def _engine_kwargs(manifest, device, device_memory, host_memory, nvme, dtype, op
             kwargs[key] = options[key]
         elif key != "chunk_bytes" or same_host:  # the saved chunk size follows the saved host budget
             kwargs[key] = saved[key]
-    unknown = set(options) - set(TUNING)
-    if unknown:
-        raise TierflowError(f"unknown options for resume: {sorted(unknown)}")
     return kwargs
 
 
