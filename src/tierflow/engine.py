@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import os
+import secrets
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -139,7 +141,10 @@ class Engine:
     def _open_nvme(self) -> NvmeStore | None:
         if not self.plan.uses_nvme:
             return None
-        store = NvmeStore(self.cfg.nvme, io_threads=self.cfg.io_threads, direct=self.cfg.direct_io)
+        # One spill file per engine: engines sharing a directory never touch each other's state.
+        name = f"tierflow-spill-{os.getpid()}-{secrets.token_hex(4)}.bin"
+        store = NvmeStore(self.cfg.nvme, io_threads=self.cfg.io_threads, direct=self.cfg.direct_io,
+                          file_name=name)
         try:
             store.check_space(self.plan.tier_bytes["nvme"])
         except BaseException:
@@ -531,6 +536,27 @@ class Engine:
                 self.io.write_from(state, "weights", value.to(self.compute_dtype), slot.offset)
             if name == "master" and res.flat is not None and not self._is_permanent(unit.uid):
                 self._evict(unit.uid)
+
+    def iter_windows(self, unit: Unit, slot: Slot, names=("master",)):
+        """Yield one parameter's arrays `names` window by window as CPU tensors (NVMe state through
+        the staging buffers, the next window read ahead: one window in memory at a time). Call
+        `flush()` first. Each yielded list is valid until the next one is asked for."""
+        state = self.states[unit.uid]
+        for window in self.io.windows(state, tuple(names), self.io.pieces(slot.offset, slot.numel)):
+            try:
+                yield [view.cpu() for view in window.views]
+            finally:
+                self.io.close(window)
+
+    @property
+    def optimizer(self):
+        """The tierflow.AdamW attached to this engine, or None."""
+        return self._optimizer
+
+    @property
+    def has_pending_gradients(self) -> bool:
+        """True between a backward and the optimizer step that consumes its gradients."""
+        return bool(self.grads.has_grad)
 
     @property
     def optimizer_steps(self) -> dict[str, int]:

@@ -20,3 +20,8 @@ class BudgetError(TierflowError):
 
 class NvmeError(TierflowError, OSError):
     """The NVMe tier failed: directory unusable, disk full, or an I/O error."""
+
+
+class CheckpointError(TierflowError):
+    """A checkpoint or model file is missing, corrupt, truncated or does not match the model;
+    or a checkpoint could not be written. The message names the file and what is wrong."""

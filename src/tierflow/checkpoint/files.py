@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import TierflowError
+from ..errors import CheckpointError, TierflowError  # noqa: F401  (CheckpointError re-exported)
 
 DTYPE_CODES = {
     torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
@@ -46,11 +46,6 @@ TMP_MARK = ".tmp-"  # temporaries are named NAME.tmp-<pid>-<8 hex digits>
 _TEMPORARY = re.compile(r"^.+\.tmp-(?P<pid>\d+)-[0-9a-f]{8}$")
 HASH_CHUNK = 8 * 2**20
 MAX_HEADER = 100 * 2**20  # safetensors' own limit
-
-
-class CheckpointError(TierflowError):
-    """A checkpoint or model file is missing, corrupt, truncated or does not match the model;
-    or a checkpoint could not be written. The message names the file and what is wrong."""
 
 
 def byte_view(tensor: torch.Tensor) -> memoryview:

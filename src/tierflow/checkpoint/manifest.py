@@ -76,7 +76,7 @@ def _model_info(engine) -> dict:
 
 
 def _optimizer_info(engine) -> dict | None:
-    opt = getattr(engine, "_optimizer", None)  # the tierflow.AdamW attached to the engine
+    opt = engine.optimizer  # the tierflow.AdamW attached to the engine
     names = {id(slot.param): slot.name for _, slot in engine.named_slots()}
     steps = engine.optimizer_steps
     if opt is None:

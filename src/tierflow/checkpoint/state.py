@@ -46,7 +46,7 @@ def save(engine, path, scheduler=None, extra=None) -> Path:
     path = Path(path).absolute()
     if TMP_MARK in path.name or OLD_MARK in path.name:
         raise CheckpointError(f"{path}: checkpoint names must not contain '{TMP_MARK}' or '{OLD_MARK}'")
-    if getattr(engine, "_has_grad", None):
+    if engine.has_pending_gradients:
         warnings.warn("saving a checkpoint while gradients are being accumulated: they are not saved, so "
                       "a resume will not continue exactly; save after opt.step() and opt.zero_grad()",
                       stacklevel=2)
@@ -126,16 +126,8 @@ def _write_state(engine, directory: Path, plan: dict) -> dict:
 
 
 def read_windows(engine, unit, slot, names):
-    """Yield one parameter's arrays `names` window by window, as fp32 CPU tensors (NVMe state
-    through the engine's staging buffers: one window in memory at a time). Call
-    `engine.flush()` first. Each yielded window is valid until the next one is asked for."""
-    state, io = engine.states[unit.uid], engine.io
-    for start, count in io.pieces(slot.offset, slot.numel):
-        window = io.open(state, names, start, count)
-        try:
-            yield [view.cpu() for view in window.views]
-        finally:
-            io.close(window)
+    """One parameter's arrays, window by window (see Engine.iter_windows)."""
+    return engine.iter_windows(unit, slot, names)
 
 
 def _check_replaceable(path: Path) -> None:
