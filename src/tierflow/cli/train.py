@@ -158,7 +158,8 @@ def train(args: TrainArgs, console=None) -> TrainResult:
         console.print(f"[bold]model[/] {args.model}: {n_params / 1e6:.1f} M parameters, "
                       f"training state ~{_fmt_bytes(16 * n_params)} (16 B/param)", soft_wrap=True)
         console.print(_placement_table(engine.placement(), budgets, nvme_dir))
-        console.print(f"NVMe tier: {nvme_dir or 'off'}", soft_wrap=True, highlight=False)
+        mode = f" ({engine.nvme.mode})" if engine.nvme is not None else " (unused: everything fits the budgets)"
+        console.print(f"NVMe tier: {nvme_dir or 'off'}{mode if nvme_dir else ''}", soft_wrap=True, highlight=False)
         if start < args.steps:
             if args.timeline:  # record from the first step on
                 from tierflow.timeline import record_phases, save_timeline
