@@ -513,7 +513,7 @@ class Engine:
         new fp32 CPU tensor of the parameter's shape. Call `flush()` first for current values."""
         out = torch.empty(slot.numel, dtype=FP32)
         state = self.states[unit.uid]
-        for start, count in self.io.pieces(slot.offset, slot.numel):
+        for start, count in self.io.pieces(state, slot.offset, slot.numel):
             window = self.io.open(state, (name,), start, count)
             try:
                 out[start - slot.offset:start - slot.offset + count].copy_(window.views[0])
@@ -542,7 +542,7 @@ class Engine:
         the staging buffers, the next window read ahead: one window in memory at a time). Call
         `flush()` first. Each yielded list is valid until the next one is asked for."""
         state = self.states[unit.uid]
-        for window in self.io.windows(state, tuple(names), self.io.pieces(slot.offset, slot.numel)):
+        for window in self.io.windows(state, tuple(names), self.io.pieces(state, slot.offset, slot.numel)):
             try:
                 yield [view.cpu() for view in window.views]
             finally:

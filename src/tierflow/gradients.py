@@ -53,7 +53,7 @@ class GradientSink:
             if fresh:
                 self.norms[slot.index] = torch.linalg.vector_norm(incoming)
             piece_norms = []
-            for start, count in self.io.pieces(slot.offset, slot.numel):
+            for start, count in self.io.pieces(state, slot.offset, slot.numel):
                 window = self.io.open(state, ("grad",), start, count, read=not fresh)
                 try:
                     target = window.views[0]

@@ -77,7 +77,7 @@ def apply_updates(io, device, state, pending: list, flat: torch.Tensor | None = 
     by_start = {}
     ranges = []
     for update in pending:
-        for start, count in io.pieces(update.slot.offset, update.slot.numel):
+        for start, count in io.pieces(state, update.slot.offset, update.slot.numel):
             by_start[start] = update
             ranges.append((start, count))
     writes = []

@@ -97,7 +97,7 @@ class StateIO:
         return state
 
     def _zero_moments(self, state: UnitState, numel: int) -> None:
-        for start, count in self.pieces(0, numel):
+        for start, count in self.pieces(state, 0, numel):
             window = self.open(state, ("exp_avg", "exp_avg_sq"), start, count, read=False)
             for view in window.views:
                 view.zero_()
@@ -113,14 +113,15 @@ class StateIO:
 
     # ---- windows ----------------------------------------------------------------------
     def piece_elements(self) -> int:
-        """Largest window, in elements, that one staging buffer holds for fp32 arrays."""
+        """Largest NVMe window, in elements, that one staging buffer holds for fp32 arrays."""
         if self.pool is None:
             return 1 << 62
         return self.pool.nbytes // 4 // 2048 * 2048
 
-    def pieces(self, start: int, numel: int):
-        """Split [start, start+numel) into windows that fit a staging buffer."""
-        step = self.piece_elements()
+    def pieces(self, state: UnitState, start: int, numel: int):
+        """Split [start, start+numel) into windows: one for memory tiers (whole parameters keep
+        torch's kernels at full speed), staging-buffer-sized ones for NVMe."""
+        step = self.piece_elements() if state.home == "nvme" else max(numel, 1)
         for offset in range(start, start + numel, step):
             yield offset, min(step, start + numel - offset)
 
@@ -203,7 +204,7 @@ class StateIO:
     def read_into(self, state: UnitState, name: str, dst: torch.Tensor) -> None:
         """Copy a whole array into `dst` (same numel, any dtype/device), piece by piece, the
         next piece's read overlapping the current piece's copy."""
-        for window in self.windows(state, (name,), self.pieces(0, dst.numel())):
+        for window in self.windows(state, (name,), self.pieces(state, 0, dst.numel())):
             try:
                 dst[window.start:window.start + window.views[0].numel()].copy_(window.views[0],
                                                                                non_blocking=True)
@@ -215,7 +216,7 @@ class StateIO:
 
     def write_from(self, state: UnitState, name: str, src: torch.Tensor, start: int = 0) -> None:
         """Copy `src` (flat) into elements [start, start+numel) of an array, piece by piece."""
-        for offset, count in self.pieces(start, src.numel()):
+        for offset, count in self.pieces(state, start, src.numel()):
             window = self.open(state, (name,), offset, count, read=False)
             try:
                 window.views[0].copy_(src[offset - start:offset - start + count])
