@@ -39,7 +39,7 @@ from .events import EventLog, Span
 from .gradients import GradientSink
 from .layout import Slot, Unit, partition
 from .optim import PendingUpdate, apply_updates
-from .plan import DRAIN_BUFFERS, Placement, plan_placement, working_bytes
+from .plan import DRAIN_BUFFERS, Placement, device_capacity, plan_placement, working_bytes
 from .schedule import eviction_order, prefetch_window
 from .storage import BufferPool, NvmeStore
 from .tiers import ARRAY_CLASS, FP32, StateIO, UnitState
@@ -75,7 +75,7 @@ class Engine:
         self.device = ComputeDevice(cfg.device)
         self.param_dtype = _model_dtype(model)
         self.compute_dtype = cfg.dtype or self.param_dtype
-        self.budgets = {"device": Budget("device", _device_cap(cfg)), "host": Budget("host", cfg.host_memory)}
+        self.budgets = {"device": Budget("device", device_capacity(cfg)), "host": Budget("host", cfg.host_memory)}
         self.events = EventLog()  # engine.events.enable() records spans and memory for timelines
         for budget in self.budgets.values():
             budget.listener = self.events.budget_changed
@@ -572,9 +572,6 @@ class Engine:
             raise ConfigError(f"optimizer steps for unknown parameters: {sorted(unknown)[:5]}")
         self._steps = {index[name]: int(step) for name, step in steps.items()}
 
-    def _read_param(self, slot: Slot, uid: int, name: str = "master") -> torch.Tensor:
-        return self.read_array(self.units[uid], slot, name)
-
     def state_dict(self) -> dict:
         """Full tensors (in the model's dtype), same keys as `model.state_dict()`."""
         self.flush()
@@ -585,7 +582,7 @@ class Engine:
             if id(value) in slots:
                 if id(value) not in cache:
                     slot, uid = slots[id(value)]
-                    cache[id(value)] = self._read_param(slot, uid).to(self.param_dtype)
+                    cache[id(value)] = self.read_array(self.units[uid], slot).to(self.param_dtype)
                 result[key] = cache[id(value)]
             else:
                 result[key] = value.detach().clone()
@@ -599,8 +596,8 @@ class Engine:
             for slot in unit.slots:
                 if slot.trainable and slot.index in self._steps:
                     result[slot.name] = {"step": self._steps[slot.index],
-                                         "exp_avg": self._read_param(slot, unit.uid, "exp_avg"),
-                                         "exp_avg_sq": self._read_param(slot, unit.uid, "exp_avg_sq")}
+                                         "exp_avg": self.read_array(unit, slot, "exp_avg"),
+                                         "exp_avg_sq": self.read_array(unit, slot, "exp_avg_sq")}
         return result
 
     # ---- reporting ----------------------------------------------------------------------
@@ -672,10 +669,6 @@ def _checked(value: torch.Tensor, slot: Slot) -> torch.Tensor:
         raise ConfigError(f"the value given for {slot.name} has dtype {value.dtype}; a floating-point "
                           f"dtype is needed")
     return value.detach()
-
-
-def _device_cap(cfg: OffloadConfig) -> int | None:
-    return cfg.device_memory
 
 
 def _default_unit_bytes(cfg: OffloadConfig, model: nn.Module) -> int:

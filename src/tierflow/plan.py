@@ -70,7 +70,7 @@ def plan_placement(units: list[Unit], cfg: OffloadConfig, compute_dtype: torch.d
     largest = max(units, key=lambda u: working_bytes(u, compute_dtype))
     need_working = (buffer_bytes + 2 * working_bytes(largest, compute_dtype)
                     + max(grad_bytes(u, compute_dtype) for u in units))
-    device_cap = _device_capacity(cfg)
+    device_cap = device_capacity(cfg)
     if device_cap is not None and device_cap < need_working:
         raise BudgetError(
             f"device_memory={format_size(device_cap)} is too small for even one layer: unit "
@@ -93,11 +93,15 @@ def plan_placement(units: list[Unit], cfg: OffloadConfig, compute_dtype: torch.d
     return Placement(tuple(homes), device_working, prefetch, staging if uses_nvme else 0, tier_bytes)
 
 
-def _device_capacity(cfg: OffloadConfig) -> int | None:
+def device_capacity(cfg: OffloadConfig) -> int | None:
+    """The device budget: device_memory, or on CUDA without one, 80% of what is free now."""
     if cfg.device_memory is not None or cfg.device.type == "cpu":
         return cfg.device_memory
     free, _total = torch.cuda.mem_get_info(cfg.device)
     return int(free * 0.8)  # leave room for activations and the allocator's slack
+
+
+_device_capacity = device_capacity  # the name cost.py imports
 
 
 def _assign(units, cfg, compute_dtype, placement, device_cap, device_working, staging):

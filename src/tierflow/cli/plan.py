@@ -167,9 +167,9 @@ def print_report(pred, cfg, args, n_params: int) -> None:
 
 
 def _budgets(cfg) -> dict:
-    from tierflow.plan import _device_capacity
+    from tierflow.plan import device_capacity
 
-    return {"device": _device_capacity(cfg), "host": cfg.host_memory,
+    return {"device": device_capacity(cfg), "host": cfg.host_memory,
             "nvme": str(cfg.nvme) if cfg.nvme is not None else None}
 
 
