@@ -321,8 +321,8 @@ class Engine:
             if pending:
                 with self.events.span("update", unit.name, 28 * sum(u.slot.numel for u in pending)):
                     apply_updates(self.io, self.device, state, pending, flat if covered else None)
-            if not copy:
-                return self._device_view(uid), None
+            if not copy:  # device-resident: the compute stream must still wait for the update
+                return self._device_view(uid), self.device.record_event()
             if not (pending and covered):
                 with self.events.span("fetch", unit.name, flat.numel() * flat.element_size()):
                     self.io.read_into(state, "weights" if "weights" in state.arrays else "master", flat)
