@@ -13,8 +13,8 @@ import tierflow
 from tierflow import calibrate
 from tierflow.cli.main import main
 from tierflow.config import OffloadConfig
-from tierflow.cost import (Calibration, Job, Workload, _pipeline, class_bytes, peak_bytes, predict, predict_step,
-                           update_job)
+from tierflow.calibrate import Calibration
+from tierflow.cost import Job, Workload, class_bytes, peak_bytes, predict, predict_step, simulate, update_job
 from tierflow.layout import partition
 from tierflow.plan import Placement, plan_placement
 
@@ -26,8 +26,8 @@ G = 1e9
 def fake_calibration(**changes) -> Calibration:
     """Round figures: 10 GFLOP/s compute, 1 GB/s everything else, 0.1 G params/s AdamW."""
     figures = dict(device="cpu", dtype="float32", matmul_flops=10 * G, block_flops=((64, 10 * G, 10 * G),),
-                   memcpy_bps=1 * G, h2d_bps=1 * G, d2h_bps=1 * G, nvme_read_bps=1 * G, nvme_write_bps=1 * G,
-                   adamw_params_per_s=0.1 * G, device_adamw_params_per_s=0.1 * G, contention=0.0, cores=2,
+                   memcpy_bps=1 * G, drain_bps=1 * G, h2d_bps=1 * G, d2h_bps=1 * G, nvme_read_bps=1 * G, nvme_write_bps=1 * G,
+                   adamw_params_per_s=0.1 * G, device_adamw_params_per_s=0.1 * G, contention=(0.5, 0.5, 0.0), unit_overhead_s=(0.0, 0.0), cores=2,
                    host="test")
     figures.update(changes)
     return Calibration(**figures)
@@ -63,15 +63,21 @@ def test_class_bytes_and_peaks_follow_the_homes():
     assert bf16["host"]["weights"] == 2 * n and bf16["host"]["master"] == 4 * n
 
 
-def test_pipeline_overlaps_transfer_with_compute():
-    jobs = [Job(io_s=1.0)] * 3
+def test_simulation_overlaps_transfer_with_compute():
+    jobs = [Job((("io", 1.0),))] * 3
     # prefetch one unit ahead: job i+1 runs while unit i computes
-    assert _pipeline([1.0] * 3, jobs, [0, 1, 1])[0] == pytest.approx(4.0)
+    assert simulate([1.0] * 3, jobs, [0, 1, 1])[0] == pytest.approx(4.0)
     # on demand only: every job waits for the compute before it, nothing overlaps
-    end, stall = _pipeline([1.0] * 3, jobs, [0, 0, 0])
-    assert end == pytest.approx(6.0) and stall == pytest.approx(3.0)
+    end, waits = simulate([1.0] * 3, jobs, [0, 0, 0])
+    assert end == pytest.approx(6.0) and waits["io"] == pytest.approx(3.0)
     # transfer twice as slow as compute: the transfer chain sets the pace
-    assert _pipeline([1.0] * 3, [Job(io_s=2.0)] * 3, [0, 1, 1])[0] == pytest.approx(7.0)
+    assert simulate([1.0] * 3, [Job((("io", 2.0),))] * 3, [0, 1, 1])[0] == pytest.approx(7.0)
+    # CPU work beside compute shares the cores: each runs at half speed, the times add up
+    cpu = [Job(), Job((("adamw", 1.0),))]
+    assert simulate([1.0, 1.0], cpu, [0, 1], share=(0.5, 0.5))[0] == pytest.approx(3.0)
+    assert simulate([1.0, 1.0], cpu, [0, 1], share=(0.0, 0.0))[0] == pytest.approx(2.0)
+    # the phase ends when the last gradient has drained
+    assert simulate([1.0], [Job()], [0], drains=[Job((("io", 2.0),))])[0] == pytest.approx(3.0)
 
 
 def test_step_time_split_and_bottleneck():
@@ -83,15 +89,16 @@ def test_step_time_split_and_bottleneck():
     compute = 3 * 4 * 2 * 256 * n / (10 * G)  # forward + 2x backward FLOPs at 10 GFLOP/s
     assert fast.compute_s == pytest.approx(compute)
     assert fast.optimizer_s == pytest.approx(4 * n / (0.1 * G))
-    assert fast.transfer_s == pytest.approx(4 * 1.5 * 4 * n / G)  # gradient drains only
+    assert fast.transfer_s == pytest.approx(4 * 4 * n / G)  # gradient drains only
     assert fast.bottleneck == "compute" and fast.step_s >= compute
     on_nvme = Placement(("nvme",) * 4, 0, 4 * n, 0, {"device": 0, "host": 0, "nvme": 64 * n})
     slow = predict_step(units, on_nvme, work, fake_calibration(nvme_read_bps=0.01 * G, nvme_write_bps=0.01 * G),
                         torch.float32, None)
     assert slow.bottleneck == "transfer" and slow.step_s > 10 * slow.compute_s
     job = update_job(units[0], "nvme", fake_calibration(), torch.float32)
-    assert job.io_s == pytest.approx((16 + 12) * n / G + 4 * n / G)  # state read+write, weights to device
-    assert job.adamw_s == pytest.approx(n / (0.1 * G))
+    assert job.seconds("io") == pytest.approx((16 + 12) * n / G)  # state read and written back
+    assert job.seconds("cpu") == pytest.approx(4 * n / G)  # new weights into a device buffer
+    assert job.seconds("adamw") == pytest.approx(n / (0.1 * G))
 
 
 def test_calibration_width_interpolation():

@@ -1,14 +1,15 @@
 """`tierflow bench calibrate`: measure the machine figures the cost model needs (~10-30 s).
 
-* compute: FLOP/s of a large square matmul, and of the forward and backward of a
-  reference Llama-style block (RMSNorm, causal attention, gated MLP) at a few widths,
-  in the compute dtype on the device;
+* compute: FLOP/s of a large square matmul, and of the forward and backward of a small
+  reference Llama (2 layers) at a few widths, in the compute dtype on the device, with
+  threads like the engine's alive beside it (on a CPU they slow compute down);
 * memory: plain memcpy bandwidth, and host->device / device->host copies (CUDA: from
   pinned memory; CPU: a copy into a newly allocated buffer, which is what a fetch does);
 * NVMe: read and write bandwidth of tierflow's NvmeStore (O_DIRECT where possible) with
   the engine's request pattern (four 8 MiB arrays per window);
 * optimizer: CPU AdamW parameters/s with `tierflow.optim.adamw_` (and on the device);
-* contention (CPU device): compute time lost per second of AdamW running beside it.
+* contention (CPU device): the share of speed compute and AdamW each lose while they run
+  together on the same cores.
 
 Results are cached per machine as JSON in ``$XDG_CACHE_HOME/tierflow/calibration-<host>.json``
 (default ``~/.cache``), one entry per device type and dtype, reused unless recalibrating.
@@ -17,24 +18,70 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import socket
-import statistics
-import tempfile
-import threading
 import time
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
-from .cost import Calibration
-from .optim import HyperParams, PendingUpdate, adamw_
+CACHE_VERSION = 6
 
-CACHE_VERSION = 1
-MIB = 2**20
-SEQ_LEN = 256  # tokens of the reference block's batch (tierflow train's default)
+
+@dataclass(frozen=True)
+class Calibration:
+    """Measured figures of one machine, device and compute dtype (rates per second).
+
+    `block_flops` holds (width, forward FLOP/s, backward FLOP/s) of a reference model's
+    training step at a few widths; `contention` the fractions of speed that compute, CPU
+    work (AdamW, copies; CPU device: they share the cores) and NVMe I/O lose while compute
+    runs beside them.
+    """
+
+    device: str
+    dtype: str
+    matmul_flops: float
+    block_flops: tuple
+    memcpy_bps: float
+    drain_bps: float
+    h2d_bps: float
+    d2h_bps: float
+    nvme_read_bps: float
+    nvme_write_bps: float
+    adamw_params_per_s: float
+    device_adamw_params_per_s: float
+    contention: tuple
+    unit_overhead_s: tuple  # engine bookkeeping per unit and step: (device-resident, streamed)
+    cores: int
+    host: str = ""
+    created: float = 0.0
+    others_load: float = 0.0  # cores other processes used while it was measured (noise)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Calibration":
+        known = {f.name for f in fields(cls)}
+        values = {k: v for k, v in data.items() if k in known}
+        values["block_flops"] = tuple(tuple(row) for row in values.get("block_flops", ()))
+        values["contention"] = tuple(values.get("contention", (0.5, 0.5, 0.0)))
+        values["unit_overhead_s"] = tuple(values.get("unit_overhead_s", (0.0, 0.0)))
+        return cls(**values)
+
+    def block_rate(self, width: int) -> tuple[float, float]:
+        """(forward, backward) FLOP/s at a model width, interpolated between measured widths."""
+        rows = sorted(self.block_flops)
+        if not rows:
+            return self.matmul_flops, self.matmul_flops
+        if width <= rows[0][0]:
+            return rows[0][1], rows[0][2]
+        for (w0, f0, b0), (w1, f1, b1) in zip(rows, rows[1:]):
+            if width <= w1:
+                a = (width - w0) / (w1 - w0)
+                return f0 + a * (f1 - f0), b0 + a * (b1 - b0)
+        return rows[-1][1], rows[-1][2]
+
 
 
 # ---- cache ------------------------------------------------------------------------------
@@ -91,210 +138,42 @@ def get_calibration(device: str = "cpu", dtype: torch.dtype = torch.float32, nvm
     return cal, False
 
 
-# ---- measurements -----------------------------------------------------------------------
-
-def _best_time(fn, repeats: int = 3, warmup: int = 1, sync=lambda: None) -> float:
-    """Fastest of `repeats` runs: the machine's capability, least disturbed by other load."""
-    for _ in range(warmup):
-        fn()
-    sync()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - start)
-    return min(times)
-
-
-def _sync(device: torch.device):
-    return (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
-
-
-def matmul_flops(device: torch.device, dtype: torch.dtype) -> float:
-    n = 4096 if device.type == "cuda" else 1024
-    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    reps = 20 if device.type == "cuda" else 2
-    seconds = _best_time(lambda: [a @ b for _ in range(reps)], sync=_sync(device))
-    return 2 * n**3 * reps / seconds
-
-
-class _Block(nn.Module):
-    """A Llama-style decoder block in plain torch (the reference workload)."""
-
-    def __init__(self, width: int):
-        super().__init__()
-        self.heads, inter = max(1, width // 64), 8 * width // 3
-        self.norm1, self.norm2 = nn.RMSNorm(width), nn.RMSNorm(width)
-        self.qkv = nn.Linear(width, 3 * width, bias=False)
-        self.out = nn.Linear(width, width, bias=False)
-        self.up = nn.Linear(width, 2 * inter, bias=False)
-        self.down = nn.Linear(inter, width, bias=False)
-
-    def forward(self, x):
-        b, s, w = x.shape
-        q, k, v = self.qkv(self.norm1(x)).view(b, s, 3, self.heads, w // self.heads).permute(2, 0, 3, 1, 4)
-        attn = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(b, s, w)
-        x = x + self.out(attn)
-        gate, up = self.up(self.norm2(x)).chunk(2, dim=-1)
-        return x + self.down(F.silu(gate) * up)
-
-
-def block_flops(device: torch.device, dtype: torch.dtype, width: int, layers: int = 2) -> tuple:
-    """(width, forward FLOP/s, backward FLOP/s) of a training step of `layers` blocks."""
-    model = nn.Sequential(*[_Block(width) for _ in range(layers)]).to(device, dtype)
-    x = torch.randn(1, SEQ_LEN, width, device=device, dtype=dtype, requires_grad=True)
-    matrix = sum(p.numel() for p in model.parameters() if p.dim() == 2)
-    fwd_flops = 2 * SEQ_LEN * matrix + 4 * SEQ_LEN**2 * width * layers
-    sync, fwd, bwd = _sync(device), [], []
-    for i in range(4):
-        start = time.perf_counter()
-        out = model(x)
-        sync()
-        mid = time.perf_counter()
-        out.sum().backward()
-        sync()
-        if i:  # the first is a warm-up
-            fwd.append(mid - start)
-            bwd.append(time.perf_counter() - mid)
-    return width, fwd_flops / statistics.median(fwd), 2 * fwd_flops / statistics.median(bwd)
-
-
-def memcpy_bps(nbytes: int = 64 * MIB) -> float:
-    src = torch.ones(nbytes // 4)
-    dst = torch.zeros_like(src)
-    return nbytes / _best_time(lambda: dst.copy_(src), repeats=5)
-
-
-def fresh_copy_bps(nbytes: int = 16 * MIB, count: int = 8) -> float:
-    """A copy into a newly allocated buffer each time (page faults included), as a CPU fetch does."""
+def calibrate(device: str = "cpu", dtype: torch.dtype = torch.float32, nvme_dir=None, log=None) -> Calibration:
+    """Measure every figure of `Calibration` on this machine (~10-30 s)."""
+    from .bench import probes
     from .device import return_freed_memory_to_os
 
-    return_freed_memory_to_os()
-    src = torch.ones(nbytes // 4)
-    return nbytes * count / _best_time(lambda: [torch.empty_like(src).copy_(src) for _ in range(count)])
-
-
-def link_bps(device: torch.device, nbytes: int = 256 * MIB) -> tuple[float, float]:
-    """(host->device, device->host) bytes/s between pinned host memory and the GPU."""
-    host = torch.ones(nbytes // 4, pin_memory=True)
-    dev = torch.empty(nbytes // 4, device=device)
-    sync = _sync(device)
-    h2d = _best_time(lambda: dev.copy_(host, non_blocking=True), sync=sync)
-    d2h = _best_time(lambda: host.copy_(dev, non_blocking=True), sync=sync)
-    return nbytes / h2d, nbytes / d2h
-
-
-def nvme_bps(directory, total: int = 256 * MIB, chunk: int = 8 * MIB) -> tuple[float, float]:
-    """(read, write) bytes/s of NvmeStore, four `chunk` requests in flight at a time."""
-    from .storage import BufferPool, NvmeStore
-
-    made = directory is None
-    directory = Path(directory) if directory else _scratch_dir()
-    store = NvmeStore(directory, io_threads=2, file_name="tierflow-calibrate.bin", chunk_bytes=chunk)
-    pool = BufferPool(4, chunk)
-    try:
-        extent = store.allocate(total)
-        buffers = [pool.acquire() for _ in range(4)]
-        for buf in buffers:
-            buf.fill_(7)
-
-        def sweep(write: bool) -> None:
-            io = store.write_async if write else store.read_async
-            for offset in range(0, total, 4 * chunk):
-                futures = [io(extent, buf, offset + i * chunk) for i, buf in enumerate(buffers)
-                           if offset + i * chunk < total]
-                for future in futures:
-                    future.result()
-
-        write = _best_time(lambda: sweep(True), repeats=2)
-        read = _best_time(lambda: sweep(False), repeats=2)
-        for buf in buffers:
-            pool.release(buf)
-        return total / read, total / write
-    finally:
-        store.close()
-        if made:
-            shutil.rmtree(directory, ignore_errors=True)
-
-
-def _scratch_dir() -> Path:
-    """A temporary directory under the user cache (a real disk, unlike a tmpfs /tmp)."""
-    try:
-        cache_path().parent.mkdir(parents=True, exist_ok=True)
-        return Path(tempfile.mkdtemp(prefix="calibrate-", dir=cache_path().parent))
-    except OSError:
-        return Path(tempfile.mkdtemp(prefix="tierflow-calibrate-"))
-
-
-def _adamw_state(numel: int, device: torch.device):
-    master, grad = torch.randn(numel, device=device), torch.randn(numel, device=device)
-    update = PendingUpdate(None, HyperParams(1e-4, 0.9, 0.999, 1e-8, 0.01, True), 1, None)
-    return (master, grad, torch.zeros_like(master), torch.zeros_like(master)), update
-
-
-def adamw_params_per_s(device: torch.device = torch.device("cpu"), numel: int = 8 * 2**20) -> float:
-    arrays, update = _adamw_state(numel, device)
-    return numel / _best_time(lambda: adamw_(*arrays, update), repeats=5, sync=_sync(device))
-
-
-def contention(width: int = 512) -> float:
-    """Compute seconds lost per second of AdamW running in another thread (CPU)."""
-    model = nn.Sequential(_Block(width), _Block(width))
-    x = torch.randn(1, SEQ_LEN, width, requires_grad=True)
-    step = lambda: model(x).sum().backward()  # noqa: E731
-    alone = _best_time(step, repeats=3)
-    arrays, update = _adamw_state(2 * 2**20, torch.device("cpu"))
-    one = _best_time(lambda: adamw_(*arrays, update), repeats=3)
-    stop, done = threading.Event(), [0]
-
-    def background():
-        while not stop.is_set():
-            adamw_(*arrays, update)
-            done[0] += 1
-
-    thread = threading.Thread(target=background, daemon=True)
-    thread.start()
-    try:
-        start = time.perf_counter()
-        for _ in range(3):
-            step()
-        busy = (time.perf_counter() - start) / 3
-    finally:
-        stop.set()
-        thread.join()
-    work = done[0] * one / 3  # seconds the background work takes alone, per compute step
-    return min(1.5, max(0.0, (busy - alone) / work)) if work > 0 else 0.0
-
-
-def calibrate(device: str = "cpu", dtype: torch.dtype = torch.float32, nvme_dir=None, log=None) -> Calibration:
-    """Measure every figure of `Calibration` on this machine."""
     log = log or (lambda text: None)
+    mark = probes.load_mark()
+    return_freed_memory_to_os()  # allocate as the engine does (fresh pages for large tensors)
     dev = torch.device(device)
     if dev.type == "cuda" and dev.index is None:
         dev = torch.device("cuda", torch.cuda.current_device())
-    widths = (1024, 2048, 4096) if dev.type == "cuda" else (256, 512, 1024)
     log("compute ...")
-    flops = matmul_flops(dev, dtype)
-    blocks = tuple(block_flops(dev, dtype, w) for w in widths)
-    log("memory ...")
-    memcpy = memcpy_bps()
-    if dev.type == "cuda":
-        h2d, d2h = link_bps(dev)
-        device_adamw = adamw_params_per_s(dev)
-    else:
-        h2d = d2h = fresh_copy_bps()
+    flops = probes.matmul_flops(dev, dtype)
+    with probes.engine_threads():
+        widths = (1024, 2048, 4096) if dev.type == "cuda" else (256, 512, 1024)
+        blocks = tuple(probes.block_flops(dev, dtype, w) for w in widths)
+        log("memory ...")
+        memcpy, drain = probes.memcpy_bps(), probes.drain_bps()
+        h2d = d2h = probes.fresh_copy_bps()
         device_adamw = None
-    log("NVMe ...")
-    nvme_read, nvme_write = nvme_bps(nvme_dir)
-    log("optimizer ...")
-    adamw = adamw_params_per_s()
-    share = contention() if dev.type == "cpu" else 0.0
+        if dev.type == "cuda":
+            h2d, d2h = probes.link_bps(dev)
+            device_adamw = probes.adamw_params_per_s(dev)
+        log("NVMe ...")
+        (nvme_read, nvme_write), io_lost = probes.nvme_bps(nvme_dir), probes.io_beside_compute(dev, nvme_dir)
+        log("optimizer ...")
+        adamw = probes.adamw_params_per_s()
+        share = probes.contention() if dev.type == "cpu" else (0.0, 0.0)
+    log("engine overhead ...")
+    overhead = probes.unit_overhead(dev)
     return Calibration(
         device=dev.type, dtype=str(dtype).removeprefix("torch."), matmul_flops=flops, block_flops=blocks,
-        memcpy_bps=memcpy, h2d_bps=h2d, d2h_bps=d2h, nvme_read_bps=nvme_read, nvme_write_bps=nvme_write,
-        adamw_params_per_s=adamw, device_adamw_params_per_s=device_adamw or adamw, contention=share,
-        cores=torch.get_num_threads(), host=socket.gethostname(), created=time.time())
+        memcpy_bps=memcpy, drain_bps=drain, h2d_bps=h2d, d2h_bps=d2h, nvme_read_bps=nvme_read,
+        nvme_write_bps=nvme_write, adamw_params_per_s=adamw, device_adamw_params_per_s=device_adamw or adamw,
+        contention=share + (io_lost,), unit_overhead_s=overhead, cores=torch.get_num_threads(),
+        host=socket.gethostname(), created=time.time(), others_load=probes.others_load(mark))
 
 
 # ---- report -----------------------------------------------------------------------------
@@ -302,17 +181,22 @@ def calibrate(device: str = "cpu", dtype: torch.dtype = torch.float32, nvme_dir=
 def describe(cal: Calibration) -> list[str]:
     """Human-readable lines, one figure each."""
     g = 1e9
-    lines = [f"device {cal.device}, dtype {cal.dtype}, {cal.cores} compute threads, host {cal.host}",
+    lines = [f"device {cal.device}, dtype {cal.dtype}, {cal.cores} compute threads, host {cal.host}; "
+             f"other processes used {cal.others_load:.2f} cores meanwhile",
              f"matmul                {cal.matmul_flops / g:8.1f} GFLOP/s"]
     for width, fwd, bwd in cal.block_flops:
         lines.append(f"block width {width:<5}     {fwd / g:8.1f} GFLOP/s forward, {bwd / g:.1f} backward")
     lines += [f"memcpy                {cal.memcpy_bps / g:8.2f} GB/s",
+              f"gradient drain        {cal.drain_bps / g:8.2f} GB/s (norm + copy)",
               f"host->device          {cal.h2d_bps / g:8.2f} GB/s" + (" (copy into a new buffer)" if cal.device == "cpu" else ""),
               f"device->host          {cal.d2h_bps / g:8.2f} GB/s",
               f"NVMe read / write     {cal.nvme_read_bps / g:8.2f} / {cal.nvme_write_bps / g:.2f} GB/s",
               f"AdamW (CPU)           {cal.adamw_params_per_s / g:8.3f} G params/s",
               f"AdamW (device)        {cal.device_adamw_params_per_s / g:8.3f} G params/s",
-              f"contention            {cal.contention:8.2f} s compute lost per s of CPU work beside it"]
+              f"contention            {cal.contention[0]:8.2f} of compute speed, {cal.contention[1]:.2f} of CPU "
+              f"work's and {cal.contention[2]:.2f} of NVMe I/O speed lost while they run together",
+              f"engine bookkeeping    {cal.unit_overhead_s[0] * 1e3:8.2f} ms per device-resident unit and step, "
+              f"{cal.unit_overhead_s[1] * 1e3:.2f} ms per streamed unit"]
     return lines
 
 
@@ -330,6 +214,9 @@ def run_calibrate_bench(device: str = "cpu", dtype: str | None = None, nvme_dir=
     print(f"calibration {'from cache' if cached else f'measured in {time.perf_counter() - start:.1f} s'}: {where}")
     for line in describe(cal):
         print("  " + line)
+    if cal.others_load > 0.25:
+        print(f"warning: other processes used {cal.others_load:.1f} cores during the calibration, so these "
+              f"figures are low; run `tierflow bench calibrate --recalibrate` on an idle machine")
     if json_path:
         Path(json_path).write_text(json.dumps(cal.to_dict(), indent=2) + "\n")
     return cal

@@ -15,71 +15,24 @@ Step time follows what the engine does in one step (see engine.py):
   pipeline, reverse order); a drain thread writes each unit's gradients to its
   home tier as they appear, and the step waits for the last one.
 
-Each job is I/O (NVMe, host<->device) plus CPU work (AdamW, memory copies); on a
-CPU device that CPU work also slows the compute running beside it, by the
-measured `contention` factor.
+Each job is I/O (NVMe; the host<->device link of a GPU) and CPU work (AdamW,
+memory copies). On a CPU device, compute and that CPU work share the cores: while
+both run, each loses the measured fraction (`Calibration.contention`) of its speed.
+`simulate` plays a phase event by event with these rules.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 
 import torch
 
+from .calibrate import Calibration
 from .layout import Unit
 from .plan import TIERS, Placement, working_bytes
 from .tiers import ALIGN, ARRAY_CLASS, array_specs
 
 CLASSES = ("weights", "master", "grads", "moments", "activations", "buffers", "working", "staging")
 ADAMW_READ, ADAMW_WRITE = 16, 12  # fp32 bytes per parameter an AdamW step reads / writes
-
-
-@dataclass(frozen=True)
-class Calibration:
-    """Measured figures of one machine, device and compute dtype (rates per second).
-
-    `block_flops` holds (width, forward FLOP/s, backward FLOP/s) of a reference
-    transformer block's training step at a few widths; `contention` is the compute
-    time lost per second of other CPU work running beside it (CPU device only).
-    """
-
-    device: str
-    dtype: str
-    matmul_flops: float
-    block_flops: tuple
-    memcpy_bps: float
-    h2d_bps: float
-    d2h_bps: float
-    nvme_read_bps: float
-    nvme_write_bps: float
-    adamw_params_per_s: float
-    device_adamw_params_per_s: float
-    contention: float
-    cores: int
-    host: str = ""
-    created: float = 0.0
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "Calibration":
-        known = {f.name for f in fields(cls)}
-        values = {k: v for k, v in data.items() if k in known}
-        values["block_flops"] = tuple(tuple(row) for row in values.get("block_flops", ()))
-        return cls(**values)
-
-    def block_rate(self, width: int) -> tuple[float, float]:
-        """(forward, backward) FLOP/s at a model width, interpolated between measured widths."""
-        rows = sorted(self.block_flops)
-        if not rows:
-            return self.matmul_flops, self.matmul_flops
-        if width <= rows[0][0]:
-            return rows[0][1], rows[0][2]
-        for (w0, f0, b0), (w1, f1, b1) in zip(rows, rows[1:]):
-            if width <= w1:
-                a = (width - w0) / (w1 - w0)
-                return f0 + a * (f1 - f0), b0 + a * (b1 - b0)
-        return rows[-1][1], rows[-1][2]
 
 
 @dataclass(frozen=True)
@@ -107,15 +60,13 @@ class StepPrediction:
 
 @dataclass(frozen=True)
 class Job:
-    """Work of one thread for one unit: seconds of I/O (disk, host<->device) and of CPU."""
+    """Work of one thread for one unit: (kind, seconds) parts in order; kind 'io' (disk, or the
+    host<->device link of a GPU: no CPU), 'cpu' (memory copies) or 'adamw' (the optimizer)."""
 
-    io_s: float = 0.0
-    cpu_s: float = 0.0
-    adamw_s: float = 0.0  # part of cpu_s that is the optimizer
+    parts: tuple = ()
 
-    @property
-    def seconds(self) -> float:
-        return self.io_s + self.cpu_s
+    def seconds(self, kind: str | None = None) -> float:
+        return sum(s for k, s in self.parts if kind is None or k == kind)
 
 
 # ---- workload ---------------------------------------------------------------------------
@@ -224,59 +175,52 @@ def predict_step(units: list[Unit], placement: Placement, work: Workload, cal: C
                  compute_dtype: torch.dtype, device_capacity: int | None, buffer_bytes: int = 0) -> StepPrediction:
     """Predicted time of one training step (forward, backward, optimizer) in steady state."""
     fwd_rate, bwd_rate = cal.block_rate(work.width)
-    fwd_compute = [f / fwd_rate for f in work.unit_flops]
-    bwd_compute = [2 * f / bwd_rate for f in work.unit_flops]
-    homes = placement.homes
+    homes, n = placement.homes, len(units)
+    overhead = [cal.unit_overhead_s[0 if h == "device" else 1] / 2 for h in homes]  # main-thread bookkeeping
+    fwd = [f / fwd_rate + o for f, o in zip(work.unit_flops, overhead)]
+    bwd = [2 * f / bwd_rate + o for f, o in zip(work.unit_flops, overhead)]
     size = [working_bytes(u, compute_dtype) for u in units]
     updates = [update_job(u, h, cal, compute_dtype) for u, h in zip(units, homes)]
     cached = _cached_after_forward(units, homes, size, placement, compute_dtype, device_capacity, buffer_bytes)
     refetch = [Job() if h == "device" or c else fetch_job(u, h, cal, compute_dtype)
                for u, h, c in zip(units, homes, cached)]
     drains = [drain_job(u, h, cal, compute_dtype) for u, h in zip(units, homes)]
-
-    ahead = _window(size, placement.prefetch_bytes)
-    fwd_end, fwd_stall = _pipeline(fwd_compute, updates, ahead)
-    order = list(reversed(range(len(units))))
-    back_ahead = _window([size[i] for i in order], placement.prefetch_bytes)
-    bwd_end, bwd_stall, ready = _pipeline([bwd_compute[i] for i in order], [refetch[i] for i in order],
-                                          back_ahead, with_ends=True)
-    drain_end = _drain(ready, [drains[i] for i in order])
-    tail = max(0.0, drain_end - bwd_end)
-
-    other_cpu = sum(j.cpu_s for j in updates + refetch + drains)
-    slowdown = cal.contention * other_cpu if cal.device == "cpu" else 0.0
-    compute_s = sum(fwd_compute) + sum(bwd_compute)
-    step_s = fwd_end + bwd_end + tail + slowdown
-    optimizer_s = sum(j.adamw_s for j in updates)
-    transfer_s = sum(j.seconds for j in updates + refetch + drains) - optimizer_s
-    stall = fwd_stall + bwd_stall + tail
-    return StepPrediction(step_s, compute_s, transfer_s, optimizer_s, fwd_end, bwd_end + tail,
-                          _bottleneck(step_s, stall, fwd_stall, updates, transfer_s, optimizer_s))
+    share = cal.contention
+    fwd_s, fwd_waits = simulate(fwd, updates, _window(size, placement.prefetch_bytes), share)
+    back = list(reversed(range(n)))
+    bwd_s, bwd_waits = simulate([bwd[i] for i in back], [refetch[i] for i in back],
+                                _window([size[i] for i in back], placement.prefetch_bytes), share,
+                                [drains[i] for i in back])
+    jobs = updates + refetch + drains
+    optimizer_s = sum(j.seconds("adamw") for j in jobs)
+    step_s = fwd_s + bwd_s
+    waits = {k: fwd_waits[k] + bwd_waits[k] for k in fwd_waits}
+    return StepPrediction(step_s, sum(fwd) + sum(bwd), sum(j.seconds() for j in jobs) - optimizer_s,
+                          optimizer_s, fwd_s, bwd_s, _bottleneck(step_s, waits))
 
 
 def update_job(unit: Unit, home: str, cal: Calibration, dtype: torch.dtype) -> Job:
-    """The forward job of a unit after opt.step(): AdamW in its home tier, then its weights to
-    the device (fused with the update when every parameter is trainable)."""
+    """The forward job of a unit after opt.step(): AdamW in its home tier (NVMe: read, update,
+    write back), then its weights to the device (fused when every parameter is trainable)."""
     t = unit.trainable_numel
     if t == 0:
         return fetch_job(unit, home, cal, dtype)
-    rate = cal.device_adamw_params_per_s if home == "device" else cal.adamw_params_per_s
-    adamw = t / rate
-    cpu, io = adamw, 0.0
-    if dtype != torch.float32:  # compute-dtype weights rewritten from the new masters
-        cpu += t * dtype.itemsize / cal.memcpy_bps
+    parts = []
     if home == "nvme":
-        io += t * ADAMW_READ / cal.nvme_read_bps + t * ADAMW_WRITE / cal.nvme_write_bps
-        if dtype != torch.float32:
-            io += t * dtype.itemsize / cal.nvme_write_bps
-    covered = t == unit.numel
-    if home != "device":
-        if covered:
-            io += working_bytes(unit, dtype) / cal.h2d_bps
-        else:
-            extra = fetch_job(unit, home, cal, dtype)
-            io, cpu = io + extra.io_s, cpu + extra.cpu_s
-    return Job(io, cpu, adamw)
+        parts.append(("io", t * ADAMW_READ / cal.nvme_read_bps))
+    on_gpu = home == "device" and cal.device != "cpu"
+    parts.append(("io" if on_gpu else "adamw", t / (cal.device_adamw_params_per_s if on_gpu else cal.adamw_params_per_s)))
+    if dtype != torch.float32:  # compute-dtype weights rewritten from the new masters
+        parts.append(("io" if on_gpu else "cpu", t * dtype.itemsize / cal.memcpy_bps))
+    if home == "nvme":
+        parts.append(("io", (t * ADAMW_WRITE + (t * dtype.itemsize if dtype != torch.float32 else 0))
+                      / cal.nvme_write_bps))
+    job = Job(tuple(parts))
+    if home == "device":
+        return job
+    if t == unit.numel:
+        return Job(job.parts + (_to_device(working_bytes(unit, dtype), cal),))
+    return Job(job.parts + fetch_job(unit, home, cal, dtype).parts)
 
 
 def fetch_job(unit: Unit, home: str, cal: Calibration, dtype: torch.dtype) -> Job:
@@ -284,27 +228,28 @@ def fetch_job(unit: Unit, home: str, cal: Calibration, dtype: torch.dtype) -> Jo
     if home == "device":
         return Job()
     nbytes = working_bytes(unit, dtype)
-    io = nbytes / cal.h2d_bps
-    if home == "nvme":
-        io += nbytes / cal.nvme_read_bps
-    return Job(io, 0.0)
+    read = (("io", nbytes / cal.nvme_read_bps),) if home == "nvme" else ()
+    return Job(read + (_to_device(nbytes, cal),))
 
 
 def drain_job(unit: Unit, home: str, cal: Calibration, dtype: torch.dtype) -> Job:
     """Move a unit's fresh gradients to its home tier as fp32 (norm, copy, NVMe write)."""
-    t = unit.trainable_numel
-    if t == 0:
+    fp32 = 4 * unit.trainable_numel
+    if fp32 == 0:
         return Job()
-    fp32 = 4 * t
-    cpu = 1.5 * fp32 / cal.memcpy_bps  # the norm reads it, the copy reads and writes it
-    if dtype != torch.float32:
-        cpu += fp32 / cal.memcpy_bps
-    if home == "device":
-        return Job(0.0, cpu if cal.device == "cpu" else 0.0)
-    io = fp32 / cal.d2h_bps if cal.device != "cpu" else 0.0
+    if home == "device" and cal.device != "cpu":
+        return Job((("io", fp32 / cal.drain_bps),))  # on the GPU: small next to compute
+    parts = [("cpu", fp32 / cal.drain_bps + (fp32 / cal.memcpy_bps if dtype != torch.float32 else 0.0))]
+    if cal.device != "cpu" and home != "device":
+        parts.insert(0, ("io", fp32 / cal.d2h_bps))
     if home == "nvme":
-        io += fp32 / cal.nvme_write_bps
-    return Job(io, cpu)
+        parts.append(("io", fp32 / cal.nvme_write_bps))
+    return Job(tuple(parts))
+
+
+def _to_device(nbytes: int, cal: Calibration) -> tuple[str, float]:
+    """Copying into a fresh device buffer: CPU work on a CPU device, the link on a GPU."""
+    return ("cpu" if cal.device == "cpu" else "io", nbytes / cal.h2d_bps)
 
 
 def _cached_after_forward(units, homes, size, placement, dtype, capacity, buffer_bytes) -> list[bool]:
@@ -328,47 +273,84 @@ def _window(size: list[int], prefetch_bytes: int) -> list[int]:
     ahead = []
     for i in range(len(size)):
         used, m = 0, 0
-        while i - m >= 0 and used + size[i - m] <= prefetch_bytes and m < i:
+        while m < i and used + size[i - m] <= prefetch_bytes:
             used += size[i - m]
             m += 1
         ahead.append(m)
     return ahead
 
 
-def _pipeline(compute: list[float], jobs: list[Job], ahead: list[int], with_ends: bool = False):
-    """Compute of unit i waits for job i; the transfer thread runs jobs in order, job i once
-    the compute of unit i-ahead[i] has started. Returns (end, stall[, compute end per unit])."""
-    t_job = t_comp = stall = 0.0
-    starts, ends = [], []
-    for i, (c, job) in enumerate(zip(compute, jobs)):
-        gate = starts[i - ahead[i]] if ahead[i] else t_comp
-        if job.seconds:
-            t_job = max(t_job, gate) + job.seconds
-            stall += max(0.0, t_job - t_comp)
-            t_comp = max(t_comp, t_job)
-        starts.append(t_comp)
-        t_comp += c
-        ends.append(t_comp)
-    return (t_comp, stall, ends) if with_ends else (t_comp, stall)
+def simulate(compute: list[float], jobs: list[Job], ahead: list[int], share=(0.0, 0.0), drains=None):
+    """One phase, event by event: the compute of unit i waits for transfer job i; the transfer
+    thread runs jobs in order, job i once the compute of unit i-ahead[i] has started (0: once
+    unit i is next); the drain thread takes unit i's job once its compute is done. `share`: the
+    fractions of speed that compute loses beside CPU work ('cpu', 'adamw' parts), and that CPU
+    work and I/O lose beside compute. Returns (seconds, compute idle time per kind it waited on)."""
+    n = len(compute)
+    lose_compute, lose_cpu, lose_io = (min(x, 0.95) for x in (tuple(share) + (0.0,))[:3])
+    t, ci, c_left, starts, done = 0.0, 0, None, [], []
+    lanes = {"xfer": [0, None, jobs], "drain": [0, None, drains or [Job()] * n]}  # next job, parts left
+    waits = {"io": 0.0, "cpu": 0.0, "adamw": 0.0}
+    while ci < n or lanes["drain"][0] < n:
+        _start_jobs(lanes, ci, starts, done, ahead, n)
+        if c_left is None and ci < n and lanes["xfer"][0] > ci:
+            starts.append(t)
+            c_left = compute[ci]
+            _start_jobs(lanes, ci, starts, done, ahead, n)  # prefetches issued as unit ci starts
+        active = [lane[1][0] for lane in lanes.values() if lane[1]]
+        cpu_busy = any(kind != "io" for kind, _ in active)
+        rate_c = 1 - lose_compute if cpu_busy else 1.0
+        beside = c_left is not None  # compute running: CPU work and I/O slow down
+        rate = {kind: 1 - (lose_io if kind == "io" else lose_cpu) if beside else 1.0 for kind, _ in active}
+        steps = [left / rate[kind] for kind, left in active] + ([c_left / rate_c] if c_left is not None else [])
+        if not steps:
+            break
+        dt = max(0.0, min(steps))
+        if c_left is None and ci < n:
+            waits[active[0][0] if active else "io"] += dt
+        for lane in lanes.values():
+            if lane[1]:
+                kind, left = lane[1][0]
+                lane[1][0] = (kind, left - dt * rate[kind])
+        if c_left is not None:
+            c_left -= dt * rate_c
+        t += dt
+        _finish_parts(lanes)
+        if c_left is not None and c_left <= 1e-12:
+            done.append(t)
+            ci, c_left = ci + 1, None
+    return t, waits
 
 
-def _drain(ready: list[float], jobs: list[Job]) -> float:
-    """The drain thread takes each unit's gradients once its backward compute ended."""
-    t = 0.0
-    for at, job in zip(ready, jobs):
-        t = max(t, at) + job.seconds
-    return t
+def _start_jobs(lanes, ci, starts, done, ahead, n) -> None:
+    """Give the transfer and drain threads their next job when it may start."""
+    xfer, drain = lanes["xfer"], lanes["drain"]
+    while xfer[1] is None and xfer[0] < n:
+        j = xfer[0]
+        if not (ci >= j or (ahead[j] and len(starts) > j - ahead[j])):
+            break
+        xfer[1] = [p for p in xfer[2][j].parts if p[1] > 0] or None
+        if xfer[1] is None:
+            xfer[0] += 1
+    while drain[1] is None and drain[0] < len(done):
+        drain[1] = [p for p in drain[2][drain[0]].parts if p[1] > 0] or None
+        if drain[1] is None:
+            drain[0] += 1
 
 
-def _bottleneck(step_s, stall, fwd_stall, updates, transfer_s, optimizer_s) -> str:
-    """'compute' unless waiting on data is a tenth of the step; then the larger cause."""
-    if stall < 0.1 * step_s:
+def _finish_parts(lanes) -> None:
+    for lane in lanes.values():
+        while lane[1] and lane[1][0][1] <= 1e-12:
+            lane[1].pop(0)
+        if lane[1] is not None and not lane[1]:
+            lane[0], lane[1] = lane[0] + 1, None
+
+
+def _bottleneck(step_s: float, waits: dict) -> str:
+    """'compute' unless the compute waits for data a tenth of the step; then the main cause."""
+    if sum(waits.values()) < 0.1 * step_s:
         return "compute"
-    io = sum(j.io_s for j in updates)
-    adam = sum(j.adamw_s for j in updates)
-    if fwd_stall >= stall / 2 and adam > io:
-        return "optimizer"
-    return "transfer" if transfer_s >= optimizer_s or io >= adam else "optimizer"
+    return "optimizer" if waits["adamw"] > waits["io"] + waits["cpu"] else "transfer"
 
 
 # ---- the whole prediction ---------------------------------------------------------------

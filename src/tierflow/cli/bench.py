@@ -50,10 +50,14 @@ def add_arguments(parser) -> None:
     accuracy.add_argument("--settings", nargs="+", default=None,
                           help="budgets/placements (default: device host mixed nvme)")
     accuracy.add_argument("--seq-len", type=int, default=256)
-    accuracy.add_argument("--steps", type=int, default=4, help="measured steps (median)")
+    accuracy.add_argument("--steps", type=int, default=5, help="measured steps (median)")
     accuracy.add_argument("--warmup", type=int, default=2)
     accuracy.add_argument("--nvme", default=None, help="spill directory (default: a temporary one)")
     accuracy.add_argument("--recalibrate", action="store_true", help="calibrate first even if cached")
+    accuracy.add_argument("--calibrate-each", action="store_true",
+                          help="calibrate again before each configuration (machines shared with others drift)")
+    accuracy.add_argument("--quiet-wait", type=float, default=120.0,
+                          help="seconds to wait for other processes to go idle before each measurement")
     accuracy.add_argument("--json", default=None)
 
 
@@ -79,5 +83,6 @@ def run(args) -> int:
     elif args.bench == "plan-accuracy":
         from tierflow.bench.plan_accuracy import run_plan_accuracy_bench
         run_plan_accuracy_bench(args.sizes, args.settings, args.seq_len, args.steps, args.warmup,
-                                args.nvme, args.recalibrate, args.json)
+                                args.nvme, args.recalibrate, args.json, quiet_wait=args.quiet_wait,
+                                calibrate_each=args.calibrate_each)
     return 0
