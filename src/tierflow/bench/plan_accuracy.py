@@ -89,7 +89,7 @@ def build(size: str, seed: int = 0):
 def measure(size: str, setting: str, cal, seq_len: int, steps: int, warmup: int, spill_dir: str,
             device: str = "cpu") -> Row:
     """Predict, then train `steps` steps and measure one configuration."""
-    from tierflow.calibrate import load_mark, others_load
+    from tierflow.bench.probes import load_mark, others_load
     from tierflow.cost import predict
 
     kwargs, placement = SETTINGS[setting]
@@ -127,7 +127,7 @@ def measure(size: str, setting: str, cal, seq_len: int, steps: int, warmup: int,
 def wait_until_quiet(max_seconds: float, threshold: float = 0.2, window: float = 2.0) -> float:
     """Wait (up to `max_seconds`) until other processes use less than `threshold` cores over
     `window` seconds; returns the last load seen."""
-    from tierflow.calibrate import load_mark, others_load
+    from tierflow.bench.probes import load_mark, others_load
 
     deadline, load = time.perf_counter() + max_seconds, 0.0
     while True:
