@@ -23,15 +23,19 @@ from tierflow.bench.report import write_json
 from tierflow.config import OffloadConfig, format_size
 
 MIB = 2**20
-# name -> (hidden, layers, intermediate, heads): ~20 M and ~50 M parameters (byte vocabulary).
-SIZES = {"llama-20m": (512, 6, 1376, 8), "llama-50m": (768, 7, 2048, 12)}
+# name -> (hidden, layers, intermediate, heads), byte vocabulary; llama-100m is tierflow train's default.
+SIZES = {"llama-20m": (512, 6, 1376, 8), "llama-50m": (768, 7, 2048, 12), "llama-100m": (768, 14, 2048, 12)}
 # name -> (offload keyword arguments, placement); "nvme" is filled with the spill directory.
 SETTINGS = {
     "device": (dict(), "device"),
     "host": (dict(device_memory="64MiB"), "host"),
     "mixed": (dict(device_memory="128MiB"), "auto"),
     "nvme": (dict(device_memory="64MiB", host_memory="256MiB", nvme=True), "auto"),
+    "train": (dict(device_memory="256MiB", host_memory="1GiB", nvme=True), "auto"),  # tierflow train's
 }
+# The default matrix: 2 sizes x 4 settings, and tierflow train's default model in memory and as it trains.
+DEFAULT = [(size, setting) for size in ("llama-20m", "llama-50m") for setting in ("device", "host", "mixed", "nvme")]
+DEFAULT += [("llama-100m", "device"), ("llama-100m", "train")]
 
 
 @dataclass(frozen=True)
@@ -124,6 +128,17 @@ def measure(size: str, setting: str, cal, seq_len: int, steps: int, warmup: int,
                pred.peaks["device"], peaks["device"][0], pred.peaks["host"], peaks["host"][0], others_load(mark))
 
 
+def _measure_quietly(size, setting, cal, seq_len, steps, warmup, spill, device, quiet_wait, max_load,
+                     attempts) -> Row:
+    """`measure`, again while other processes used more than `max_load` cores (the quietest kept)."""
+    tries = []
+    while len(tries) < attempts and (not tries or tries[-1].others_load > max_load):
+        if quiet_wait:
+            wait_until_quiet(quiet_wait, max_load)
+        tries.append(measure(size, setting, cal, seq_len, steps, warmup, spill, device))
+    return min(tries, key=lambda row: row.others_load)
+
+
 def wait_until_quiet(max_seconds: float, threshold: float = 0.2, window: float = 2.0) -> float:
     """Wait (up to `max_seconds`) until other processes use less than `threshold` cores over
     `window` seconds; returns the last load seen."""
@@ -163,7 +178,7 @@ def run_plan_accuracy_bench(sizes=None, settings=None, seq_len: int = 256, steps
                             nvme: str | None = None, recalibrate: bool = False, json_path=None,
                             device: str = "cpu", quiet_wait: float = 120.0, calibrate_each: bool = False,
                             max_load: float = 0.1, attempts: int = 3) -> list[Row]:
-    """Run the matrix (default: every size x every setting) and print it. Before calibrating and
+    """Run the matrix (default: `DEFAULT`; else every given size x every given setting) and print it. Before calibrating and
     before each configuration it waits up to `quiet_wait` s for other processes to go idle.
     `calibrate_each`: calibrate again right before each configuration (not cached), so that
     prediction and measurement see the machine in the same state (shared machines drift). A
@@ -179,22 +194,19 @@ def run_plan_accuracy_bench(sizes=None, settings=None, seq_len: int = 256, steps
         print(f"calibration ({'cached' if cached else 'measured now'}):")
         for line in describe(cal):
             print("  " + line)
+        matrix = DEFAULT if sizes is None and settings is None else \
+            [(size, setting) for size in sizes or SIZES for setting in settings or SETTINGS]
         rows = []
-        for size in sizes or SIZES:
-            for setting in settings or SETTINGS:
-                tries = []
-                while len(tries) < attempts and (not tries or tries[-1].others_load > max_load):
-                    if quiet_wait:
-                        wait_until_quiet(quiet_wait, max_load)
-                    if calibrate_each:
-                        cal = calibrate(device, torch.float32, spill)
-                    tries.append(measure(size, setting, cal, seq_len, steps, warmup, spill, device))
-                rows.append(min(tries, key=lambda row: row.others_load))
-                r = rows[-1]
-                print(f"  {size} {setting}: step {r.measured_step_s:.3f} s (predicted {r.predicted_step_s:.3f}), "
-                      f"device peak {format_size(r.measured_device)}, host {format_size(r.measured_host)}"
-                      + (f"; calibrated: {describe(cal)[2].split(maxsplit=3)[-1].strip()} (width 256)"
-                         if calibrate_each else ""), flush=True)
+        for size, setting in matrix:
+            if calibrate_each:
+                wait_until_quiet(quiet_wait, max_load)
+                cal = calibrate(device, torch.float32, spill)
+            rows.append(_measure_quietly(size, setting, cal, seq_len, steps, warmup, spill, device,
+                                         quiet_wait, max_load, attempts))
+            r = rows[-1]
+            print(f"  {size} {setting}: step {r.measured_step_s:.3f} s (predicted {r.predicted_step_s:.3f}), "
+                  f"device peak {format_size(r.measured_device)}, host {format_size(r.measured_host)}, "
+                  f"others {r.others_load:.2f}", flush=True)
     finally:
         if nvme is None:
             shutil.rmtree(spill, ignore_errors=True)

@@ -46,9 +46,10 @@ def add_arguments(parser) -> None:
     calibrate.add_argument("--recalibrate", action="store_true", help="measure again even if cached")
     calibrate.add_argument("--json", default=None, help="also write the figures to this JSON file")
     accuracy = sub.add_parser("plan-accuracy", help="predicted vs measured step time and peak memory")
-    accuracy.add_argument("--sizes", nargs="+", default=None, help="models (default: llama-20m llama-50m)")
+    accuracy.add_argument("--sizes", nargs="+", default=None,
+                          help="models: llama-20m llama-50m llama-100m (default: the built-in matrix)")
     accuracy.add_argument("--settings", nargs="+", default=None,
-                          help="budgets/placements (default: device host mixed nvme)")
+                          help="budgets/placements: device host mixed nvme train (default: the built-in matrix)")
     accuracy.add_argument("--seq-len", type=int, default=256)
     accuracy.add_argument("--steps", type=int, default=5, help="measured steps (median)")
     accuracy.add_argument("--warmup", type=int, default=2)

@@ -65,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
     report = as_json(pred, cfg, args)
     disk_short = _disk_short(cfg, report["peak_bytes"]["nvme"])
     report["fits"] = disk_short is None
-    print_report(pred, cfg, args, _param_count(model))
+    print_report(pred, cfg, args, _param_count(model), cached)
     if disk_short:
         report["short"] = disk_short
         print(f"does not fit: {disk_short}")
@@ -86,7 +86,7 @@ def meta_model(name_or_path: str):
         config = builtin_config(name_or_path)
     else:
         config = AutoConfig.from_pretrained(str(_model_dir(name_or_path)), local_files_only=True)
-    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    dtype = config.dtype if hasattr(config, "dtype") else getattr(config, "torch_dtype", None)
     with torch.device("meta"), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = AutoModelForCausalLM.from_config(config)
@@ -133,7 +133,7 @@ def as_json(pred, cfg, args) -> dict:
     }
 
 
-def print_report(pred, cfg, args, n_params: int) -> None:
+def print_report(pred, cfg, args, n_params: int, cached: bool = True) -> None:
     """The table of bytes per class and tier, peaks and the step-time prediction."""
     from rich.console import Console
     from rich.table import Table
@@ -162,7 +162,8 @@ def print_report(pred, cfg, args, n_params: int) -> None:
     tokens = pred.work.tokens / step.step_s if step.step_s else 0.0
     console.print(f"[bold]predicted step[/] {step.step_s:.3f} s ({tokens:,.0f} tokens/s): compute "
                   f"{step.compute_s:.3f} s, transfer {step.transfer_s:.3f} s, optimizer {step.optimizer_s:.3f} s "
-                  f"(each alone; they overlap); bottleneck: [bold]{step.bottleneck}[/]", soft_wrap=True,
+                  f"(each alone; they overlap); bottleneck: [bold]{step.bottleneck}[/]"
+                  + ("" if cached else " (calibrated now, cached for next time)"), soft_wrap=True,
                   highlight=False)
 
 
