@@ -17,8 +17,10 @@ Step time follows what the engine does in one step (see engine.py):
 
 Each job is I/O (NVMe; the host<->device link of a GPU) and CPU work (AdamW,
 memory copies). On a CPU device, compute and that CPU work share the cores: while
-both run, each loses the measured fraction (`Calibration.contention`) of its speed.
-`simulate` plays a phase event by event with these rules.
+both run, each loses the measured fraction (`Calibration.contention`) of its speed,
+and I/O slows down beside compute too. Compute time is FLOPs over the measured rate
+of a reference model, plus the engine's measured bookkeeping per unit. `simulate`
+plays a phase event by event with these rules.
 """
 from __future__ import annotations
 
@@ -185,7 +187,7 @@ def predict_step(units: list[Unit], placement: Placement, work: Workload, cal: C
     refetch = [Job() if h == "device" or c else fetch_job(u, h, cal, compute_dtype)
                for u, h, c in zip(units, homes, cached)]
     drains = [drain_job(u, h, cal, compute_dtype) for u, h in zip(units, homes)]
-    share = cal.contention
+    share = cal.contention  # what compute, CPU work and I/O lose while they run together
     fwd_s, fwd_waits = simulate(fwd, updates, _window(size, placement.prefetch_bytes), share)
     back = list(reversed(range(n)))
     bwd_s, bwd_waits = simulate([bwd[i] for i in back], [refetch[i] for i in back],
@@ -208,8 +210,9 @@ def update_job(unit: Unit, home: str, cal: Calibration, dtype: torch.dtype) -> J
     parts = []
     if home == "nvme":
         parts.append(("io", t * ADAMW_READ / cal.nvme_read_bps))
-    on_gpu = home == "device" and cal.device != "cpu"
-    parts.append(("io" if on_gpu else "adamw", t / (cal.device_adamw_params_per_s if on_gpu else cal.adamw_params_per_s)))
+    on_gpu = home == "device" and cal.device != "cpu"  # a GPU updates its own state: no host CPU
+    rate = cal.device_adamw_params_per_s if on_gpu else cal.adamw_params_per_s
+    parts.append(("io" if on_gpu else "adamw", t / rate))
     if dtype != torch.float32:  # compute-dtype weights rewritten from the new masters
         parts.append(("io" if on_gpu else "cpu", t * dtype.itemsize / cal.memcpy_bps))
     if home == "nvme":
