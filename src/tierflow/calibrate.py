@@ -25,15 +25,16 @@ from pathlib import Path
 
 import torch
 
-CACHE_VERSION = 6
+CACHE_VERSION = 7
 
 
 @dataclass(frozen=True)
 class Calibration:
     """Measured figures of one machine, device and compute dtype (rates per second).
 
-    `block_flops` holds (width, forward FLOP/s, backward FLOP/s) of a reference model's
-    training step at a few widths; `contention` the fractions of speed that compute, CPU
+    `block_flops` holds (width, forward FLOP/s, backward FLOP/s, forward s, backward s) of
+    a reference model at a few widths: the rate of a decoder layer and the time per step
+    that does not grow with depth; `contention` the fractions of speed that compute, CPU
     work (AdamW, copies; CPU device: they share the cores) and NVMe I/O lose while compute
     runs beside them.
     """
@@ -70,18 +71,24 @@ class Calibration:
         return cls(**values)
 
     def block_rate(self, width: int) -> tuple[float, float]:
-        """(forward, backward) FLOP/s at a model width, interpolated between measured widths."""
-        rows = sorted(self.block_flops)
-        if not rows:
-            return self.matmul_flops, self.matmul_flops
-        if width <= rows[0][0]:
-            return rows[0][1], rows[0][2]
-        for (w0, f0, b0), (w1, f1, b1) in zip(rows, rows[1:]):
-            if width <= w1:
-                a = (width - w0) / (w1 - w0)
-                return f0 + a * (f1 - f0), b0 + a * (b1 - b0)
-        return rows[-1][1], rows[-1][2]
+        """(forward, backward) FLOP/s of a decoder layer at a model width, interpolated."""
+        return self._interpolate(width, 1, 2, (self.matmul_flops, self.matmul_flops))
 
+    def block_fixed(self, width: int) -> tuple[float, float]:
+        """(forward, backward) seconds per step that do not grow with depth, interpolated."""
+        return self._interpolate(width, 3, 4, (0.0, 0.0))
+
+    def _interpolate(self, width: int, i: int, j: int, default: tuple) -> tuple[float, float]:
+        rows = sorted(row + (0.0, 0.0)[len(row) - 3:] if len(row) == 3 else row for row in self.block_flops)
+        if not rows:
+            return default
+        if width <= rows[0][0]:
+            return rows[0][i], rows[0][j]
+        for low, high in zip(rows, rows[1:]):
+            if width <= high[0]:
+                a = (width - low[0]) / (high[0] - low[0])
+                return low[i] + a * (high[i] - low[i]), low[j] + a * (high[j] - low[j])
+        return rows[-1][i], rows[-1][j]
 
 
 # ---- cache ------------------------------------------------------------------------------
@@ -184,8 +191,10 @@ def describe(cal: Calibration) -> list[str]:
     lines = [f"device {cal.device}, dtype {cal.dtype}, {cal.cores} compute threads, host {cal.host}; "
              f"other processes used {cal.others_load:.2f} cores meanwhile",
              f"matmul                {cal.matmul_flops / g:8.1f} GFLOP/s"]
-    for width, fwd, bwd in cal.block_flops:
-        lines.append(f"block width {width:<5}     {fwd / g:8.1f} GFLOP/s forward, {bwd / g:.1f} backward")
+    for width, fwd, bwd, *fixed in cal.block_flops:
+        fixed = fixed or (0.0, 0.0)
+        lines.append(f"layer width {width:<5}     {fwd / g:8.1f} GFLOP/s forward, {bwd / g:.1f} backward; "
+                     f"+{fixed[0] * 1e3:.0f}/{fixed[1] * 1e3:.0f} ms per step")
     lines += [f"memcpy                {cal.memcpy_bps / g:8.2f} GB/s",
               f"gradient drain        {cal.drain_bps / g:8.2f} GB/s (norm + copy)",
               f"host->device          {cal.h2d_bps / g:8.2f} GB/s" + (" (copy into a new buffer)" if cal.device == "cpu" else ""),

@@ -181,6 +181,8 @@ def predict_step(units: list[Unit], placement: Placement, work: Workload, cal: C
     overhead = [cal.unit_overhead_s[0 if h == "device" else 1] / 2 for h in homes]  # main-thread bookkeeping
     fwd = [f / fwd_rate + o for f, o in zip(work.unit_flops, overhead)]
     bwd = [2 * f / bwd_rate + o for f, o in zip(work.unit_flops, overhead)]
+    fixed = cal.block_fixed(work.width)  # embedding, head, loss: with the last unit (the head)
+    fwd[-1], bwd[-1] = fwd[-1] + fixed[0], bwd[-1] + fixed[1]
     size = [working_bytes(u, compute_dtype) for u in units]
     updates = [update_job(u, h, cal, compute_dtype) for u, h in zip(units, homes)]
     cached = _cached_after_forward(units, homes, size, placement, compute_dtype, device_capacity, buffer_bytes)

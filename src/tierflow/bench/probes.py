@@ -83,16 +83,16 @@ def reference_model(width: int, layers: int = 2):
         return AutoModelForCausalLM.from_config(cfg)
 
 
-def block_flops(device: torch.device, dtype: torch.dtype, width: int, layers: int = 2) -> tuple:
-    """(width, forward FLOP/s, backward FLOP/s) of a training step of the reference model, fastest
-    of 5, FLOPs counted as `cost.workload` counts them. Gradients are new tensors each time, as in
-    the engine (which takes each away)."""
+def _step_times(device: torch.device, dtype: torch.dtype, width: int, layers: int) -> tuple:
+    """(forward FLOPs, fastest forward s, fastest backward s) of the reference model, FLOPs
+    counted as `cost.workload` counts them. Gradients are new tensors each time, as in the
+    engine (which takes each away)."""
     from tierflow.cost import workload
     from tierflow.layout import partition
 
     model = reference_model(width, layers).to(device, dtype)
     units, _ = partition(model, 2**62)
-    fwd_flops = sum(workload(model, units, 1, SEQ_LEN, dtype).unit_flops)
+    flops = sum(workload(model, units, 1, SEQ_LEN, dtype).unit_flops)
     ids = torch.randint(0, 256, (1, SEQ_LEN), device=device)
     sync, fwd, bwd = _sync(device), [], []
     for i in range(6):
@@ -106,7 +106,21 @@ def block_flops(device: torch.device, dtype: torch.dtype, width: int, layers: in
         if i:  # the first is a warm-up
             fwd.append(mid - start)
             bwd.append(time.perf_counter() - mid)
-    return width, fwd_flops / min(fwd), 2 * fwd_flops / min(bwd)
+    return flops, min(fwd), min(bwd)
+
+
+def block_flops(device: torch.device, dtype: torch.dtype, width: int) -> tuple:
+    """(width, forward FLOP/s, backward FLOP/s, forward s, backward s): the rate of each extra
+    decoder layer (from models of 1 and 3 layers) and the time of the rest of a step that does
+    not grow with depth (embedding, head, loss, masks; beyond its FLOPs at that rate)."""
+    f1, fwd1, bwd1 = _step_times(device, dtype, width, 1)
+    f3, fwd3, bwd3 = _step_times(device, dtype, width, 3)
+    layer_flops = f3 - f1
+    fwd_rate = layer_flops / max(fwd3 - fwd1, 1e-9)
+    bwd_rate = 2 * layer_flops / max(bwd3 - bwd1, 1e-9)
+    if fwd3 <= fwd1 or bwd3 <= bwd1:  # too noisy to tell: one rate for everything
+        fwd_rate, bwd_rate = f3 / fwd3, 2 * f3 / bwd3
+    return (width, fwd_rate, bwd_rate, max(0.0, fwd1 - f1 / fwd_rate), max(0.0, bwd1 - 2 * f1 / bwd_rate))
 
 
 @contextlib.contextmanager
