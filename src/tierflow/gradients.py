@@ -47,31 +47,34 @@ class GradientSink:
 
     def _accumulate(self, state: UnitState, slot: Slot, grad: torch.Tensor, fresh: bool, nbytes: int) -> None:
         try:
-            incoming = grad.detach().reshape(-1).to(FP32)
+            incoming = grad.detach().reshape(-1).to(FP32)  # the engine took `grad`: ours to reuse
             if state.home != "device":
                 self._count("device_to_host", nbytes)
             if fresh:
                 self.norms[slot.index] = torch.linalg.vector_norm(incoming)
-            piece_norms = []
-            for start, count in self.io.pieces(state, slot.offset, slot.numel):
+            pieces = list(self.io.pieces(state, slot.offset, slot.numel))
+            norm = None
+            for start, count in pieces:
                 window = self.io.open(state, ("grad",), start, count, read=not fresh)
                 try:
                     target = window.views[0]
-                    piece = incoming[start - slot.offset:start - slot.offset + count].to(target.device)
+                    part = incoming[start - slot.offset:start - slot.offset + count]
                     if fresh:
-                        target.copy_(piece)
+                        target.copy_(part.to(target.device))
                     else:
-                        target.add_(piece)
-                        piece_norms.append(torch.linalg.vector_norm(target))
+                        target.add_(part.to(target.device))
+                        if len(pieces) == 1:
+                            norm = torch.linalg.vector_norm(target)  # before the window is released
+                        else:  # gather the sum back: its norm is then taken in one piece
+                            part.copy_(target)
                 except BaseException:
                     self.io.close(window)
                     raise
                 self.io.close(window, write=("grad",))
             if not fresh:
-                # One window (always, in memory tiers) is exact; a parameter larger than a
-                # staging buffer combines its windows' norms (equal up to rounding).
-                self.norms[slot.index] = (piece_norms[0] if len(piece_norms) == 1
-                                          else torch.linalg.vector_norm(torch.stack(piece_norms)))
+                # The norm of the whole accumulated gradient, as torch takes it: a norm combined
+                # from windows' norms would differ in the last bit (it did on 16 threads).
+                self.norms[slot.index] = norm if norm is not None else torch.linalg.vector_norm(incoming)
         finally:
             self.device_budget.release(nbytes)
 

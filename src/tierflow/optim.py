@@ -48,7 +48,8 @@ def adamw_(master: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_
         grad.mul_(update.grad_scale.to(grad.device))  # clip_grad_norm_'s multiply, deferred to here
     hp = update.hp
     if hp.fused:
-        step = torch.tensor(float(update.step), dtype=torch.float32)  # the kernel reads, never bumps, it
+        # The kernel reads, never bumps, the step; on CUDA it must live beside the arrays.
+        step = torch.tensor(float(update.step), dtype=torch.float32, device=master.device)
         torch._fused_adamw_([master], [grad], [exp_avg], [exp_avg_sq], [], [step], lr=hp.lr,
                             beta1=hp.beta1, beta2=hp.beta2, weight_decay=hp.weight_decay, eps=hp.eps,
                             amsgrad=False, maximize=False)
