@@ -62,6 +62,15 @@ class ComputeDevice:
                                   f"`ulimit -l` or lower host_memory to keep it pinned.")
         return torch.empty(numel, dtype=dtype)
 
+    def to_host(self, tensor: torch.Tensor) -> torch.Tensor:
+        """A host copy of `tensor`; from a CUDA device through pinned memory (torch caches
+        those blocks), since a copy into pageable memory runs at a fraction of PCIe speed."""
+        if tensor.device.type != "cuda":
+            return tensor
+        out = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+        out.copy_(tensor)
+        return out
+
     def placeholder(self, dtype: torch.dtype) -> torch.Tensor:
         """A 0-dim NaN on the device: parameters whose data lives elsewhere expand it to their
         shape (right shape, dtype and device; one element of memory)."""

@@ -60,9 +60,9 @@ class GradientSink:
                     target = window.views[0]
                     part = incoming[start - slot.offset:start - slot.offset + count]
                     if fresh:
-                        target.copy_(part.to(target.device))
+                        target.copy_(part)  # straight into the (pinned) home or staging buffer
                     else:
-                        target.add_(part.to(target.device))
+                        target.add_(part if target.device == part.device else self.device.to_host(part))
                         if len(pieces) == 1:
                             norm = torch.linalg.vector_norm(target)  # before the window is released
                         else:  # gather the sum back: its norm is then taken in one piece
