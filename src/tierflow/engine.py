@@ -122,6 +122,10 @@ class Engine:
         self._counter_lock = threading.Lock()
         self._optimizer = None
         self._closed = False
+        # With every unit's weights permanently on the device nothing is ever fetched: the
+        # per-op on-demand check (a Python call per torch op, costly on a GPU) is skipped and
+        # updates are applied when a forward begins instead.
+        self.fetches_on_demand = any(home != "device" for home in self.plan.homes)
         self._handles = hooks.install(self, model, hooked)
 
     # ---- construction -----------------------------------------------------------------
@@ -217,8 +221,18 @@ class Engine:
         return getattr(self.module, name)
 
     def begin_forward(self) -> None:
+        if not self.fetches_on_demand and not self._scopes:
+            self._apply_device_updates()
         self.trace.begin()
         self._scopes.append([])
+
+    def _apply_device_updates(self) -> None:
+        """Apply every recorded update now, in use order (all units live on the device)."""
+        with self._engine_code():
+            queued = [uid for uid in sorted(range(len(self.units)), key=self.trace.position)
+                      if self.residency[uid].pending and self._start_fetch(uid, required=True)]
+            for uid in queued:
+                self._finish_fetch(uid)
 
     def end_forward(self) -> None:
         with self._engine_code():
@@ -248,7 +262,8 @@ class Engine:
     def ensure_resident(self, uid: int) -> None:
         """On-demand fetch of a parameter used outside its module (held until the scope ends)."""
         with self._engine_code():
-            if self.residency[uid].flat is not None and self.residency[uid].fetch is None:
+            res = self.residency[uid]
+            if res.flat is not None and res.fetch is None and not res.pending:
                 return
             self.trace.record(uid)
             self.acquire(uid)

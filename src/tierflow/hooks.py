@@ -13,6 +13,8 @@
 """
 from __future__ import annotations
 
+import contextlib
+
 from dataclasses import dataclass
 
 import torch
@@ -65,7 +67,7 @@ class ForwardContext:
 
     def enter(self) -> None:
         saved = torch.autograd.graph.saved_tensors_hooks(self.engine.pack_saved, self.engine.unpack_saved)
-        mode = OnDemandFetch(self.engine)
+        mode = OnDemandFetch(self.engine) if self.engine.fetches_on_demand else contextlib.nullcontext()
         saved.__enter__()
         mode.__enter__()
         self._stack.append((saved, mode))
