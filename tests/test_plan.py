@@ -226,3 +226,11 @@ def test_timeline_png_from_a_tiny_run(tmp_path, engines):
         warnings.simplefilter("ignore")
         path = save_timeline(engine, tmp_path / "out" / "timeline.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000
+
+
+def test_offload_plan_keyword_is_the_placement(tmp_path, engines):
+    engine = tierflow.offload(make_tiny("llama"), plan="host", **SMALL_UNITS)
+    engines.append(engine)
+    assert set(engine.plan.homes) == {"host"}
+    with pytest.raises(tierflow.ConfigError, match="disagree"):
+        tierflow.offload(make_tiny("llama"), plan="host", placement="device")

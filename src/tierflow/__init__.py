@@ -26,7 +26,7 @@ Engine.save_pretrained = save_pretrained  # engine.save_pretrained("out/"): Hugg
 
 
 def offload(model: nn.Module, device="cpu", device_memory=None, host_memory=None, nvme=None,
-            dtype=None, placement: str = "auto", source=None, **options) -> Engine:
+            dtype=None, placement: str = "auto", source=None, plan: str | None = None, **options) -> Engine:
     """Tier `model`'s parameters, gradients and AdamW state within the given budgets.
 
     Args:
@@ -36,7 +36,8 @@ def offload(model: nn.Module, device="cpu", device_memory=None, host_memory=None
         nvme: directory for state that fits neither budget (created if missing).
         dtype: compute dtype of weights on the device (default: the model's own); master
             weights and Adam moments stay fp32.
-        placement: "auto" (from the budgets) or force every unit's state into
+        plan / placement (the same knob; `plan` is its name in `tierflow plan`'s terms):
+            "auto" (the cost model's placement from the budgets) or force every unit's state into
             "device", "host" or "nvme".
         source: optional callable (parameter name) -> tensor with each parameter's initial
             value, read one tensor at a time (checkpoints, safetensors shards); the model's
@@ -47,6 +48,10 @@ def offload(model: nn.Module, device="cpu", device_memory=None, host_memory=None
     Returns the `Engine`; call it like the model. `model` may also be the path of a Hugging
     Face model directory: see `tierflow.load`.
     """
+    if plan is not None:
+        if placement not in ("auto", plan):
+            raise ConfigError(f"plan={plan!r} and placement={placement!r} disagree: pass one of them")
+        placement = plan
     if isinstance(model, (str, os.PathLike)) and os.path.isdir(model):
         return load(model, device=device, device_memory=device_memory, host_memory=host_memory, nvme=nvme,
                     dtype=dtype, placement=placement, **options)
