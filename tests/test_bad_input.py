@@ -170,6 +170,10 @@ def test_chunk_bytes_not_a_multiple_of_4096():
     expect(ConfigError, "chunk_bytes", "4096", chunk_bytes=5000)
 
 
+def test_unknown_update_device():
+    expect(ConfigError, "update_on", "'cpu'", "'device'", update_on="gpu")
+
+
 # ---------------------------------------------------------------------------- models
 
 class IntegerParam(nn.Module):

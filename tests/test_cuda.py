@@ -33,8 +33,9 @@ def _train(model, opt, clip, batches):
     return losses
 
 
+@pytest.mark.parametrize("update_on", ["cpu", "device"])
 @pytest.mark.parametrize("placement", ["device", "host", "nvme", "auto"])
-def test_cuda_matches_torch(tmp_path, placement):
+def test_cuda_matches_torch(tmp_path, placement, update_on):
     model = _tiny_llama()
     ref = copy.deepcopy(model).cuda()
     batches = [torch.randint(0, 96, (2, 16), device="cuda") for _ in range(5)]
@@ -42,9 +43,11 @@ def test_cuda_matches_torch(tmp_path, placement):
     expected = _train(ref, ref_opt, lambda: torch.nn.utils.clip_grad_norm_(ref.parameters(), 1.0), batches)
     kwargs = dict(placement=placement) if placement != "auto" else dict(
         device_memory="512KiB", host_memory="2MiB", unit_bytes="32KiB")
-    engine = tierflow.offload(model, device="cuda", nvme=tmp_path, **kwargs)
+    engine = tierflow.offload(model, device="cuda", nvme=tmp_path, update_on=update_on, **kwargs)
     opt = tierflow.AdamW(engine, lr=1e-3)
     got = _train(engine, opt, lambda: opt.clip_grad_norm_(1.0), batches)
+    if update_on == "device" and placement in ("host", "nvme"):  # AdamW ran on the GPU: counted copies
+        assert engine.io_stats()["host_to_device"] > 0
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
     state, ref_state = engine.state_dict(), ref.state_dict()
     for key in ref_state:
@@ -54,9 +57,10 @@ def test_cuda_matches_torch(tmp_path, placement):
     engine.close()
 
 
-def test_cuda_bf16_trains(tmp_path):
+@pytest.mark.parametrize("update_on", ["cpu", "device"])
+def test_cuda_bf16_trains(tmp_path, update_on):
     engine = tierflow.offload(_tiny_llama(), device="cuda", dtype=torch.bfloat16, device_memory="512KiB",
-                              host_memory="2MiB", nvme=tmp_path, unit_bytes="32KiB")
+                              host_memory="2MiB", nvme=tmp_path, unit_bytes="32KiB", update_on=update_on)
     opt = tierflow.AdamW(engine, lr=1e-2)
     ids = torch.randint(0, 96, (2, 16))
     losses = _train(engine, opt, lambda: opt.clip_grad_norm_(1.0), [ids] * 6)

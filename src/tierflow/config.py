@@ -108,6 +108,10 @@ class OffloadConfig:
         io_threads: threads issuing NVMe requests (4: reads and write-backs of the optimizer
             overlap; measured ~20% faster updates than 2 on a 2-core machine).
         direct_io: use O_DIRECT (None = when the file system supports it).
+        update_on: where AdamW runs for state homed in host memory or on NVMe: "cpu", or
+            "device" (the state is copied to the GPU, updated there and copied back: 16 B in
+            and 12 B out per parameter, faster than a memory-bound CPU AdamW over PCIe 4/5),
+            or "auto" (the device when it is a GPU and its budget has room, else the CPU).
     """
 
     device: torch.device
@@ -121,11 +125,12 @@ class OffloadConfig:
     staging_buffers: int = 8
     io_threads: int = 4
     direct_io: bool | None = None
+    update_on: str = "auto"
 
     @classmethod
     def create(cls, device="cpu", device_memory=None, host_memory=None, nvme=None, dtype=None,
                unit_bytes=None, prefetch_bytes=None, chunk_bytes=None, staging_buffers=8,
-               io_threads=4, direct_io=None) -> "OffloadConfig":
+               io_threads=4, direct_io=None, update_on="auto") -> "OffloadConfig":
         """Parse and validate user-facing values (sizes as strings or ints).
 
         `chunk_bytes` defaults to 8 MiB, less when the host budget is small: the staging
@@ -146,6 +151,8 @@ class OffloadConfig:
                               f"compute-dtype weights at once")
         if int(io_threads) < 1:
             raise ConfigError("io_threads must be at least 1")
+        if update_on not in ("auto", "cpu", "device"):
+            raise ConfigError(f"update_on must be 'auto', 'cpu' or 'device', got {update_on!r}")
         return cls(
             device=parse_device(device),
             device_memory=parse_size(device_memory, what="device_memory"),
@@ -158,4 +165,5 @@ class OffloadConfig:
             staging_buffers=int(staging_buffers),
             io_threads=int(io_threads),
             direct_io=direct_io,
+            update_on=update_on,
         )

@@ -45,6 +45,7 @@ from .storage import BufferPool, NvmeStore
 from .tiers import ARRAY_CLASS, FP32, StateIO, UnitState
 from .trace import Trace
 
+SCRATCH_ELEMENTS = 1 << 22  # per device buffer of a GPU-side AdamW of host/NVMe state (4 x 16 MiB)
 BUDGET_WAIT_S = 120.0  # how long a fetch waits for in-flight gradients to free device memory
 
 
@@ -302,8 +303,22 @@ class Engine:
         if nbytes and not self._reserve_device(nbytes, what, required):
             res.pending = pending
             return False
-        res.fetch = self._transfer.submit(self._fetch_job, uid, pending, nbytes > 0)
+        scratch = self._reserve_update_scratch(uid, pending) if nbytes else 0
+        res.fetch = self._transfer.submit(self._fetch_job, uid, pending, nbytes > 0, scratch)
         return True
+
+    def _reserve_update_scratch(self, uid: int, pending: list) -> int:
+        """Elements per device scratch buffer for running this unit's AdamW on the GPU (see
+        `update_on`), reserved from the device budget; 0: the update runs on the CPU."""
+        unit = self.units[uid]
+        if (not self.device.is_cuda or self.cfg.update_on == "cpu" or not pending
+                or len(pending) != len(unit.slots)):
+            return 0
+        numel = min(max(u.slot.numel for u in pending), SCRATCH_ELEMENTS)
+        required = self.cfg.update_on == "device"
+        if not self._reserve_device(4 * numel * 4, f"AdamW scratch of unit '{unit.name}'", required):
+            return 0
+        return numel
 
     def _update_now(self, uid: int) -> None:
         """Apply the unit's recorded updates without bringing its weights to the device."""
@@ -324,7 +339,7 @@ class Engine:
             self.device.mark_used_by_compute(flat)
             self._attach(uid)
 
-    def _fetch_job(self, uid: int, pending: list, copy: bool):
+    def _fetch_job(self, uid: int, pending: list, copy: bool, scratch_numel: int = 0):
         """Transfer thread: apply recorded AdamW updates, then copy weights to the device.
 
         When the updates cover every parameter of the unit, the updated windows are copied
@@ -335,14 +350,26 @@ class Engine:
         with self.device.side_stream():
             if pending:
                 with self.events.span("update", unit.name, 28 * sum(u.slot.numel for u in pending)):
-                    apply_updates(self.io, self.device, state, pending, flat if covered else None)
+                    scratch = None
+                    try:
+                        if scratch_numel:
+                            scratch = [self.device.empty(scratch_numel, torch.float32) for _ in range(4)]
+                        apply_updates(self.io, self.device, state, pending, flat if covered else None, scratch)
+                    finally:
+                        if scratch_numel:  # apply_updates synchronised: the scratch is free
+                            scratch = None
+                            self.budgets["device"].release(16 * scratch_numel)
+                if scratch_numel:
+                    self._count("host_to_device", 16 * sum(u.slot.numel for u in pending))
+                    self._count("device_to_host", 12 * sum(u.slot.numel for u in pending))
             if not copy:  # device-resident: the compute stream must still wait for the update
                 return self._device_view(uid), self.device.record_event()
             if not (pending and covered):
                 with self.events.span("fetch", unit.name, flat.numel() * flat.element_size()):
                     self.io.read_into(state, "weights" if "weights" in state.arrays else "master", flat)
             event = self.device.record_event()
-        self._count("host_to_device", flat.numel() * flat.element_size())
+        if not scratch_numel:  # (a GPU-side update counted its own copies)
+            self._count("host_to_device", flat.numel() * flat.element_size())
         return flat, event
 
     def _reserve_device(self, nbytes: int, what: str, required: bool) -> bool:

@@ -67,12 +67,33 @@ def adamw_(master: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_
     master.addcdiv_(exp_avg, denom, value=-step_size)
 
 
-def apply_updates(io, device, state, pending: list, flat: torch.Tensor | None = None) -> None:
+def adamw_via_device(views, update: PendingUpdate, scratch: list, out: torch.Tensor) -> None:
+    """AdamW of host-side arrays (a home array or an NVMe staging window) run on the GPU: each
+    chunk of master, gradient and moments is copied into `scratch` (four fp32 device buffers),
+    updated by the device's kernel and copied back; the new weights also go to `out` (the
+    unit's device buffer). The copies are queued on the current stream: synchronise before
+    the host reads the arrays."""
+    master, _grad, exp_avg, exp_avg_sq = views
+    chunk = scratch[0].numel()
+    for a in range(0, master.numel(), chunk):
+        b = min(a + chunk, master.numel())
+        dev = [buf[:b - a] for buf in scratch]
+        for target, source in zip(dev, views):
+            target.copy_(source[a:b], non_blocking=True)
+        adamw_(*dev, update)
+        for target, source in ((master, dev[0]), (exp_avg, dev[2]), (exp_avg_sq, dev[3])):
+            target[a:b].copy_(source, non_blocking=True)
+        out[a:b].copy_(dev[0], non_blocking=True)
+
+
+def apply_updates(io, device, state, pending: list, flat: torch.Tensor | None = None,
+                  scratch: list | None = None) -> None:
     """Run AdamW over each updated parameter of one unit, window by window, in its home tier.
 
     Lower-precision compute weights are rewritten from the new master weights; with `flat`
     (the unit's device buffer) each updated window is also copied there as it is produced.
     On NVMe the next window is read while the current one is computed and written back.
+    With `scratch` (device buffers, and `flat` given) the arithmetic runs on the GPU.
     """
     names = ("master", "grad", "exp_avg", "exp_avg_sq")
     by_start = {}
@@ -86,19 +107,28 @@ def apply_updates(io, device, state, pending: list, flat: torch.Tensor | None = 
         for window in io.windows(state, names, ranges):
             start, count = window.start, window.views[0].numel()
             try:
-                adamw_(*window.views, by_start[start])
+                staged = bool(window.buffers)
+                if scratch is not None:
+                    adamw_via_device(window.views, by_start[start], scratch, flat[start:start + count])
+                else:
+                    adamw_(*window.views, by_start[start])
                 if "weights" in state.arrays:
                     weights = io.open(state, ("weights",), start, count, read=False)
-                    weights.views[0].copy_(window.views[0])
-                    writes += io.close(weights, write=("weights",), wait=False)
-                if flat is not None:
+                    staged = staged or bool(weights.buffers)
+                    source = flat[start:start + count] if scratch is not None else window.views[0]
+                    weights.views[0].copy_(source, non_blocking=scratch is not None)
+                if flat is not None and scratch is None:
                     flat[start:start + count].copy_(window.views[0], non_blocking=True)
-                    if window.buffers:  # the staging buffer is reused once written back
-                        device.synchronize_event(device.record_event())
+                if staged:  # staging buffers are written back and reused once the copies are done
+                    device.synchronize_event(device.record_event())
+                if "weights" in state.arrays:
+                    writes += io.close(weights, write=("weights",), wait=False)
             except BaseException:
                 io.discard(window)
                 raise
             writes += io.close(window, write=("master", "exp_avg", "exp_avg_sq"), wait=False)
+        if scratch is not None:  # the host arrays are final before anyone reads them
+            device.synchronize_event(device.record_event())
     finally:
         wait_all(writes)
 
