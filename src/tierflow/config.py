@@ -109,9 +109,9 @@ class OffloadConfig:
             overlap; measured ~20% faster updates than 2 on a 2-core machine).
         direct_io: use O_DIRECT (None = when the file system supports it).
         update_on: where AdamW runs for state homed in host memory or on NVMe: "cpu", or
-            "device" (the state is copied to the GPU, updated there and copied back: 16 B in
-            and 12 B out per parameter, faster than a memory-bound CPU AdamW over PCIe 4/5),
-            or "auto" (the device when it is a GPU and its budget has room, else the CPU).
+            "device"/"auto" (on a GPU whose budget has room for 4 scratch buffers: the state
+            is copied to the GPU, updated there and copied back, 16 B in and 12 B out per
+            parameter over PCIe, else on the CPU). On a CPU device all three are the same.
     """
 
     device: torch.device

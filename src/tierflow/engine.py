@@ -315,8 +315,9 @@ class Engine:
                 or len(pending) != len(unit.slots)):
             return 0
         numel = min(max(u.slot.numel for u in pending), SCRATCH_ELEMENTS)
-        required = self.cfg.update_on == "device"
-        if not self._reserve_device(4 * numel * 4, f"AdamW scratch of unit '{unit.name}'", required):
+        # Never required: a budget with no room left runs the update on the CPU instead of
+        # waiting for memory (the plan reserves none for it).
+        if not self._reserve_device(4 * numel * 4, f"AdamW scratch of unit '{unit.name}'", False):
             return 0
         return numel
 
