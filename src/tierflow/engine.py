@@ -303,6 +303,11 @@ class Engine:
         if nbytes and not self._reserve_device(nbytes, what, required):
             res.pending = pending
             return False
+        if not nbytes and self.device.is_cuda:
+            # A GPU-resident unit's update is a few queued kernels: cheaper than a thread hand-off.
+            res.fetch = Future()
+            res.fetch.set_result(self._fetch_job(uid, pending, False))
+            return True
         scratch = self._reserve_update_scratch(uid, pending) if nbytes else 0
         res.fetch = self._transfer.submit(self._fetch_job, uid, pending, nbytes > 0, scratch)
         return True

@@ -38,6 +38,10 @@ class GradientSink:
         """Queue one gradient; `nbytes` of device budget are released once it has left."""
         fresh = slot.index not in self.has_grad
         self.has_grad.add(slot.index)
+        if state.home == "device" and self.device.is_cuda:
+            # Into a GPU-resident home: a few queued kernels; a thread hand-off would cost more.
+            self._drain(state, slot, grad, fresh, nbytes)
+            return
         self._futures.append(self._executor.submit(self._drain, state, slot, grad, fresh, nbytes))
 
     def _drain(self, state: UnitState, slot: Slot, grad: torch.Tensor, fresh: bool, nbytes: int) -> None:
