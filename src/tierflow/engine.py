@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from . import hooks
+from . import distributed, hooks
 from .budget import Budget
 from .config import OffloadConfig
 from .device import ComputeDevice
@@ -82,10 +82,13 @@ class Engine:
         if source is not None:
             self._replace_meta_parameters()
         unit_bytes = cfg.unit_bytes or _default_unit_bytes(cfg, model)
-        self.units, hooked = partition(model, unit_bytes, allow_meta=source is not None)
+        self.dist = distributed.detect()  # data-parallel ranks sharing the state, or None
+        world = self.dist.world if self.dist else 1
+        self.units, hooked = partition(model, unit_bytes, allow_meta=source is not None, world_size=world)
         self.param_owner = {id(s.param): u.uid for u in self.units for s in u.slots}
         buffer_bytes = sum(b.numel() * b.element_size() for b in model.buffers())
-        self.plan: Placement = plan_placement(self.units, cfg, self.compute_dtype, buffer_bytes, placement)
+        self.plan: Placement = plan_placement(self.units, cfg, self.compute_dtype, buffer_bytes, placement,
+                                              world_size=world)
         self.nvme = self._open_nvme()
         try:
             self._setup(model, source, buffer_bytes, hooked)
@@ -112,7 +115,7 @@ class Engine:
         self._lock = threading.RLock()
         self._transfer = ThreadPoolExecutor(1, thread_name_prefix="tierflow-transfer")
         self.grads = GradientSink(self._drain_io, self.budgets["device"], self.device, self._count,
-                                  self.events)
+                                  self.events, self.dist, self.units)
         self._scopes: list[list[int]] = []
         self._module_starts: list[float] = []
         self._backward_holds: set[int] = set()
@@ -172,7 +175,8 @@ class Engine:
         """Copy each parameter (or its value from `source`) into its unit's home tier. Only once
         every unit is in place are the originals freed: a failure (disk full...) loses nothing."""
         for unit, home in zip(self.units, self.plan.homes):
-            state = self.io.allocate(unit, home, self.compute_dtype)
+            shard = self.dist.shard(unit.numel) if self.dist else None
+            state = self.io.allocate(unit, home, self.compute_dtype, shard)
             self.states.append(state)
             for slot in unit.slots:
                 data = slot.param.detach() if source is None else _checked(source(slot.name), slot)
@@ -183,7 +187,7 @@ class Engine:
         for unit, home in zip(self.units, self.plan.homes):
             for slot in unit.slots:
                 slot.param.data = self._placeholder(slot)
-            if home == "device":  # weights stay put: the device buffer is the state itself
+            if self._is_permanent(unit.uid):  # weights stay put: the device buffer is the state itself
                 self.residency[unit.uid].flat = self._device_view(unit.uid)
                 self._attach(unit.uid)
 
@@ -267,6 +271,11 @@ class Engine:
             self._finish_fetch(uid)
         res.refs += 1
         res.last_use = next(self._tick)
+        if self.dist is not None and res.refs == 1:
+            # Every rank takes its first hold of a unit at the same point of the model, so
+            # the all-gathers line up (cached copies are re-gathered: deterministic, not lazy).
+            state = self.states[uid]
+            self.dist.gather(res.flat, state.base, state.limit, self.units[uid].name)
         return res.flat
 
     def release(self, uid: int) -> None:
@@ -276,7 +285,8 @@ class Engine:
         assert res.refs >= 0, f"unit {self.units[uid].name} released more often than acquired"
 
     def _is_permanent(self, uid: int) -> bool:
-        return self.plan.homes[uid] == "device"
+        # A rank's device-resident state is only its shard: the full weights are gathered.
+        return self.plan.homes[uid] == "device" and self.dist is None
 
     def _start_fetch(self, uid: int, required: bool) -> bool:
         """Queue the job that applies pending updates and fills the device buffer."""
@@ -511,7 +521,7 @@ class Engine:
     def read_array(self, unit: Unit, slot: Slot, name: str = "master") -> torch.Tensor:
         """One parameter's slice of an array ('master', 'exp_avg', 'exp_avg_sq', 'grad'), as a
         new fp32 CPU tensor of the parameter's shape. Call `flush()` first for current values."""
-        out = torch.empty(slot.numel, dtype=FP32)
+        out = torch.empty(slot.numel, dtype=FP32) if self.dist is None else torch.zeros(slot.numel, dtype=FP32)
         state = self.states[unit.uid]
         for start, count in self.io.pieces(state, slot.offset, slot.numel):
             window = self.io.open(state, (name,), start, count)
@@ -519,6 +529,8 @@ class Engine:
                 out[start - slot.offset:start - slot.offset + count].copy_(window.views[0])
             finally:
                 self.io.close(window)
+        if self.dist is not None:  # every element is on exactly one rank: the sum assembles it
+            self.dist.all_reduce_sum(out, f"all-reduce assembling {slot.name}")
         return out.view(slot.shape)
 
     def write_array(self, unit: Unit, slot: Slot, name: str, value: torch.Tensor) -> None:
