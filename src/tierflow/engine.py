@@ -543,7 +543,8 @@ class Engine:
             res = self.residency[unit.uid]
             if res.refs:
                 raise TierflowError("cannot overwrite state while a forward or backward pass uses it")
-            self.io.write_from(state, name, value.to(state.dtypes[name]), slot.offset)
+            # (a rank whose shard holds no trainable elements has no moment arrays: nothing to write)
+            self.io.write_from(state, name, value.to(state.dtypes.get(name, FP32)), slot.offset)
             if name == "master" and "weights" in state.arrays:
                 self.io.write_from(state, "weights", value.to(self.compute_dtype), slot.offset)
             if name == "master" and res.flat is not None and not self._is_permanent(unit.uid):
