@@ -129,3 +129,26 @@ def test_a_dead_rank_fails_the_others_with_a_clear_error(tmp_path):
     assert code0 != 0
     assert "TierflowError: rank 0/2:" in out0 and "another rank has probably died" in out0, out0[-2000:]
     assert wall < 50
+
+
+def test_plan_counts_one_rank_share_and_the_collective_traffic():
+    from conftest import make_tiny
+
+    from tierflow.config import OffloadConfig
+    from tierflow.cost import class_bytes, collective_bytes
+    from tierflow.layout import partition
+    from tierflow.plan import plan_placement
+
+    model = make_tiny("llama")
+    cfg = OffloadConfig.create(host_memory="64MiB")
+    totals = {}
+    for world in (1, 4):
+        units, _ = partition(model, 2**20, world_size=world)
+        plan = plan_placement(units, cfg, torch.float32, 0, "host", world_size=world)
+        table = class_bytes(units, plan, torch.float32, 0, world_size=world)
+        totals[world] = table["host"]["master"] + table["host"]["moments"]
+        moved = collective_bytes(units, torch.float32, world)
+        weights = sum(4 * u.numel for u in units)
+        assert moved == {"all_gather": 2 * (world - 1) * weights // world,
+                         "reduce_scatter": (world - 1) * weights // world}
+    assert totals[4] <= totals[1] / 4 + 3 * 4 * 2048 * 4  # a quarter, plus alignment padding
