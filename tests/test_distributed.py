@@ -18,7 +18,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from tierflow.distributed import Dist  # noqa: F401  (the module imports without a process group)
 
 WORKER = str(Path(__file__).with_name("dist_worker.py"))
 SRC = str(Path(__file__).resolve().parents[1] / "src")

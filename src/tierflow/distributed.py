@@ -32,6 +32,7 @@ from .errors import TierflowError
 
 TIMEOUT_ENV = "TIERFLOW_DIST_TIMEOUT"  # seconds a collective may wait for the other ranks
 DEFAULT_TIMEOUT_S = 300.0
+SINGLE_RANK_ENV = "TIERFLOW_SHARD_SINGLE_RANK"  # "1": shard even a world of one (benchmarks, NCCL tests)
 
 
 def timeout() -> datetime.timedelta:
@@ -160,6 +161,8 @@ def _reduce_scatter(out, bucket, group) -> None:
 
 def detect() -> Dist | None:
     """The engine's collectives when a process group with more than one rank is initialised."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+    if not (dist.is_available() and dist.is_initialized()):
         return None
+    if dist.get_world_size() < 2 and os.environ.get(SINGLE_RANK_ENV) != "1":
+        return None  # one rank: the plain engine, bit for bit
     return Dist()
