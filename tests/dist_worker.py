@@ -25,18 +25,21 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4, help="global batch (rows), split over the ranks")
     ap.add_argument("--save", default=None, help="save a checkpoint after the steps")
     ap.add_argument("--resume", default=None, help="resume from this checkpoint first")
+    ap.add_argument("--arch", default="llama", help="tiny model: llama, or gpt2 (tied embeddings)")
     ap.add_argument("--die-at-step", type=int, default=None, help="rank 1 exits abruptly at this step")
     args = ap.parse_args()
 
     distributed.init_from_env("cpu")
+    torch.manual_seed(0)
     rank, world = distributed.rank(), distributed.world_size()
     nvme = os.path.join(args.nvme, f"rank{rank}") if args.nvme else None
     options = dict(device="cpu", nvme=nvme, placement=args.placement, **SMALL_UNITS)
     if args.resume:
-        engine, opt = tierflow.resume(args.resume, model=make_tiny("llama"), **options)
+        engine, opt = tierflow.resume(args.resume, model=make_tiny(args.arch), **options)
     else:
-        engine = tierflow.offload(make_tiny("llama"), **options)
+        engine = tierflow.offload(make_tiny(args.arch), **options)
         opt = tierflow.AdamW(engine, lr=1e-2, weight_decay=0.1)
+    engine.eval()  # no dropout: ranks and the whole batch draw different masks
     batches = make_batches(args.steps, batch=args.batch, seed=7 if args.resume else 1)
     per_rank = args.batch // world
     losses, norms = [], []

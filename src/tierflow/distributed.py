@@ -14,7 +14,8 @@ and Adam moments in its own tiers (`tiers.StateIO` clips every window to it).
 - clipping: the global norm is the all-reduced sum of squared shard norms.
 
 Every rank issues the same collectives in the same order: gathers from the thread
-that runs the model, in acquire order (model order); reduce-scatters from the drain
+that runs the model, when a unit is first held (model order) or, one unit ahead, when
+the unit before it is (trace order; `gather_ahead`); reduce-scatters from the drain
 thread, in autograd's gradient order, on their own process group so the two
 streams never interleave on one group. A failed or timed-out collective (a dead
 rank) raises `TierflowError` naming the rank and the operation.
@@ -87,6 +88,7 @@ class Dist:
         # One group per issuing thread: collectives of different threads never interleave.
         self.main = dist.new_group(timeout=timeout())
         self.drain = dist.new_group(timeout=timeout())
+        self._gathered: dict[int, object] = {}  # unit id -> True, or (work, input) in flight
 
     def shard(self, numel: int) -> Shard:
         size = numel // self.world
@@ -104,13 +106,36 @@ class Dist:
                 f"responding (collective timeout {timeout().total_seconds():.0f} s, ${TIMEOUT_ENV}): "
                 f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from exc
 
-    def gather(self, flat: torch.Tensor, lo: int, hi: int, name: str) -> None:
-        """All-gather a unit's weights in place: `flat[lo:hi]` holds this rank's part."""
+    def gather(self, uid: int, flat: torch.Tensor, lo: int, hi: int, name: str) -> None:
+        """Complete unit `uid`'s weights in `flat` (whose [lo, hi) holds this rank's part):
+        wait for the all-gather started by `gather_ahead`, or all-gather now."""
+        state = self._gathered.get(uid)
+        if state is None:
+            self.gather_ahead(uid, flat, lo, hi, name)
+            state = self._gathered[uid]
+        if state is not True:
+            self._run(f"all-gather of the weights of unit '{name}'", state[0].wait)
+            self._gathered[uid] = True
+
+    def gather_ahead(self, uid: int, flat: torch.Tensor, lo: int, hi: int, name: str) -> None:
+        """Start the in-place all-gather of unit `uid` (overlapping the compute of the unit
+        before it); `gather` waits for it."""
         local = flat[lo:hi]
         if self.backend != "nccl":
             local = local.clone()  # gloo does not take an input aliasing the output
-        self._run(f"all-gather of the weights of unit '{name}'",
-                  lambda: _all_gather(flat, local, self.main))
+        work = self._run(f"all-gather of the weights of unit '{name}'",
+                         lambda: _all_gather(flat, local, self.main, async_op=True))
+        self._gathered[uid] = (work, local)  # the input must live until the gather is done
+
+    def is_gathered(self, uid: int) -> bool:
+        """True from the start of a unit's all-gather until `forget`."""
+        return uid in self._gathered
+
+    def forget(self, uid: int) -> None:
+        """The unit's buffer no longer counts as gathered (released, or evicted)."""
+        state = self._gathered.pop(uid, None)
+        if state is not None and state is not True:
+            self._run("all-gather of the weights of a unit being evicted", state[0].wait)
 
     def reduce_scatter(self, bucket: torch.Tensor, name: str) -> torch.Tensor:
         """Average a unit's full gradient bucket over ranks; returns this rank's shard."""
@@ -149,9 +174,9 @@ class Dist:
         return out
 
 
-def _all_gather(out, local, group) -> None:
+def _all_gather(out, local, group, async_op: bool = False):
     fn = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-    fn(out, local, group=group)
+    return fn(out, local, group=group, async_op=async_op)
 
 
 def _reduce_scatter(out, bucket, group) -> None:

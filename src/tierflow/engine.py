@@ -237,6 +237,7 @@ class Engine:
                 self.trace.record(uid)
                 self.acquire(uid)
             self._prefetch(self.trace.after(max(uids, key=self.trace.position)))
+            self._gather_ahead(self.trace.after(max(uids, key=self.trace.position)))
             self._scopes.append([])
 
     def exit_module(self, uids: list[int]) -> None:
@@ -252,7 +253,8 @@ class Engine:
     def ensure_resident(self, uid: int) -> None:
         """On-demand fetch of a parameter used outside its module (held until the scope ends)."""
         with self._engine_code():
-            if self.residency[uid].flat is not None and self.residency[uid].fetch is None:
+            if self.residency[uid].flat is not None and self.residency[uid].fetch is None and (
+                    self.dist is None or self.residency[uid].refs):  # ranks: only a held unit is gathered
                 return
             self.trace.record(uid)
             self.acquire(uid)
@@ -275,14 +277,31 @@ class Engine:
             # Every rank takes its first hold of a unit at the same point of the model, so
             # the all-gathers line up (cached copies are re-gathered: deterministic, not lazy).
             state = self.states[uid]
-            self.dist.gather(res.flat, state.base, state.limit, self.units[uid].name)
+            self.dist.gather(uid, res.flat, state.base, state.limit, self.units[uid].name)
         return res.flat
+
+    def _gather_ahead(self, upcoming: list[int]) -> None:
+        """Distributed: start the all-gather of the next unit in trace order while the current
+        one computes. Decided from trace order and holds only, so every rank does the same."""
+        if self.dist is None or not upcoming:
+            return
+        uid, res = upcoming[0], self.residency[upcoming[0]]
+        if res.refs or self.dist.is_gathered(uid):
+            return
+        if res.fetch is None and (res.flat is None or res.pending):
+            self._start_fetch(uid, required=True)
+        if res.fetch is not None:
+            self._finish_fetch(uid)
+        state = self.states[uid]
+        self.dist.gather_ahead(uid, res.flat, state.base, state.limit, self.units[uid].name)
 
     def release(self, uid: int) -> None:
         """Drop one hold; the unit stays cached until its device memory is needed."""
         res = self.residency[uid]
         res.refs -= 1
         assert res.refs >= 0, f"unit {self.units[uid].name} released more often than acquired"
+        if self.dist is not None and res.refs == 0:
+            self.dist.forget(uid)  # the next first hold gathers again
 
     def _is_permanent(self, uid: int) -> bool:
         # A rank's device-resident state is only its shard: the full weights are gathered.
@@ -364,7 +383,7 @@ class Engine:
         budget = self.budgets["device"]
         candidates = [uid for uid, res in enumerate(self.residency)
                       if res.refs == 0 and res.fetch is None and res.flat is not None
-                      and not self._is_permanent(uid)]
+                      and not self._is_permanent(uid) and not (self.dist and self.dist.is_gathered(uid))]
         evicted = False
         for uid in eviction_order(candidates, lambda u: self.residency[u].last_use):
             if budget.room() >= nbytes:
@@ -375,6 +394,8 @@ class Engine:
 
     def _evict(self, uid: int) -> None:
         res = self.residency[uid]
+        if self.dist is not None:
+            self.dist.forget(uid)
         for slot in self.units[uid].slots:
             slot.param.data = self._placeholder(slot)
         self._storage_owner.pop(res.flat.untyped_storage().data_ptr(), None)
@@ -422,6 +443,7 @@ class Engine:
                 self.acquire(uid)
                 self.residency[uid].grads_left = sum(s.trainable for s in self.units[uid].slots)
                 self._prefetch(self.trace.before(uid))
+                self._gather_ahead(self.trace.before(uid))
             flat = self.residency[uid].flat
         return flat.as_strided(saved.size, saved.stride, saved.offset)
 
