@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import time
 from dataclasses import dataclass
 
 import torch
@@ -89,6 +90,8 @@ class Dist:
         self.main = dist.new_group(timeout=timeout())
         self.drain = dist.new_group(timeout=timeout())
         self._gathered: dict[int, object] = {}  # unit id -> True, or (work, input) in flight
+        # Seconds each thread spent blocked in collectives, and bytes received (benchmarks).
+        self.stats = {"gather_wait_s": 0.0, "reduce_scatter_s": 0.0, "gathered_bytes": 0, "scattered_bytes": 0}
 
     def shard(self, numel: int) -> Shard:
         size = numel // self.world
@@ -114,7 +117,9 @@ class Dist:
             self.gather_ahead(uid, flat, lo, hi, name)
             state = self._gathered[uid]
         if state is not True:
+            start = time.perf_counter()
             self._run(f"all-gather of the weights of unit '{name}'", state[0].wait)
+            self.stats["gather_wait_s"] += time.perf_counter() - start
             self._gathered[uid] = True
 
     def gather_ahead(self, uid: int, flat: torch.Tensor, lo: int, hi: int, name: str) -> None:
@@ -125,6 +130,7 @@ class Dist:
             local = local.clone()  # gloo does not take an input aliasing the output
         work = self._run(f"all-gather of the weights of unit '{name}'",
                          lambda: _all_gather(flat, local, self.main, async_op=True))
+        self.stats["gathered_bytes"] += (flat.numel() - local.numel()) * flat.element_size()
         self._gathered[uid] = (work, local)  # the input must live until the gather is done
 
     def is_gathered(self, uid: int) -> bool:
@@ -140,8 +146,11 @@ class Dist:
     def reduce_scatter(self, bucket: torch.Tensor, name: str) -> torch.Tensor:
         """Average a unit's full gradient bucket over ranks; returns this rank's shard."""
         out = torch.empty(bucket.numel() // self.world, dtype=bucket.dtype, device=bucket.device)
+        start = time.perf_counter()
         self._run(f"reduce-scatter of the gradients of unit '{name}'",
                   lambda: _reduce_scatter(out, bucket, self.drain))
+        self.stats["reduce_scatter_s"] += time.perf_counter() - start
+        self.stats["scattered_bytes"] += (bucket.numel() - out.numel()) * bucket.element_size()
         return out.div_(self.world)
 
     def all_reduce_sum(self, tensor: torch.Tensor, what: str) -> torch.Tensor:

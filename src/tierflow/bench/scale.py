@@ -59,6 +59,11 @@ def run_scale_bench(model: str = "llama-100m", ranks=(1, 2), steps: int = 6, war
               f"{time.perf_counter() - start:.0f} s]: step {slowest:.3f} s, {tokens / slowest:,.0f} tokens/s; "
               f"per rank: state {_mib(reports[0]['state_bytes'])} MiB, peak RSS "
               f"{_mib(max(r['peak_rss'] for r in reports))} MiB, losses {reports[0]['losses']}")
+        comm = reports[0].get("collectives_per_step")
+        if comm:
+            print(f"  collectives per step (rank 0): all-gather {_mib(comm['gathered_bytes'])} MiB received, "
+                  f"{comm['gather_wait_s']:.3f} s waited by compute; reduce-scatter "
+                  f"{_mib(comm['scattered_bytes'])} MiB, {comm['reduce_scatter_s']:.3f} s on the drain thread")
     rows = []
     base = results[ranks[0]]
     for world in ranks[1:]:
@@ -96,7 +101,10 @@ def _worker(args) -> None:
     opt = tierflow.AdamW(engine, lr=1e-4)
     gen = torch.Generator().manual_seed(1000 + rank)
     times, losses = [], []
+    comm_before = None
     for step in range(args.steps):
+        if step == args.warmup and engine.dist is not None:
+            comm_before = dict(engine.dist.stats)
         ids = torch.randint(0, 256, (args.batch_size, args.seq_len), generator=gen).to(args.device)
         start = time.perf_counter()
         loss = engine(input_ids=ids, labels=ids).loss
@@ -115,6 +123,9 @@ def _worker(args) -> None:
               "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
               "backend": torch.distributed.get_backend() if torch.distributed.is_initialized() else "none",
               "sharded": engine.dist is not None, "threads": torch.get_num_threads()}
+    if comm_before is not None:  # per measured step: blocked seconds and bytes received
+        measured = args.steps - args.warmup
+        report["collectives_per_step"] = {k: (v - comm_before[k]) / measured for k, v in engine.dist.stats.items()}
     if args.device.startswith("cuda"):
         report["cuda_peak_bytes"] = torch.cuda.max_memory_allocated()
     engine.close()
