@@ -21,10 +21,17 @@ both run, each loses the measured fraction (`Calibration.contention`) of its spe
 and I/O slows down beside compute too. Compute time is FLOPs over the measured rate
 of a reference model, plus the engine's measured bookkeeping per unit. `simulate`
 plays a phase event by event with these rules.
+
+With N data-parallel ranks (`world_size`, distributed.py) each rank keeps 1/N of
+every unit's state, updates and fetches only that shard, and per step moves over
+the network (ring collectives, per rank): the weights all-gathered twice (forward
+and backward; the engine gathers on the compute thread, so this time adds to the
+compute of the unit) and the fp32 gradients reduce-scattered once (on the drain
+thread, beside backward). `collective_bytes` and `collective_seconds` give that traffic.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -35,6 +42,7 @@ from .tiers import ALIGN, ARRAY_CLASS, array_specs
 
 CLASSES = ("weights", "master", "grads", "moments", "activations", "buffers", "working", "staging")
 ADAMW_READ, ADAMW_WRITE = 16, 12  # fp32 bytes per parameter an AdamW step reads / writes
+LINK_LATENCY_S = 10e-6  # per hop of a ring collective (NCCL over InfiniBand/NVLink: a few microseconds)
 
 
 @dataclass(frozen=True)
@@ -58,6 +66,7 @@ class StepPrediction:
     forward_s: float
     backward_s: float
     bottleneck: str
+    collective_s: float = 0.0  # all-gathers and reduce-scatters of data-parallel ranks (alone)
 
 
 @dataclass(frozen=True)
@@ -128,11 +137,12 @@ def _median_width(model: torch.nn.Module) -> int:
 # ---- bytes ------------------------------------------------------------------------------
 
 def class_bytes(units: list[Unit], placement: Placement, compute_dtype: torch.dtype,
-                buffer_bytes: int, activation_bytes: int = 0) -> dict[str, dict[str, int]]:
-    """tier -> tensor class -> bytes the plan puts there (NVMe: extents, 4 KiB rounded)."""
+                buffer_bytes: int, activation_bytes: int = 0, world_size: int = 1) -> dict[str, dict[str, int]]:
+    """tier -> tensor class -> bytes the plan puts there (NVMe: extents, 4 KiB rounded); with
+    several ranks, what rank 0 (the largest share of trainable state) holds."""
     table = {tier: dict.fromkeys(CLASSES, 0) for tier in TIERS}
     for unit, home in zip(units, placement.homes):
-        for name, (numel, dtype) in array_specs(unit, compute_dtype).items():
+        for name, (numel, dtype) in array_specs(shard_unit(unit, world_size), compute_dtype).items():
             nbytes = numel * dtype.itemsize
             if home == "nvme":
                 nbytes = -(-nbytes // ALIGN) * ALIGN
@@ -156,14 +166,17 @@ def grads_in_flight(units: list[Unit], compute_dtype: torch.dtype) -> int:
 
 
 def peak_bytes(units: list[Unit], placement: Placement, compute_dtype: torch.dtype, buffer_bytes: int,
-               device_capacity: int | None) -> dict[str, int]:
+               device_capacity: int | None, world_size: int = 1) -> dict[str, int]:
     """Peak accounted bytes per tier (what `engine.budget_peaks()` reports; NVMe: file size).
 
     Device: buffers and device-resident state for good, plus the weights fetched in a step
     (cached until opt.step() or until the budget needs the room) and gradients in flight."""
-    state = class_bytes(units, placement, compute_dtype, buffer_bytes)
+    state = class_bytes(units, placement, compute_dtype, buffer_bytes, world_size=world_size)
     resident = buffer_bytes + placement.tier_bytes["device"]
-    moving = streamed_bytes(units, placement, compute_dtype) + grads_in_flight(units, compute_dtype)
+    streamed = streamed_bytes(units, placement, compute_dtype)
+    if world_size > 1:  # a rank's device-resident state is a shard: every unit is gathered
+        streamed = sum(working_bytes(u, compute_dtype) for u in units)
+    moving = streamed + grads_in_flight(units, compute_dtype)
     if device_capacity is not None:
         moving = min(moving, max(0, device_capacity - resident))
     nvme = sum(v for k, v in state["nvme"].items())
@@ -171,11 +184,39 @@ def peak_bytes(units: list[Unit], placement: Placement, compute_dtype: torch.dty
             "nvme": nvme}
 
 
+def shard_unit(unit: Unit, world_size: int) -> Unit:
+    """The part of `unit` one rank keeps (rank 0: the largest share of the trainable prefix)."""
+    if world_size <= 1:
+        return unit
+    numel = unit.numel // world_size
+    return replace(unit, numel=numel, trainable_numel=min(unit.trainable_numel, numel))
+
+
+def collective_bytes(units: list[Unit], compute_dtype: torch.dtype, world_size: int) -> dict[str, int]:
+    """Bytes each rank sends (and receives) per step in ring collectives: all-gathers of the
+    weights in forward and backward, one reduce-scatter of the fp32 gradients."""
+    if world_size <= 1:
+        return {"all_gather": 0, "reduce_scatter": 0}
+    share = (world_size - 1) / world_size
+    weights = sum(working_bytes(u, compute_dtype) for u in units)
+    grads = sum(4 * u.numel for u in units if u.trainable_numel)
+    return {"all_gather": int(2 * share * weights), "reduce_scatter": int(share * grads)}
+
+
+def collective_seconds(nbytes: float, world_size: int, link_bps: float) -> float:
+    """One ring collective moving `nbytes` per rank: bandwidth term plus a latency per hop."""
+    if world_size <= 1:
+        return 0.0
+    return nbytes / link_bps + (world_size - 1) * LINK_LATENCY_S
+
+
 # ---- time -------------------------------------------------------------------------------
 
 def predict_step(units: list[Unit], placement: Placement, work: Workload, cal: Calibration,
-                 compute_dtype: torch.dtype, device_capacity: int | None, buffer_bytes: int = 0) -> StepPrediction:
-    """Predicted time of one training step (forward, backward, optimizer) in steady state."""
+                 compute_dtype: torch.dtype, device_capacity: int | None, buffer_bytes: int = 0,
+                 world_size: int = 1, link_bps: float = 25e9) -> StepPrediction:
+    """Predicted time of one training step (forward, backward, optimizer) in steady state; with
+    `world_size` ranks joined by links of `link_bps` bytes/s, of one rank."""
     fwd_rate, bwd_rate = cal.block_rate(work.width)
     homes, n = placement.homes, len(units)
     overhead = [cal.unit_overhead_s[0 if h == "device" else 1] / 2 for h in homes]  # main-thread bookkeeping
@@ -184,11 +225,19 @@ def predict_step(units: list[Unit], placement: Placement, work: Workload, cal: C
     fixed = cal.block_fixed(work.width)  # embedding, head, loss: with the last unit (the head)
     fwd[-1], bwd[-1] = fwd[-1] + fixed[0], bwd[-1] + fixed[1]
     size = [working_bytes(u, compute_dtype) for u in units]
+    full, units = units, [shard_unit(u, world_size) for u in units]  # each rank updates its shard
+    share_of = (world_size - 1) / max(world_size, 1)
+    gathers = [collective_seconds(share_of * s, world_size, link_bps) for s in size]
+    fwd = [f + g for f, g in zip(fwd, gathers)]  # gathered on the compute thread at first use
+    bwd = [b + g for b, g in zip(bwd, gathers)]
     updates = [update_job(u, h, cal, compute_dtype) for u, h in zip(units, homes)]
     cached = _cached_after_forward(units, homes, size, placement, compute_dtype, device_capacity, buffer_bytes)
     refetch = [Job() if h == "device" or c else fetch_job(u, h, cal, compute_dtype)
                for u, h, c in zip(units, homes, cached)]
     drains = [drain_job(u, h, cal, compute_dtype) for u, h in zip(units, homes)]
+    scatters = [collective_seconds(share_of * 4 * u.numel, world_size, link_bps) if u.trainable_numel else 0.0
+                for u in full]
+    drains = [Job((("io", s),) + d.parts) if s else d for d, s in zip(drains, scatters)]
     share = cal.contention  # what compute, CPU work and I/O lose while they run together
     fwd_s, fwd_waits = simulate(fwd, updates, _window(size, placement.prefetch_bytes), share)
     back = list(reversed(range(n)))
@@ -199,8 +248,10 @@ def predict_step(units: list[Unit], placement: Placement, work: Workload, cal: C
     optimizer_s = sum(j.seconds("adamw") for j in jobs)
     step_s = fwd_s + bwd_s
     waits = {k: fwd_waits[k] + bwd_waits[k] for k in fwd_waits}
-    return StepPrediction(step_s, sum(fwd) + sum(bwd), sum(j.seconds() for j in jobs) - optimizer_s,
-                          optimizer_s, fwd_s, bwd_s, _bottleneck(step_s, waits))
+    collective_s = 2 * sum(gathers) + sum(scatters)
+    return StepPrediction(step_s, sum(fwd) + sum(bwd) - 2 * sum(gathers),
+                          sum(j.seconds() for j in jobs) - optimizer_s - sum(scatters), optimizer_s, fwd_s, bwd_s,
+                          _bottleneck(step_s, waits), collective_s)
 
 
 def update_job(unit: Unit, home: str, cal: Calibration, dtype: torch.dtype) -> Job:
@@ -371,11 +422,14 @@ class Prediction:
     peaks: dict
     step: StepPrediction
     work: Workload
+    world_size: int = 1
+    collectives: dict | None = None  # collective_bytes: per rank per step
 
 
 def predict(model: torch.nn.Module, cfg, cal: Calibration, batch_size: int = 1, seq_len: int = 256,
-            placement: str = "auto") -> Prediction:
-    """Partition `model` (meta or real) as the engine would, place it and predict the step.
+            placement: str = "auto", world_size: int = 1, link_bps: float = 25e9) -> Prediction:
+    """Partition `model` (meta or real) as the engine would, place it and predict the step
+    (of one of `world_size` data-parallel ranks, `batch_size` sequences each).
 
     Raises BudgetError / ConfigError when it does not fit, as `tierflow.offload` would."""
     from .engine import _default_unit_bytes, _model_dtype
@@ -383,11 +437,14 @@ def predict(model: torch.nn.Module, cfg, cal: Calibration, batch_size: int = 1, 
     from .plan import _device_capacity, plan_placement
 
     dtype = cfg.dtype or _model_dtype(model)
-    units, _ = partition(model, cfg.unit_bytes or _default_unit_bytes(cfg, model), allow_meta=True)
+    units, _ = partition(model, cfg.unit_bytes or _default_unit_bytes(cfg, model), allow_meta=True,
+                         world_size=world_size)
     buffers = sum(b.numel() * b.element_size() for b in model.buffers())
-    plan = plan_placement(units, cfg, dtype, buffers, placement)
+    plan = plan_placement(units, cfg, dtype, buffers, placement, world_size=world_size)
     capacity = _device_capacity(cfg)
     work = workload(model, units, batch_size, seq_len, dtype)
-    return Prediction(units, plan, dtype, class_bytes(units, plan, dtype, buffers, work.activation_bytes),
-                      peak_bytes(units, plan, dtype, buffers, capacity),
-                      predict_step(units, plan, work, cal, dtype, capacity, buffers), work)
+    return Prediction(units, plan, dtype,
+                      class_bytes(units, plan, dtype, buffers, work.activation_bytes, world_size),
+                      peak_bytes(units, plan, dtype, buffers, capacity, world_size),
+                      predict_step(units, plan, work, cal, dtype, capacity, buffers, world_size, link_bps), work,
+                      world_size, collective_bytes(units, dtype, world_size))

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from . import hooks
+from . import distributed, hooks
 from .budget import Budget
 from .config import OffloadConfig
 from .device import ComputeDevice
@@ -83,10 +83,13 @@ class Engine:
         if source is not None:
             self._replace_meta_parameters()
         unit_bytes = cfg.unit_bytes or _default_unit_bytes(cfg, model)
-        self.units, hooked = partition(model, unit_bytes, allow_meta=source is not None)
+        self.dist = distributed.detect()  # data-parallel ranks sharing the state, or None
+        world = self.dist.world if self.dist else 1
+        self.units, hooked = partition(model, unit_bytes, allow_meta=source is not None, world_size=world)
         self.param_owner = {id(s.param): u.uid for u in self.units for s in u.slots}
         buffer_bytes = sum(b.numel() * b.element_size() for b in model.buffers())
-        self.plan: Placement = plan_placement(self.units, cfg, self.compute_dtype, buffer_bytes, placement)
+        self.plan: Placement = plan_placement(self.units, cfg, self.compute_dtype, buffer_bytes, placement,
+                                              world_size=world)
         self.nvme = self._open_nvme()
         try:
             self._setup(model, source, buffer_bytes, hooked)
@@ -113,7 +116,7 @@ class Engine:
         self._lock = threading.RLock()
         self._transfer = ThreadPoolExecutor(1, thread_name_prefix="tierflow-transfer")
         self.grads = GradientSink(self._drain_io, self.budgets["device"], self.device, self._count,
-                                  self.events)
+                                  self.events, self.dist, self.units)
         self._scopes: list[list[int]] = []
         self._module_starts: list[float] = []
         self._backward_holds: set[int] = set()
@@ -126,7 +129,7 @@ class Engine:
         # With every unit's weights permanently on the device nothing is ever fetched: the
         # per-op on-demand check (a Python call per torch op, costly on a GPU) is skipped and
         # updates are applied when a forward begins instead.
-        self.fetches_on_demand = any(home != "device" for home in self.plan.homes)
+        self.fetches_on_demand = not all(self._is_permanent(uid) for uid in range(len(self.units)))
         self._handles = hooks.install(self, model, hooked)
 
     # ---- construction -----------------------------------------------------------------
@@ -177,7 +180,8 @@ class Engine:
         """Copy each parameter (or its value from `source`) into its unit's home tier. Only once
         every unit is in place are the originals freed: a failure (disk full...) loses nothing."""
         for unit, home in zip(self.units, self.plan.homes):
-            state = self.io.allocate(unit, home, self.compute_dtype)
+            shard = self.dist.shard(unit.numel) if self.dist else None
+            state = self.io.allocate(unit, home, self.compute_dtype, shard)
             self.states.append(state)
             for slot in unit.slots:
                 data = slot.param.detach() if source is None else _checked(source(slot.name), slot)
@@ -188,7 +192,7 @@ class Engine:
         for unit, home in zip(self.units, self.plan.homes):
             for slot in unit.slots:
                 slot.param.data = self._placeholder(slot)
-            if home == "device":  # weights stay put: the device buffer is the state itself
+            if self._is_permanent(unit.uid):  # weights stay put: the device buffer is the state itself
                 self.residency[unit.uid].flat = self._device_view(unit.uid)
                 self._attach(unit.uid)
 
@@ -248,6 +252,7 @@ class Engine:
                 self.trace.record(uid)
                 self.acquire(uid)
             self._prefetch(self.trace.after(max(uids, key=self.trace.position)))
+            self._gather_ahead(self.trace.after(max(uids, key=self.trace.position)))
             self._scopes.append([])
 
     def exit_module(self, uids: list[int]) -> None:
@@ -264,7 +269,8 @@ class Engine:
         """On-demand fetch of a parameter used outside its module (held until the scope ends)."""
         with self._engine_code():
             res = self.residency[uid]
-            if res.flat is not None and res.fetch is None and not res.pending:
+            if res.flat is not None and res.fetch is None and not res.pending and (
+                    self.dist is None or res.refs):  # ranks: only a held unit is gathered
                 return
             self.trace.record(uid)
             self.acquire(uid)
@@ -283,16 +289,39 @@ class Engine:
             self._finish_fetch(uid)
         res.refs += 1
         res.last_use = next(self._tick)
+        if self.dist is not None and res.refs == 1:
+            # Every rank takes its first hold of a unit at the same point of the model, so
+            # the all-gathers line up (cached copies are re-gathered: deterministic, not lazy).
+            state = self.states[uid]
+            self.dist.gather(uid, res.flat, state.base, state.limit, self.units[uid].name)
         return res.flat
+
+    def _gather_ahead(self, upcoming: list[int]) -> None:
+        """Distributed: start the all-gather of the next unit in trace order while the current
+        one computes. Decided from trace order and holds only, so every rank does the same."""
+        if self.dist is None or not upcoming:
+            return
+        uid, res = upcoming[0], self.residency[upcoming[0]]
+        if res.refs or self.dist.is_gathered(uid):
+            return
+        if res.fetch is None and (res.flat is None or res.pending):
+            self._start_fetch(uid, required=True)
+        if res.fetch is not None:
+            self._finish_fetch(uid)
+        state = self.states[uid]
+        self.dist.gather_ahead(uid, res.flat, state.base, state.limit, self.units[uid].name)
 
     def release(self, uid: int) -> None:
         """Drop one hold; the unit stays cached until its device memory is needed."""
         res = self.residency[uid]
         res.refs -= 1
         assert res.refs >= 0, f"unit {self.units[uid].name} released more often than acquired"
+        if self.dist is not None and res.refs == 0:
+            self.dist.forget(uid)  # the next first hold gathers again
 
     def _is_permanent(self, uid: int) -> bool:
-        return self.plan.homes[uid] == "device"
+        # A rank's device-resident state is only its shard: the full weights are gathered.
+        return self.plan.homes[uid] == "device" and self.dist is None
 
     def _start_fetch(self, uid: int, required: bool) -> bool:
         """Queue the job that applies pending updates and fills the device buffer."""
@@ -402,7 +431,7 @@ class Engine:
         budget = self.budgets["device"]
         candidates = [uid for uid, res in enumerate(self.residency)
                       if res.refs == 0 and res.fetch is None and res.flat is not None
-                      and not self._is_permanent(uid)]
+                      and not self._is_permanent(uid) and not (self.dist and self.dist.is_gathered(uid))]
         evicted = False
         for uid in eviction_order(candidates, lambda u: self.residency[u].last_use):
             if budget.room() >= nbytes:
@@ -413,6 +442,8 @@ class Engine:
 
     def _evict(self, uid: int) -> None:
         res = self.residency[uid]
+        if self.dist is not None:
+            self.dist.forget(uid)
         for slot in self.units[uid].slots:
             slot.param.data = self._placeholder(slot)
         self._storage_owner.pop(res.flat.untyped_storage().data_ptr(), None)
@@ -460,6 +491,7 @@ class Engine:
                 self.acquire(uid)
                 self.residency[uid].grads_left = sum(s.trainable for s in self.units[uid].slots)
                 self._prefetch(self.trace.before(uid))
+                self._gather_ahead(self.trace.before(uid))
             flat = self.residency[uid].flat
         return flat.as_strided(saved.size, saved.stride, saved.offset)
 
@@ -559,7 +591,7 @@ class Engine:
     def read_array(self, unit: Unit, slot: Slot, name: str = "master") -> torch.Tensor:
         """One parameter's slice of an array ('master', 'exp_avg', 'exp_avg_sq', 'grad'), as a
         new fp32 CPU tensor of the parameter's shape. Call `flush()` first for current values."""
-        out = torch.empty(slot.numel, dtype=FP32)
+        out = torch.empty(slot.numel, dtype=FP32) if self.dist is None else torch.zeros(slot.numel, dtype=FP32)
         state = self.states[unit.uid]
         for start, count in self.io.pieces(state, slot.offset, slot.numel):
             window = self.io.open(state, (name,), start, count)
@@ -567,6 +599,8 @@ class Engine:
                 out[start - slot.offset:start - slot.offset + count].copy_(window.views[0])
             finally:
                 self.io.close(window)
+        if self.dist is not None:  # every element is on exactly one rank: the sum assembles it
+            self.dist.all_reduce_sum(out, f"all-reduce assembling {slot.name}")
         return out.view(slot.shape)
 
     def write_array(self, unit: Unit, slot: Slot, name: str, value: torch.Tensor) -> None:
@@ -579,7 +613,8 @@ class Engine:
             res = self.residency[unit.uid]
             if res.refs:
                 raise TierflowError("cannot overwrite state while a forward or backward pass uses it")
-            self.io.write_from(state, name, value.to(state.dtypes[name]), slot.offset)
+            # (a rank whose shard holds no trainable elements has no moment arrays: nothing to write)
+            self.io.write_from(state, name, value.to(state.dtypes.get(name, FP32)), slot.offset)
             if name == "master" and "weights" in state.arrays:
                 self.io.write_from(state, "weights", value.to(self.compute_dtype), slot.offset)
             if name == "master" and res.flat is not None and not self._is_permanent(unit.uid):

@@ -6,6 +6,12 @@ global-norm clipping needs no second pass over the tiers and gives exactly what
 `torch.nn.utils.clip_grad_norm_` gives (same per-parameter norms, same order,
 same arithmetic). The clip coefficient is not multiplied into the stored
 gradients here: AdamW multiplies each window just before it uses it.
+
+With data-parallel ranks (`dist`), a unit's gradients are first collected into one
+fp32 bucket; when every trainable parameter of the unit has reported (or at `wait`,
+for units with unused parameters) the drain thread reduce-scatters the bucket and
+accumulates this rank's shard; the recorded norms are then shard norms, combined
+over ranks by `clip`.
 """
 from __future__ import annotations
 
@@ -22,7 +28,7 @@ from .tiers import FP32, StateIO, UnitState
 class GradientSink:
     """Accumulates gradients into their tiers and keeps what clipping needs."""
 
-    def __init__(self, io: StateIO, device_budget: Budget, device, count, events):
+    def __init__(self, io: StateIO, device_budget: Budget, device, count, events, dist=None, units=()):
         self.io = io
         self.device_budget = device_budget
         self.device = device
@@ -33,11 +39,17 @@ class GradientSink:
         self.has_grad: set[int] = set()            # slot indices with a gradient since zero()
         self.norms: dict[int, torch.Tensor] = {}   # slot index -> norm of its accumulated grad
         self.scale: torch.Tensor | None = None     # clip coefficient for the coming step
+        self.dist = dist                           # distributed.Dist, or None (one process)
+        self._unit_of = {s.index: u for u in units for s in u.slots}
+        self._buckets: dict[int, list] = {}        # unit id -> [(state, slot, grad, fresh, nbytes)]
 
     def submit(self, state: UnitState, slot: Slot, grad: torch.Tensor, nbytes: int) -> None:
         """Queue one gradient; `nbytes` of device budget are released once it has left."""
         fresh = slot.index not in self.has_grad
         self.has_grad.add(slot.index)
+        if self.dist is not None:
+            self._bucket(state, slot, grad, fresh, nbytes)
+            return
         if state.home == "device" and self.device.is_cuda:
             # Into a GPU-resident home: a few queued kernels; a thread hand-off would cost more.
             self._drain(state, slot, grad, fresh, nbytes)
@@ -54,36 +66,82 @@ class GradientSink:
             incoming = grad.detach().reshape(-1).to(FP32)  # the engine took `grad`: ours to reuse
             if state.home != "device":
                 self._count("device_to_host", nbytes)
-            if fresh:
-                self.norms[slot.index] = torch.linalg.vector_norm(incoming)
-            pieces = list(self.io.pieces(state, slot.offset, slot.numel))
-            norm = None
-            for start, count in pieces:
-                window = self.io.open(state, ("grad",), start, count, read=not fresh)
-                try:
-                    target = window.views[0]
-                    part = incoming[start - slot.offset:start - slot.offset + count]
-                    if fresh:
-                        target.copy_(part)  # straight into the (pinned) home or staging buffer
-                    else:
-                        target.add_(part if target.device == part.device else self.device.to_host(part))
-                        if len(pieces) == 1:
-                            norm = torch.linalg.vector_norm(target)  # before the window is released
-                        else:  # gather the sum back: its norm is then taken in one piece
-                            part.copy_(target)
-                except BaseException:
-                    self.io.close(window)
-                    raise
-                self.io.close(window, write=("grad",))
-            if not fresh:
-                # The norm of the whole accumulated gradient, as torch takes it: a norm combined
-                # from windows' norms would differ in the last bit (it did on 16 threads).
-                self.norms[slot.index] = norm if norm is not None else torch.linalg.vector_norm(incoming)
+            self._add_into(state, slot, incoming, slot.offset, fresh)
         finally:
             self.device_budget.release(nbytes)
 
+    def _add_into(self, state: UnitState, slot: Slot, incoming: torch.Tensor, origin: int, fresh: bool) -> None:
+        """Copy or add fp32 `incoming` (unit elements from `origin`, within `slot`; ours to
+        reuse) into the unit's gradient array and record the norm of what is now there."""
+        if fresh:
+            self.norms[slot.index] = torch.linalg.vector_norm(incoming)
+        pieces = list(self.io.pieces(state, origin, incoming.numel()))
+        norm = None
+        for start, count in pieces:
+            window = self.io.open(state, ("grad",), start, count, read=not fresh)
+            try:
+                target = window.views[0]
+                part = incoming[start - origin:start - origin + count]
+                if fresh:
+                    target.copy_(part)  # straight into the (pinned) home or staging buffer
+                else:
+                    target.add_(part if target.device == part.device else self.device.to_host(part))
+                    if len(pieces) == 1:
+                        norm = torch.linalg.vector_norm(target)  # before the window is released
+                    else:  # gather the sum back: its norm is then taken in one piece
+                        part.copy_(target)
+            except BaseException:
+                self.io.close(window)
+                raise
+            self.io.close(window, write=("grad",))
+        if not fresh and pieces:
+            # The norm of the whole accumulated gradient, as torch takes it: a norm combined
+            # from windows' norms would differ in the last bit (it did on 16 threads).
+            self.norms[slot.index] = norm if norm is not None else torch.linalg.vector_norm(incoming)
+
+    # ---- data-parallel ranks --------------------------------------------------------------
+    def _bucket(self, state, slot, grad, fresh, nbytes) -> None:
+        """Collect a gradient in its unit's bucket; a complete bucket goes to the drain thread."""
+        unit = self._unit_of[slot.index]
+        entries = self._buckets.setdefault(unit.uid, [])
+        entries.append((state, slot, grad, fresh, nbytes))
+        if len({e[1].index for e in entries}) == sum(s.trainable for s in unit.slots):
+            self._send_bucket(unit.uid)
+
+    def _send_bucket(self, uid: int) -> None:
+        entries = self._buckets.pop(uid)
+        unit = self._unit_of[entries[0][1].index]
+        self._futures.append(self._executor.submit(self._drain_bucket, unit, entries))
+
+    def _drain_bucket(self, unit, entries) -> None:
+        """Drain thread: sum the unit's gradients into one fp32 buffer, reduce-scatter it (the
+        average over ranks), and accumulate this rank's shard into its home tier."""
+        nbytes = sum(e[4] for e in entries)
+        with self.events.span("drain", unit.name, nbytes):
+            try:
+                device = entries[0][2].device
+                bucket = torch.zeros(unit.numel, dtype=FP32, device=device)
+                for _state, slot, grad, _fresh, _n in entries:
+                    bucket[slot.offset:slot.offset + slot.numel].add_(grad.detach().reshape(-1))
+            finally:
+                self.device_budget.release(nbytes)
+            shard = self.dist.reduce_scatter(bucket, unit.name)
+            del bucket
+            state = entries[0][0]
+            fresh = {}
+            for _state, slot, _grad, is_fresh, _n in entries:
+                fresh.setdefault(slot.index, (slot, is_fresh))
+            if state.home != "device":
+                self._count("device_to_host", shard.numel() * 4)
+            for slot, is_fresh in fresh.values():
+                lo, hi = max(slot.offset, state.base), min(slot.offset + slot.numel, state.limit)
+                if lo < hi:
+                    self._add_into(state, slot, shard[lo - state.base:hi - state.base], lo, is_fresh)
+
     def wait(self) -> None:
         """Block until every queued gradient is in its tier (drain errors surface here)."""
+        for uid in sorted(self._buckets):  # units some of whose parameters got no gradient
+            self._send_bucket(uid)
         futures, self._futures = self._futures, []
         for future in futures:
             future.result()
@@ -102,9 +160,12 @@ class GradientSink:
         self.wait()
         target = self.device.device
         norms = [self.norms[i].to(target) for i in sorted(self.norms)]
-        if not norms:
+        if self.dist is not None:
+            total = self.dist.global_norm(norms, target)
+        elif not norms:
             return torch.tensor(0.0, device=target)
-        total = torch.linalg.vector_norm(torch.stack(norms), 2.0)
+        else:
+            total = torch.linalg.vector_norm(torch.stack(norms), 2.0)
         if error_if_nonfinite and (total.isnan() or total.isinf()):
             raise RuntimeError(f"the total norm of gradients is non-finite ({total.item()})")
         coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)

@@ -51,8 +51,9 @@ class Unit:
     numel: int = 0            # padded elements of all parameters
     trainable_numel: int = 0  # padded elements of the trainable prefix
 
-    def finalize(self) -> None:
-        """Order slots (trainable first) and assign aligned offsets."""
+    def finalize(self, world_size: int = 1) -> None:
+        """Order slots (trainable first) and assign aligned offsets. With `world_size` ranks the
+        buffers are padded to world_size equal, aligned shards (no change for one rank)."""
         self.slots.sort(key=lambda s: not s.trainable)
         offset = 0
         for slot in self.slots:
@@ -60,7 +61,7 @@ class Unit:
             offset += _round_up(slot.numel, SEGMENT_ALIGN)
             if slot.trainable:
                 self.trainable_numel = offset
-        self.numel = offset
+        self.numel = _round_up(max(offset, 1), SEGMENT_ALIGN * world_size) if world_size > 1 else offset
 
 
 def _param_bytes(module: nn.Module) -> int:
@@ -68,12 +69,13 @@ def _param_bytes(module: nn.Module) -> int:
 
 
 def partition(model: nn.Module, unit_bytes: int,
-              allow_meta: bool = False) -> tuple[list[Unit], dict[nn.Module, set[int]]]:
+              allow_meta: bool = False, world_size: int = 1) -> tuple[list[Unit], dict[nn.Module, set[int]]]:
     """Split `model` into units of at most ~`unit_bytes` parameter bytes.
 
     Returns the units and, for every module that needs hooks, the set of unit ids it
     must have resident while it runs. `allow_meta`: parameters may be on the meta
-    device (their values come from elsewhere).
+    device (their values come from elsewhere). `world_size`: data-parallel ranks sharing
+    the state (see distributed.py).
     """
     _check_params(model, allow_meta)
     owner: dict[int, Unit] = {}
@@ -102,7 +104,7 @@ def partition(model: nn.Module, unit_bytes: int,
 
     visit(model, "")
     for unit in units:
-        unit.finalize()
+        unit.finalize(world_size)
     order = {id(p): i for i, p in enumerate(model.parameters())}
     for unit in units:
         for slot in unit.slots:

@@ -24,9 +24,18 @@ TIERS = ("device", "host", "nvme")
 DRAIN_BUFFERS = 2  # staging buffers reserved for gradient write-back
 
 
-def state_bytes(unit: Unit, compute_dtype: torch.dtype) -> int:
-    """Bytes of all arrays a unit keeps in its home tier."""
-    return sum(numel * dtype.itemsize for numel, dtype in array_specs(unit, compute_dtype).values())
+def state_bytes(unit: Unit, compute_dtype: torch.dtype, world_size: int = 1) -> int:
+    """Bytes of all arrays a unit keeps in its home tier (per rank: the largest shard)."""
+    shard = None
+    if world_size > 1:  # rank 0's shard holds the most of the trainable prefix
+        shard = _Shard(0, unit.numel // world_size)
+    return sum(numel * dtype.itemsize for numel, dtype in array_specs(unit, compute_dtype, shard).values())
+
+
+@dataclass(frozen=True)
+class _Shard:
+    lo: int
+    hi: int
 
 
 def working_bytes(unit: Unit, compute_dtype: torch.dtype) -> int:
@@ -63,7 +72,7 @@ class Placement:
 
 
 def plan_placement(units: list[Unit], cfg: OffloadConfig, compute_dtype: torch.dtype,
-                   buffer_bytes: int, placement: str = "auto") -> Placement:
+                   buffer_bytes: int, placement: str = "auto", world_size: int = 1) -> Placement:
     """Place every unit; raise BudgetError/ConfigError naming what is short."""
     if placement not in ("auto",) + TIERS:
         raise ConfigError(f"unknown placement {placement!r}: use 'auto', 'device', 'host' or 'nvme'")
@@ -83,7 +92,8 @@ def plan_placement(units: list[Unit], cfg: OffloadConfig, compute_dtype: torch.d
     device_working = need_working + prefetch
 
     staging = (cfg.staging_buffers + DRAIN_BUFFERS) * cfg.chunk_bytes
-    homes, tier_bytes = _assign(units, cfg, compute_dtype, placement, device_cap, device_working, staging)
+    homes, tier_bytes = _assign(units, cfg, compute_dtype, placement, device_cap, device_working, staging,
+                                world_size)
     uses_nvme = "nvme" in homes
     if uses_nvme and cfg.host_memory is not None and cfg.host_memory < staging + tier_bytes["host"]:
         raise BudgetError(
@@ -104,7 +114,7 @@ def device_capacity(cfg: OffloadConfig) -> int | None:
 _device_capacity = device_capacity  # the name cost.py imports
 
 
-def _assign(units, cfg, compute_dtype, placement, device_cap, device_working, staging):
+def _assign(units, cfg, compute_dtype, placement, device_cap, device_working, staging, world_size=1):
     """Greedy placement in model order: device, then host, then NVMe."""
     room = {
         "device": None if device_cap is None else device_cap - device_working,
@@ -117,7 +127,7 @@ def _assign(units, cfg, compute_dtype, placement, device_cap, device_working, st
         raise ConfigError("placement='nvme' needs an NVMe directory: pass nvme=DIR")
     homes, tier_bytes, short = [], dict.fromkeys(TIERS, 0), 0
     for unit in units:
-        need = state_bytes(unit, compute_dtype)
+        need = state_bytes(unit, compute_dtype, world_size)
         for tier in allowed:
             if tier == "nvme" and cfg.nvme is None:
                 continue

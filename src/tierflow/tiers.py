@@ -14,6 +14,11 @@ gives a window of element range [start, start+numel) of some arrays as tensors
 (a slice for memory tiers; a staging buffer read from disk for NVMe) and
 `StateIO.close` writes changed windows back, so the optimizer and gradient
 code never branches on the tier.
+
+With data-parallel ranks (distributed.py) a rank's arrays hold only its shard,
+elements [base, limit) of the unit's flat buffers. Callers keep using unit-wide
+element offsets: `pieces` clips every range to the shard and windows translate
+offsets, so the optimizer, gradient and checkpoint code is unchanged.
 """
 from __future__ import annotations
 
@@ -41,6 +46,8 @@ class UnitState:
     home: str                                   # "device" | "host" | "nvme"
     arrays: dict = field(default_factory=dict)  # name -> Tensor (memory tiers) or Extent (nvme)
     dtypes: dict = field(default_factory=dict)  # name -> dtype
+    base: int = 0                               # unit element held at index 0 of the arrays
+    limit: int | None = None                    # end of this rank's shard (None: whole unit)
 
     def nbytes(self, name: str) -> int:
         array = self.arrays[name]
@@ -49,14 +56,16 @@ class UnitState:
         return array.numel() * array.element_size()
 
 
-def array_specs(unit: Unit, compute_dtype: torch.dtype) -> dict[str, tuple[int, torch.dtype]]:
-    """Name -> (elements, dtype) of every array a unit keeps."""
-    specs = {"master": (unit.numel, FP32)}
+def array_specs(unit: Unit, compute_dtype: torch.dtype, shard=None) -> dict[str, tuple[int, torch.dtype]]:
+    """Name -> (elements, dtype) of every array a unit keeps (of shard [lo, hi) if given)."""
+    lo, hi = (0, unit.numel) if shard is None else (shard.lo, shard.hi)
+    trainable = max(0, min(hi, unit.trainable_numel) - lo)
+    specs = {"master": (hi - lo, FP32)}
     if compute_dtype != FP32:
-        specs["weights"] = (unit.numel, compute_dtype)
-    if unit.trainable_numel:
+        specs["weights"] = (hi - lo, compute_dtype)
+    if trainable:
         for name in ("grad", "exp_avg", "exp_avg_sq"):
-            specs[name] = (unit.trainable_numel, FP32)
+            specs[name] = (trainable, FP32)
     return specs
 
 
@@ -75,10 +84,12 @@ class StateIO:
         self.pool = pool
 
     # ---- allocation -------------------------------------------------------------------
-    def allocate(self, unit: Unit, home: str, compute_dtype: torch.dtype) -> UnitState:
-        """Allocate every array of `unit` in `home`, accounting memory tiers in their budgets."""
-        state = UnitState(home)
-        for name, (numel, dtype) in array_specs(unit, compute_dtype).items():
+    def allocate(self, unit: Unit, home: str, compute_dtype: torch.dtype, shard=None) -> UnitState:
+        """Allocate every array of `unit` (or of its `shard`) in `home`, accounting memory tiers
+        in their budgets."""
+        state = UnitState(home) if shard is None else UnitState(home, base=shard.lo, limit=shard.hi)
+        specs = array_specs(unit, compute_dtype, shard)
+        for name, (numel, dtype) in specs.items():
             nbytes = numel * dtype.itemsize
             if home == "nvme":
                 state.arrays[name] = self.nvme.allocate(_round_up(nbytes, ALIGN))
@@ -92,7 +103,7 @@ class StateIO:
                     tensor.zero_()
                 state.arrays[name] = tensor
             state.dtypes[name] = dtype
-        if home == "nvme" and unit.trainable_numel:
+        if home == "nvme" and "grad" in specs:
             self._zero_moments(state, unit.trainable_numel)
         return state
 
@@ -121,16 +132,20 @@ class StateIO:
     def pieces(self, state: UnitState, start: int, numel: int):
         """Split [start, start+numel) into windows: one for memory tiers (whole parameters keep
         torch's kernels at full speed), staging-buffer-sized ones for NVMe."""
-        step = self.piece_elements() if state.home == "nvme" else max(numel, 1)
-        for offset in range(start, start + numel, step):
-            yield offset, min(step, start + numel - offset)
+        end = start + numel
+        if state.limit is not None:  # a rank's shard: only its part of the range
+            start, end = max(start, state.base), min(end, state.limit)
+        step = self.piece_elements() if state.home == "nvme" else max(end - start, 1)
+        for offset in range(start, end, step):
+            yield offset, min(step, end - offset)
 
     def open(self, state: UnitState, names, start: int, numel: int, read: bool = True,
              wait: bool = True) -> "Window":
         """A window onto elements [start, start+numel) of the named arrays. With wait=False
         the NVMe reads are only started: call `window.wait()` before touching the views."""
         if state.home != "nvme":
-            return Window(state, tuple(names), start, [state.arrays[n][start:start + numel] for n in names])
+            local = start - state.base
+            return Window(state, tuple(names), start, [state.arrays[n][local:local + numel] for n in names])
         window = Window(state, tuple(names), start, [], [])
         try:
             for name in names:
@@ -141,7 +156,7 @@ class StateIO:
                 if read:
                     nbytes = _round_up(numel * dtype.itemsize, ALIGN)
                     window.reads.append(self.nvme.read_async(state.arrays[name], buf[:nbytes],
-                                                             start * dtype.itemsize))
+                                                             (start - state.base) * dtype.itemsize))
             if wait:
                 window.wait()
         except BaseException:
@@ -171,7 +186,7 @@ class StateIO:
             nbytes = _round_up(view.numel() * dtype.itemsize, ALIGN)
             try:
                 future = self.nvme.write_async(window.state.arrays[name], buf[:nbytes],
-                                               window.start * dtype.itemsize)
+                                               (window.start - window.state.base) * dtype.itemsize)
             except BaseException:
                 self.pool.release(buf)
                 raise

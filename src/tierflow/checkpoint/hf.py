@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from ..config import parse_dtype, parse_size
+from ..errors import ConfigError
 from .files import (CheckpointError, TensorFileReader, TensorFileWriter, fsync_dir, remove_stale_temporaries,
                     temporary_name, write_bytes_durably)
 from .state import os_reason, read_windows
@@ -54,6 +55,9 @@ def save_pretrained(engine, out_dir, max_shard_size="2GiB", dtype=None) -> Path:
     model's own). Streams tensor by tensor; loadable with `from_pretrained`. A new
     directory appears complete or not at all; in an existing one each file is replaced
     atomically (the index and config last) and stale shards are removed."""
+    if getattr(engine, "dist", None) is not None:
+        raise ConfigError("save_pretrained of an engine sharded over ranks is not supported: save a "
+                          "checkpoint (engine.save), then tierflow.resume it in one process and export")
     engine.flush()
     out = Path(out_dir).absolute()
     dtype = parse_dtype(dtype) or engine.param_dtype

@@ -207,9 +207,13 @@ def verify(path, checksums: bool = True) -> dict:
             if file_sha256(path / name)[1] != info["sha256"]:
                 raise CheckpointError(f"{path / name} is corrupt: its sha256 does not match the manifest")
     expected = expected_tensors(manifest)
-    for key, file_name in FILES.items():
+    tensor_files = {FILES[key]: expected[key] for key in FILES}
+    if "shards" in manifest:  # every rank's part instead of whole-array files (sharded.py)
+        from .sharded import expected_parts
+
+        tensor_files = {FILES["buffers"]: expected["buffers"], **expected_parts(manifest)}
+    for file_name, want in tensor_files.items():
         with TensorFileReader(path / file_name) as reader:
-            want = expected[key]
             got = {name: (list(reader.shape(name)), reader.dtype(name)) for name in reader.keys()}
             if got != want:
                 raise CheckpointError(f"{path / file_name} does not match the manifest: {_difference(want, got)}")

@@ -52,17 +52,14 @@ def save(engine, path, scheduler=None, extra=None) -> Path:
                       stacklevel=2)
     engine.flush()
     manifest = describe(engine, scheduler, extra)
+    if engine.dist is not None:  # every rank writes its shard; rank 0 the rest (sharded.py)
+        from .sharded import save_sharded
+
+        return save_sharded(engine, path, manifest, lambda: _prepare(path, _planned_bytes(
+            [(s.name, (s.numel // engine.dist.world * 4,), torch.float32) for _, s in engine.named_slots()])))
     plan = _file_plan(engine)
-    parent = path.parent
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise CheckpointError(f"cannot create the directory {parent} for checkpoint {path.name}: "
-                              f"{exc.strerror}") from None
-    _check_replaceable(path)
-    _remove_stale(parent, path.name)
-    _check_space(parent, sum(_planned_bytes(specs) for specs in plan.values()), path)
-    tmp = parent / temporary_name(path.name)
+    _prepare(path, sum(_planned_bytes(specs) for specs in plan.values()))
+    tmp = path.parent / temporary_name(path.name)
     try:
         tmp.mkdir()
         manifest["files"] = _write_state(engine, tmp, plan)
@@ -77,6 +74,19 @@ def save(engine, path, scheduler=None, extra=None) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
+
+
+def _prepare(path: Path, need: int) -> None:
+    """Create the parent directory, check that `path` may be replaced and `need` bytes fit."""
+    parent = path.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CheckpointError(f"cannot create the directory {parent} for checkpoint {path.name}: "
+                              f"{exc.strerror}") from None
+    _check_replaceable(path)
+    _remove_stale(parent, path.name)
+    _check_space(parent, need, path)
 
 
 def os_reason(exc: OSError) -> str:
@@ -206,7 +216,7 @@ def resume(path, model: nn.Module | None = None, *, device=None, device_memory=_
     names = _match_params(model, manifest, path / FILES["master"])
     _check_buffers(model, manifest, path / FILES["buffers"])
     _set_trainable(model, manifest)  # the model is changed only once everything matched
-    readers = {key: TensorFileReader(path / file) for key, file in FILES.items()}
+    readers = _open_readers(path, manifest)
     try:
         _restore_buffers(model, manifest, readers["buffers"])
         master = readers["master"]
@@ -225,8 +235,36 @@ def resume(path, model: nn.Module | None = None, *, device=None, device_memory=_
         for reader in readers.values():
             reader.close()
     if restore_rng:
-        set_rng_state(manifest["rng"])
+        set_rng_state(_rng_of_this_rank(manifest))
     return (engine, opt, sched) if scheduler is not None else (engine, opt)
+
+
+def _open_readers(path: Path, manifest: dict) -> dict:
+    """key -> reader of whole tensors: the files themselves, or every rank's parts."""
+    if "shards" not in manifest:
+        return {key: TensorFileReader(path / file) for key, file in FILES.items()}
+    from .sharded import ARRAYS, ShardedReader
+
+    readers = {"buffers": TensorFileReader(path / FILES["buffers"])}
+    try:
+        for key in ARRAYS:
+            readers[key] = ShardedReader(path, manifest, key)
+    except BaseException:
+        for reader in readers.values():
+            reader.close()
+        raise
+    return readers
+
+
+def _rng_of_this_rank(manifest: dict) -> dict:
+    """A sharded checkpoint resumed at its own world size gives each rank its own RNG states
+    (dropout differs per rank); otherwise every rank takes rank 0's."""
+    from .. import distributed
+
+    shards = manifest.get("shards")
+    if shards and shards["world_size"] == distributed.world_size():
+        return shards["rng"][distributed.rank()]
+    return manifest["rng"]
 
 
 def _rebuild_model(manifest: dict, path: Path) -> nn.Module:

@@ -6,6 +6,7 @@
     tierflow bench transfer  host<->device copies from the pinned pool vs a plain copy_ (CUDA)
     tierflow bench calibrate  measure this machine's figures for the cost model (cached)
     tierflow bench plan-accuracy  the cost model's predictions against real training steps
+    tierflow bench scale  step time and per-rank memory of 1 and 2 data-parallel ranks (torchrun)
 """
 from __future__ import annotations
 
@@ -45,6 +46,19 @@ def add_arguments(parser) -> None:
     calibrate.add_argument("--dir", default=None, help="directory on the NVMe disk (default: user cache)")
     calibrate.add_argument("--recalibrate", action="store_true", help="measure again even if cached")
     calibrate.add_argument("--json", default=None, help="also write the figures to this JSON file")
+    scale = sub.add_parser("scale", help="step time and per-rank memory of 1 and N ranks (torchrun, gloo/NCCL)")
+    scale.add_argument("--model", default="llama-100m")
+    scale.add_argument("--ranks", type=int, nargs="+", default=[1, 2], help="world sizes (default: 1 2)")
+    scale.add_argument("--steps", type=int, default=6)
+    scale.add_argument("--warmup", type=int, default=2)
+    scale.add_argument("--batch-size", type=int, default=1, help="sequences per rank per step")
+    scale.add_argument("--seq-len", type=int, default=256)
+    scale.add_argument("--device", default="cpu", help="cpu (gloo) or cuda (NCCL)")
+    scale.add_argument("--placement", default="host", choices=("device", "host", "nvme"))
+    scale.add_argument("--nvme", default=None, help="spill directory for --placement nvme")
+    scale.add_argument("--force-sharding", action="store_true",
+                       help="shard even with one rank (the NCCL path on a single GPU)")
+    scale.add_argument("--json", default=None)
     accuracy = sub.add_parser("plan-accuracy", help="predicted vs measured step time and peak memory")
     accuracy.add_argument("--sizes", nargs="+", default=None,
                           help="models: llama-20m llama-50m llama-100m (default: the built-in matrix)")
@@ -81,6 +95,10 @@ def run(args) -> int:
     elif args.bench == "calibrate":
         from tierflow.calibrate import run_calibrate_bench
         run_calibrate_bench(args.device, args.dtype, args.dir, args.recalibrate, args.json)
+    elif args.bench == "scale":
+        from tierflow.bench.scale import run_scale_bench
+        run_scale_bench(args.model, tuple(args.ranks), args.steps, args.warmup, args.batch_size, args.seq_len,
+                        args.device, args.placement, args.nvme, args.force_sharding, args.json)
     elif args.bench == "plan-accuracy":
         from tierflow.bench.plan_accuracy import run_plan_accuracy_bench
         run_plan_accuracy_bench(args.sizes, args.settings, args.seq_len, args.steps, args.warmup,

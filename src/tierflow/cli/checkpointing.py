@@ -30,9 +30,12 @@ def save_step(engine, sched, args, step: int) -> Path:
     output = Path(args.output)
     state = {"args": {k: getattr(args, k) for k in RUN_FIELDS if hasattr(args, k)}, "step": step,
              "batches_consumed": step * args.grad_accum}
-    path = save(engine, output / f"step-{step}", scheduler=sched, extra={"train": state})
-    replace_file_atomically(output / LATEST, f"{path.name}\n".encode())
-    prune(output, args.keep, keep_name=path.name)
+    path = save(engine, output / f"step-{step}", scheduler=sched, extra={"train": state})  # every rank
+    if engine.dist is None or engine.dist.rank == 0:  # shared files: one writer
+        replace_file_atomically(output / LATEST, f"{path.name}\n".encode())
+        prune(output, args.keep, keep_name=path.name)
+    if engine.dist is not None:  # no rank reads `latest` before it names the new checkpoint
+        engine.dist.barrier("barrier after saving a checkpoint")
     return path
 
 

@@ -35,6 +35,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="force every unit's state into one tier (default: auto)")
     parser.add_argument("--batch-size", type=int, default=1, metavar="N", help="sequences per step (default 1)")
     parser.add_argument("--seq-len", type=int, default=256, metavar="N", help="tokens per sequence (default 256)")
+    parser.add_argument("--world-size", type=int, default=1, metavar="N",
+                        help="data-parallel ranks sharing the state (torchrun --nproc-per-node x nodes); the "
+                             "plan is per rank, --batch-size per rank (default 1)")
+    parser.add_argument("--link-bandwidth", default="25GB", metavar="SIZE",
+                        help="bytes per second one rank sends over the network in collectives (default 25GB: "
+                             "200 Gb/s InfiniBand per GPU)")
     parser.add_argument("--recalibrate", action="store_true", help="measure the machine again")
     parser.add_argument("--json", default=None, metavar="FILE", help="also write the plan as JSON")
 
@@ -42,20 +48,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """`tierflow plan`: 0 when it fits, 1 when it does not."""
     from tierflow.calibrate import get_calibration
-    from tierflow.config import OffloadConfig, parse_dtype
+    from tierflow.config import OffloadConfig, parse_dtype, parse_size
     from tierflow.cost import predict
     from tierflow.errors import BudgetError, ConfigError
 
     model = meta_model(args.model)
     cfg = OffloadConfig.create(device=args.device, device_memory=_limit(args.device_memory),
                                host_memory=_limit(args.host_memory), nvme=args.nvme, dtype=parse_dtype(args.dtype))
-    if args.batch_size < 1 or args.seq_len < 1:
-        raise ConfigError("--batch-size and --seq-len must be at least 1")
+    if args.batch_size < 1 or args.seq_len < 1 or args.world_size < 1:
+        raise ConfigError("--batch-size, --seq-len and --world-size must be at least 1")
+    link_bps = float(parse_size(args.link_bandwidth, what="--link-bandwidth"))
+    if link_bps <= 0:
+        raise ConfigError("--link-bandwidth must be positive")
     dtype = cfg.dtype or next(model.parameters()).dtype
     cal, cached = get_calibration(str(cfg.device), dtype, args.nvme, args.recalibrate,
                                   log=lambda text: print(f"calibrating this machine (once): {text}", flush=True))
     try:
-        pred = predict(model, cfg, cal, args.batch_size, args.seq_len, args.placement)
+        pred = predict(model, cfg, cal, args.batch_size, args.seq_len, args.placement, args.world_size, link_bps)
     except (BudgetError, ConfigError) as exc:
         short = shortfall(model, cfg, cal, args, str(exc))
         print(f"does not fit: {short}")
@@ -129,7 +138,10 @@ def as_json(pred, cfg, args) -> dict:
         "step": {"compute_s": step.compute_s, "transfer_s": step.transfer_s, "optimizer_s": step.optimizer_s,
                  "forward_s": step.forward_s, "backward_s": step.backward_s},
         "bottleneck": step.bottleneck,
-        "tokens_per_step": pred.work.tokens,
+        "tokens_per_step": pred.work.tokens * pred.world_size,
+        "world_size": pred.world_size,
+        "collective_bytes_per_rank": pred.collectives,
+        "collective_s": step.collective_s,
     }
 
 
@@ -159,7 +171,15 @@ def print_report(pred, cfg, args, n_params: int, cached: bool = True) -> None:
     console.print("activations are an estimate and lie outside the device budget; predicted peaks are "
                   "the engine's accounted bytes (budget_peaks)", style="dim", soft_wrap=True)
     step = pred.step
-    tokens = pred.work.tokens / step.step_s if step.step_s else 0.0
+    if pred.world_size > 1:
+        moved = pred.collectives
+        console.print(f"[bold]data parallel[/] {pred.world_size} ranks: the table is one rank's share (1/"
+                      f"{pred.world_size} of the state); per rank and step the collectives move "
+                      f"{format_size(moved['all_gather'])} (weight all-gathers, forward and backward) + "
+                      f"{format_size(moved['reduce_scatter'])} (gradient reduce-scatter), "
+                      f"{step.collective_s:.3f} s at --link-bandwidth {args.link_bandwidth}/s",
+                      soft_wrap=True, highlight=False)
+    tokens = pred.world_size * pred.work.tokens / step.step_s if step.step_s else 0.0
     console.print(f"[bold]predicted step[/] {step.step_s:.3f} s ({tokens:,.0f} tokens/s): compute "
                   f"{step.compute_s:.3f} s, transfer {step.transfer_s:.3f} s, optimizer {step.optimizer_s:.3f} s "
                   f"(each alone; they overlap); bottleneck: [bold]{step.bottleneck}[/]"

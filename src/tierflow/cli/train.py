@@ -12,6 +12,7 @@ and I/O throughput, and a summary.
 from __future__ import annotations
 
 import argparse
+import itertools
 import math
 import os
 import shutil
@@ -131,11 +132,17 @@ def train(args: TrainArgs, console=None) -> TrainResult:
     from rich.console import Console
 
     import tierflow
+    from tierflow import distributed
     from tierflow.data import load_tokenizer, text_batches
     from tierflow.errors import TierflowError
     from tierflow.models import is_builtin, parameter_count
 
+    device = _resolve_device(args.device)
+    sharded = distributed.init_from_env(device)  # under torchrun: one rank of a data-parallel run
+    rank, world = distributed.rank(), distributed.world_size()
     console = console or Console()
+    if rank != 0:
+        console = Console(quiet=True)  # rank 0 speaks for all
     if not hasattr(tierflow, "offload"):
         raise TierflowError("this tierflow installation has no engine (tierflow.offload is missing)")
     start, checkpoint = 0, None
@@ -143,12 +150,16 @@ def train(args: TrainArgs, console=None) -> TrainResult:
         args, checkpoint, start = checkpointing.resume_plan(args)
     limits = {"device": _budget(args.device_memory), "host": _budget(args.host_memory)}
     budgets = {tier: tierflow.parse_size(limit) for tier, limit in limits.items() if limit is not None}
-    device = _resolve_device(args.device)
     tokenizer = load_tokenizer(None if is_builtin(args.model) else args.model)
     batches = text_batches(args.data, tokenizer, args.batch_size, args.seq_len, seed=args.seed)
-    checkpointing.skip(batches, start * args.grad_accum)  # the data position of the checkpoint
+    checkpointing.skip(batches, start * args.grad_accum * world)  # the data position of the checkpoint
+    if world > 1:  # rank r trains on global micro-batches r, r + world, ...
+        batches = itertools.islice(batches, rank, None, world)
     first_batch = next(batches)  # data errors surface before any model is built
     nvme_dir, temporary = _nvme_dir(args.nvme)
+    if sharded and world > 1 and nvme_dir and not temporary:
+        nvme_dir = os.path.join(nvme_dir, f"rank{rank}")  # each rank its own spill directory
+        console.print(f"data parallel: {world} ranks, each with a shard of the state", highlight=False)
     engine, result = None, None
     try:
         engine, opt, sched = _start(args, checkpoint, device, limits, nvme_dir, tokenizer)
@@ -250,12 +261,21 @@ def _step(engine, opt, batches, args: TrainArgs, device: str) -> tuple[float, in
         batch = {k: v.to(device) for k, v in next(batches).items()}
         out = engine(**batch)
         (out.loss / args.grad_accum).backward()
-        loss_sum += float(out.loss.detach())
+        loss_sum += float(_mean_over_ranks(engine, out.loss.detach()))
         tokens += int(batch["attention_mask"].sum())
     norm = opt.clip_grad_norm_(args.clip) if args.clip > 0 else float("nan")
     opt.step()
     opt.zero_grad()
-    return loss_sum / args.grad_accum, tokens, float(norm)
+    ranks = engine.dist.world if engine.dist is not None else 1  # tokens of the whole data-parallel step
+    return loss_sum / args.grad_accum, tokens * ranks, float(norm)
+
+
+def _mean_over_ranks(engine, loss):
+    """The loss of the whole data-parallel batch (the mean of the ranks' mean losses)."""
+    if engine.dist is None:
+        return loss
+    total = engine.dist.all_reduce_sum(loss.clone().float(), "all-reduce of the loss")
+    return total / engine.dist.world
 
 
 def _step_info(loss: float, norm: float, tokens: int, seconds: float, io: dict[str, int]) -> str:

@@ -1,0 +1,74 @@
+"""One rank of the data-parallel tests (tests/test_distributed.py): run as a script with
+torchrun's environment (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT), or without it as the
+single-process reference with the whole batch."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+from conftest import SMALL_UNITS, make_batches, make_tiny  # noqa: E402
+
+import tierflow  # noqa: E402
+from tierflow import distributed  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--placement", default="host")
+    ap.add_argument("--nvme", default=None)
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--batch", type=int, default=4, help="global batch (rows), split over the ranks")
+    ap.add_argument("--save", default=None, help="save a checkpoint after the steps")
+    ap.add_argument("--resume", default=None, help="resume from this checkpoint first")
+    ap.add_argument("--arch", default="llama", help="tiny model: llama, or gpt2 (tied embeddings)")
+    ap.add_argument("--die-at-step", type=int, default=None, help="rank 1 exits abruptly at this step")
+    args = ap.parse_args()
+
+    distributed.init_from_env("cpu")
+    torch.manual_seed(0)
+    rank, world = distributed.rank(), distributed.world_size()
+    nvme = os.path.join(args.nvme, f"rank{rank}") if args.nvme else None
+    options = dict(device="cpu", nvme=nvme, placement=args.placement, **SMALL_UNITS)
+    if args.resume:
+        engine, opt = tierflow.resume(args.resume, model=make_tiny(args.arch), **options)
+    else:
+        engine = tierflow.offload(make_tiny(args.arch), **options)
+        opt = tierflow.AdamW(engine, lr=1e-2, weight_decay=0.1)
+    engine.eval()  # no dropout: ranks and the whole batch draw different masks
+    batches = make_batches(args.steps, batch=args.batch, seed=7 if args.resume else 1)
+    per_rank = args.batch // world
+    losses, norms = [], []
+    for step, ids in enumerate(batches):
+        if args.die_at_step == step and rank == 1:
+            os._exit(3)  # a crash: no cleanup, no goodbye to the other ranks
+        mine = ids[rank * per_rank:(rank + 1) * per_rank]
+        loss = engine(input_ids=mine, labels=mine).loss
+        loss.backward()
+        norms.append(float(opt.clip_grad_norm_(0.5)))
+        opt.step()
+        opt.zero_grad()
+        total = loss.detach().clone()
+        if world > 1:  # the mean over the ranks is the loss of the whole batch
+            torch.distributed.all_reduce(total)
+            total /= world
+        losses.append(float(total))
+    if args.save:
+        engine.save(args.save)
+    state = engine.state_dict()
+    moments = engine.optimizer_state()
+    if rank == 0:
+        torch.save({"losses": losses, "norms": norms, "state": state,
+                    "moments": {k: v["exp_avg_sq"] for k, v in moments.items()},
+                    "placement": engine.placement()}, args.out)
+    engine.close()
+    if world > 1:
+        torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
