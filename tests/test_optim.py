@@ -133,7 +133,10 @@ def test_engine_adamw_is_a_torch_optimizer_and_sees_lr_changes():
 def test_optim_bench_smoke(monkeypatch, tmp_path, capsys):
     from tierflow.bench.optim import run_optim_bench
 
-    monkeypatch.setitem(sys.modules, "deepspeed", None)  # DeepSpeed unavailable: a row without reference
+    # DeepSpeed unavailable: a row without reference. Its submodules too, in case an earlier
+    # test imported them (accelerate does when DeepSpeed is installed).
+    for name in ["deepspeed"] + [n for n in sys.modules if n.startswith("deepspeed.")]:
+        monkeypatch.setitem(sys.modules, name, None)
     path = tmp_path / "optim.json"
     rows = run_optim_bench(numel=1_000_000, repeats=1, json_path=path)
     assert rows and path.exists()
