@@ -122,6 +122,9 @@ class Engine:
         self._counter_lock = threading.Lock()
         self._optimizer = None
         self._closed = False
+        # Generation (infer.py) runs the same forward again and again: the units after the last
+        # one are the next forward's first, so prefetch wraps around to them.
+        self.cyclic_prefetch = False
         self._handles = hooks.install(self, model, hooked)
 
     # ---- construction -----------------------------------------------------------------
@@ -177,19 +180,20 @@ class Engine:
             for slot in unit.slots:
                 data = slot.param.detach() if source is None else _checked(source(slot.name), slot)
                 data = data.reshape(-1)
-                self.io.write_from(state, "master", data.to(FP32), slot.offset)
+                if "master" in state.arrays:
+                    self.io.write_from(state, "master", data.to(FP32), slot.offset)
                 if "weights" in state.arrays:
                     self.io.write_from(state, "weights", data.to(self.compute_dtype), slot.offset)
         for unit, home in zip(self.units, self.plan.homes):
             for slot in unit.slots:
                 slot.param.data = self._placeholder(slot)
-            if home == "device":  # weights stay put: the device buffer is the state itself
+            if self._is_permanent(unit.uid):  # weights stay put: the state itself is the device buffer
                 self.residency[unit.uid].flat = self._device_view(unit.uid)
                 self._attach(unit.uid)
 
     def _device_view(self, uid: int) -> torch.Tensor:
         state = self.states[uid]
-        return state.arrays.get("weights", state.arrays["master"])
+        return state.arrays["weights"] if "weights" in state.arrays else state.arrays["master"]
 
     @contextlib.contextmanager
     def _engine_code(self):
@@ -232,8 +236,16 @@ class Engine:
             for uid in sorted(uids, key=self.trace.position):
                 self.trace.record(uid)
                 self.acquire(uid)
-            self._prefetch(self.trace.after(max(uids, key=self.trace.position)))
+            self._prefetch(self._upcoming(max(uids, key=self.trace.position)))
             self._scopes.append([])
+
+    def _upcoming(self, uid: int) -> list[int]:
+        """Units used after `uid` in forward order (then, when cyclic, the next forward's)."""
+        after = self.trace.after(uid)
+        position = self.trace.position(uid)
+        if self.cyclic_prefetch and position < len(self.trace.order):
+            after = after + self.trace.order[:position]
+        return after
 
     def exit_module(self, uids: list[int]) -> None:
         with self._engine_code():
@@ -276,7 +288,11 @@ class Engine:
         assert res.refs >= 0, f"unit {self.units[uid].name} released more often than acquired"
 
     def _is_permanent(self, uid: int) -> bool:
-        return self.plan.homes[uid] == "device"
+        """Device-homed units stay attached. So do frozen host-homed units when the compute
+        device is the CPU: host memory is device memory there, a copy would only cost time."""
+        home = self.plan.homes[uid]
+        return home == "device" or (home == "host" and not self.device.is_cuda
+                                    and not self.units[uid].trainable_numel)
 
     def _start_fetch(self, uid: int, required: bool) -> bool:
         """Queue the job that applies pending updates and fills the device buffer."""
@@ -531,7 +547,7 @@ class Engine:
             res = self.residency[unit.uid]
             if res.refs:
                 raise TierflowError("cannot overwrite state while a forward or backward pass uses it")
-            self.io.write_from(state, name, value.to(state.dtypes[name]), slot.offset)
+            self.io.write_from(state, name, value.to(state.dtypes[state.key(name)]), slot.offset)
             if name == "master" and "weights" in state.arrays:
                 self.io.write_from(state, "weights", value.to(self.compute_dtype), slot.offset)
             if name == "master" and res.flat is not None and not self._is_permanent(unit.uid):
@@ -544,7 +560,9 @@ class Engine:
         state = self.states[unit.uid]
         for window in self.io.windows(state, tuple(names), self.io.pieces(state, slot.offset, slot.numel)):
             try:
-                yield [view.cpu() for view in window.views]
+                # A frozen unit's 'master' is its compute-dtype weights: callers get fp32 as usual.
+                yield [view.cpu().to(FP32) if name == "master" else view.cpu()
+                       for name, view in zip(names, window.views)]
             finally:
                 self.io.close(window)
 

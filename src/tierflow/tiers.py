@@ -42,6 +42,10 @@ class UnitState:
     arrays: dict = field(default_factory=dict)  # name -> Tensor (memory tiers) or Extent (nvme)
     dtypes: dict = field(default_factory=dict)  # name -> dtype
 
+    def key(self, name: str) -> str:
+        """The array that holds `name`: a frozen unit's 'master' is its compute-dtype weights."""
+        return "weights" if name == "master" and name not in self.arrays else name
+
     def nbytes(self, name: str) -> int:
         array = self.arrays[name]
         if isinstance(array, Extent):
@@ -50,7 +54,10 @@ class UnitState:
 
 
 def array_specs(unit: Unit, compute_dtype: torch.dtype) -> dict[str, tuple[int, torch.dtype]]:
-    """Name -> (elements, dtype) of every array a unit keeps."""
+    """Name -> (elements, dtype) of every array a unit keeps. A unit with no trainable
+    parameter is never updated, so it keeps only its compute-dtype weights (inference)."""
+    if not unit.trainable_numel and compute_dtype != FP32:
+        return {"weights": (unit.numel, compute_dtype)}
     specs = {"master": (unit.numel, FP32)}
     if compute_dtype != FP32:
         specs["weights"] = (unit.numel, compute_dtype)
@@ -129,6 +136,7 @@ class StateIO:
              wait: bool = True) -> "Window":
         """A window onto elements [start, start+numel) of the named arrays. With wait=False
         the NVMe reads are only started: call `window.wait()` before touching the views."""
+        names = tuple(state.key(n) for n in names)
         if state.home != "nvme":
             return Window(state, tuple(names), start, [state.arrays[n][start:start + numel] for n in names])
         window = Window(state, tuple(names), start, [], [])
@@ -216,6 +224,7 @@ class StateIO:
 
     def write_from(self, state: UnitState, name: str, src: torch.Tensor, start: int = 0) -> None:
         """Copy `src` (flat) into elements [start, start+numel) of an array, piece by piece."""
+        name = state.key(name)
         for offset, count in self.pieces(state, start, src.numel()):
             window = self.open(state, (name,), offset, count, read=False)
             try:
