@@ -90,6 +90,7 @@ def generate(engine, *args, kv_cache: str = "auto", **kwargs):
             cache = TieredCache(_text_config(module).num_hidden_layers, tier,
                                 _capacity(module, prompt, kwargs), engine.cfg.nvme)
             kwargs["past_key_values"] = cache
+            kwargs["use_cache"] = True  # a config with use_cache=False would bypass the cache we pass
     elif kv_cache == "device":
         report.kv_bytes = kv_bytes(module.config, batch, _capacity(module, prompt, kwargs), engine.compute_dtype)
     recorder = _StepRecorder(engine, cache)
