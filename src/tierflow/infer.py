@@ -144,16 +144,17 @@ def _device_room(engine) -> float:
 
 
 def _reserve_kv(engine, tier: str, nbytes: int):
-    """Account the cache in its budget for the call: the whole cache in host memory, or for
-    NVMe the two layers' pasts in flight (read ahead, in use)."""
-    budget_tier = "host"
-    if tier == "nvme":
-        nbytes = 2 * nbytes // max(1, _text_config(engine.module).num_hidden_layers)
+    """Account a host-memory cache in the host budget for the call. (An NVMe cache holds one
+    or two layers' pasts in memory at a time, in use and read ahead: like activations, that
+    is the process's memory, not the budgets'.)"""
+    if tier != "host":
+        return None
     try:
-        engine.budgets[budget_tier].reserve(nbytes, "the KV cache")
+        engine.budgets["host"].reserve(nbytes, "the KV cache")
     except BudgetError as exc:
-        raise BudgetError(f"{exc}; or pass kv_cache='nvme' with an NVMe directory") from None
-    return budget_tier, nbytes
+        hint = "; or pass kv_cache='nvme'" + ("" if engine.cfg.nvme else " with nvme=DIR")
+        raise BudgetError(f"{exc}{hint}") from None
+    return "host", nbytes
 
 
 def _capacity(module, prompt: int, kwargs) -> int:

@@ -52,17 +52,23 @@ def run(args) -> int:
     prompts = [tokenizer.encode(p) for p in args.prompt]
     if any(not p for p in prompts):
         raise ConfigError("every --prompt must have at least one token")
+    vocab = _vocab_size(args.model)
+    if vocab is not None and max(max(p) for p in prompts) >= vocab:
+        raise ConfigError(f"the prompt has token ids up to {max(max(p) for p in prompts)}, but the model's "
+                          f"vocabulary has {vocab} entries (a directory without tokenizer files is "
+                          f"tokenized as bytes, ids 0-255)")
+    pad = tokenizer.pad_id if vocab is None or tokenizer.pad_id < vocab else 0  # masked out anyway
     nvme, temporary = _nvme_dir(args.nvme)
     budgets = dict(device=args.device, device_memory=_budget(args.device_memory),
                    host_memory=_budget(args.host_memory), nvme=nvme, dtype=args.dtype)
     engine = None
     try:
         engine = _load(args.model, budgets)
-        ids, mask = _left_padded(prompts, tokenizer.pad_id)
+        ids, mask = _left_padded(prompts, pad)
         streamer = _Printer(tokenizer) if len(prompts) == 1 else None
         torch.manual_seed(args.seed)
         out = engine.generate(ids, attention_mask=mask, max_new_tokens=args.max_new_tokens,
-                              do_sample=args.sample, pad_token_id=tokenizer.pad_id, streamer=streamer,
+                              do_sample=args.sample, pad_token_id=pad, streamer=streamer,
                               kv_cache=args.kv_cache)
         if streamer is None:
             for i, row in enumerate(out[:, ids.shape[1]:].tolist()):
@@ -91,6 +97,23 @@ def _load(model: str, budgets: dict):
         module = build_model(model).eval().requires_grad_(False)
         return tierflow.offload(module, **budgets)
     return tierflow.load(model, trainable=False, **budgets)
+
+
+def _vocab_size(model: str):
+    """The vocabulary size in the model's config (None when it cannot be read here; loading
+    reports that)."""
+    import json
+    from pathlib import Path
+
+    from tierflow.models import builtin_config, is_builtin
+
+    if is_builtin(model):
+        return builtin_config(model).vocab_size
+    try:
+        config = json.loads((Path(model) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return config.get("vocab_size") or config.get("text_config", {}).get("vocab_size")
 
 
 def _left_padded(prompts: list[list[int]], pad: int):
