@@ -123,7 +123,7 @@ def _child(spec: dict) -> dict:
         engine = tierflow.load(spec["model"], device=spec["device"], device_memory=spec["device_memory"],
                                host_memory=spec["host_memory"], nvme=spec["nvme"], trainable=False)
         loaded = time.perf_counter() - start
-        out = engine.generate(ids, **kwargs)
+        out = engine.generate(ids, kv_cache=spec.get("kv_cache", "auto"), **kwargs)
         report = engine.last_generation
         steps = [s.seconds for s in report.steps]
         result = dict(steps=steps, nvme_read=[s.nvme_read for s in report.steps], kv_tier=report.kv_tier,

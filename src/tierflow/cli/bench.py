@@ -65,7 +65,7 @@ def add_arguments(parser) -> None:
     gen.add_argument("--dir", default="/tmp/tierflow-generate-bench",
                      help="directory for the model, the spill files and fio's file (on the disk to test)")
     gen.add_argument("--hidden", type=int, default=1536)
-    gen.add_argument("--layers", type=int, default=12)
+    gen.add_argument("--layers", type=int, default=14)
     gen.add_argument("--intermediate", type=int, default=4096)
     gen.add_argument("--vocab", type=int, default=8000)
     gen.add_argument("--device", default="cpu", help="compute device: cpu or cuda")
