@@ -289,3 +289,22 @@ def test_cli_generate_streams_and_summarises(tmp_path, capsys):
     assert main(["generate", "--model", str(tmp_path / "none"), "--prompt", "x"]) == 2
     assert main(["generate", "--model", str(path), "--prompt", "abc"]) == 2  # ids beyond the vocabulary
     assert "vocabulary" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------- CUDA
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("placement", ["host", "nvme"])
+@pytest.mark.parametrize("kv", ["device", "host", "nvme"])
+def test_cuda_greedy_output_equals_transformers(tmp_path, engines, arch, placement, kv):
+    """Weights streamed from pinned host memory and NVMe to the GPU, KV cache in each tier:
+    the same tokens as transformers on the GPU."""
+    path, model = saved(tmp_path, arch)
+    ids = prompts(batch=3).cuda()
+    expected = reference(model.cuda(), ids)
+    engine = load(path, tmp_path, engines, placement, device="cuda")
+    got = engine.generate(ids, max_new_tokens=NEW, do_sample=False, pad_token_id=0, kv_cache=kv)
+    assert torch.equal(got, expected)
+    steps = engine.last_generation.decode_steps
+    assert all(s.host_to_device > 0 for s in steps)

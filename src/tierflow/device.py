@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import mmap
 import sys
 import warnings
 
@@ -33,7 +32,6 @@ def return_freed_memory_to_os(threshold: int = 1 << 20) -> bool:
 
 
 _M_MMAP_THRESHOLD = -3
-DIRECT_MIN_BYTES = 1 << 20  # CPU buffers from this size on are page-aligned mappings
 
 
 class ComputeDevice:
@@ -48,15 +46,8 @@ class ComputeDevice:
         return_freed_memory_to_os()
 
     def empty(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
-        """A flat uninitialised tensor on the compute device. On the CPU a large one is its own
-        anonymous mapping: page aligned, so NVMe reads (O_DIRECT) land in it directly, and
-        still at storage offset 0 (saved-tensor tokens hold offsets into unit buffers)."""
-        nbytes = numel * dtype.itemsize
-        if self.is_cuda or nbytes < DIRECT_MIN_BYTES:
-            return torch.empty(numel, dtype=dtype, device=self.device)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # frombuffer warns about buffers it cannot resize
-            return torch.frombuffer(mmap.mmap(-1, nbytes), dtype=dtype)
+        """A flat uninitialised tensor on the compute device."""
+        return torch.empty(numel, dtype=dtype, device=self.device)
 
     def host_empty(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
         """A flat host tensor, pinned when the device is CUDA (fast, async H2D copies)."""

@@ -216,8 +216,6 @@ class StateIO:
         """Copy a whole array into `dst` (same numel, any dtype/device), piece by piece, the
         next pieces' reads overlapping the current piece's copy. Several reads in flight keep
         the disk's queue full (measured: one ahead reached ~60% of fio's bandwidth)."""
-        if self._read_direct(state, name, dst):
-            return
         ahead = 1 if self.pool is None else max(1, min(READ_AHEAD, self.pool.count - 2))
         for window in self.windows(state, (name,), self.pieces(state, 0, dst.numel()), ahead=ahead):
             try:
@@ -228,17 +226,6 @@ class StateIO:
                     self.device.synchronize_event(self.device.record_event())
             finally:
                 self.close(window)
-
-    def _read_direct(self, state: UnitState, name: str, dst: torch.Tensor) -> bool:
-        """Read an NVMe array straight into an aligned CPU `dst` of its dtype: no staging copy
-        (on a CPU device that copy costs as much CPU time as the compute of a decode step)."""
-        name = state.key(name)
-        nbytes = dst.numel() * dst.element_size()
-        if (state.home != "nvme" or dst.device.type != "cpu" or dst.dtype != state.dtypes[name]
-                or dst.data_ptr() % ALIGN or nbytes % ALIGN or not dst.is_contiguous()):
-            return False
-        self.nvme.read_async(state.arrays[name], dst.view(torch.uint8), 0).result()
-        return True
 
     def write_from(self, state: UnitState, name: str, src: torch.Tensor, start: int = 0) -> None:
         """Copy `src` (flat) into elements [start, start+numel) of an array, piece by piece."""

@@ -39,7 +39,8 @@ _LAUNCH = ("import os, sys\n"
            "from tierflow.bench.generate import _main\n"
            "_main(sys.argv[2])\n")
 
-CGROUP_ROOT = Path("/sys/fs/cgroup/memory")
+CGROUP_ROOT = Path("/sys/fs/cgroup/memory")  # cgroup v1
+CGROUP_V2_ROOT = Path("/sys/fs/cgroup")
 CGROUP_NAME = "tierflow-bench-generate"
 MiB = 2**20
 
@@ -76,17 +77,20 @@ def build_model_dir(directory: Path, config) -> int:
 # ---------------------------------------------------------------------------- cgroup
 
 def make_cgroup(limit: int) -> Path | None:
-    """A cgroup-v1 memory controller limited to `limit` bytes (page cache included), or None."""
-    path = CGROUP_ROOT / CGROUP_NAME
+    """A memory cgroup limited to `limit` bytes (page cache included), or None: cgroup v1
+    (memory.limit_in_bytes) where mounted, else cgroup v2 (memory.max)."""
+    v1 = CGROUP_ROOT.is_dir()
+    path = (CGROUP_ROOT if v1 else CGROUP_V2_ROOT) / CGROUP_NAME
     try:
+        if not v1:
+            (CGROUP_V2_ROOT / "cgroup.subtree_control").write_text("+memory")
         path.mkdir(exist_ok=True)
-        (path / "memory.limit_in_bytes").write_text(str(limit))
-        (path / "memory.memsw.limit_in_bytes").exists()  # no swap on these machines
+        (path / ("memory.limit_in_bytes" if v1 else "memory.max")).write_text(str(limit))
         return path
     except OSError as exc:
-        print(f"WARNING: cannot use a cgroup-v1 memory controller at {path} ({exc}): contenders run "
-              f"WITHOUT a memory limit; the page cache is only dropped before each one, so reads "
-              f"after the first step may come from the cache", flush=True)
+        print(f"WARNING: cannot use a memory cgroup at {path} ({exc}): contenders run WITHOUT a "
+              f"memory limit; the page cache is only dropped before each one, so reads after the "
+              f"first step may come from the cache", flush=True)
         return None
 
 
@@ -94,15 +98,20 @@ def reset_cgroup(path: Path | None) -> None:
     """Make the next contender start from an empty accounting (failcnt, max usage)."""
     if path is None:
         return
-    for name in ("memory.max_usage_in_bytes", "memory.failcnt"):
+    for name in ("memory.max_usage_in_bytes", "memory.failcnt", "memory.force_empty", "memory.reclaim"):
         try:
             (path / name).write_text("0")
         except OSError:
             pass
-    try:
-        (path / "memory.force_empty").write_text("0")
-    except OSError:
-        pass
+
+
+def _max_usage(path: Path) -> int | None:
+    for name in ("memory.max_usage_in_bytes", "memory.peak"):
+        try:
+            return int((path / name).read_text())
+        except (OSError, ValueError):
+            continue
+    return None
 
 
 # ---------------------------------------------------------------------------- children
@@ -114,6 +123,8 @@ def _child(spec: dict) -> dict:
     torch.set_num_threads(spec["threads"])
     gen = torch.Generator().manual_seed(1)
     ids = torch.randint(3, spec["vocab"], (spec["batch"], spec["prompt"]), generator=gen)
+    cuda = spec["device"].startswith("cuda")
+    ids = ids.to(spec["device"])
     kwargs = dict(attention_mask=torch.ones_like(ids), max_new_tokens=spec["new_tokens"], do_sample=False,
                   pad_token_id=0)
     start = time.perf_counter()
@@ -137,13 +148,17 @@ def _child(spec: dict) -> dict:
         if spec["contender"] == "accelerate":
             offload = Path(spec["nvme"]) / "accelerate-offload"
             offload.mkdir(parents=True, exist_ok=True)
-            options.update(device_map="auto", offload_folder=str(offload),
-                           max_memory={"cpu": spec["weights_memory"]})
+            memory = ({0: spec["device_memory"], "cpu": spec["host_memory"]} if cuda
+                      else {"cpu": spec["weights_memory"]})
+            options.update(device_map="auto", offload_folder=str(offload), max_memory=memory)
+        elif cuda:
+            options.update(device_map={"": 0})
         model = AutoModelForCausalLM.from_pretrained(spec["model"], **options).eval()
         loaded = time.perf_counter() - start
         steps = []
         model.register_forward_pre_hook(lambda m, a: steps.append(-time.perf_counter()))
-        model.register_forward_hook(lambda m, a, o: steps.__setitem__(-1, steps[-1] + time.perf_counter()))
+        sync = torch.cuda.synchronize if cuda else (lambda: None)
+        model.register_forward_hook(lambda m, a, o: sync() or steps.__setitem__(-1, steps[-1] + time.perf_counter()))
         out = model.generate(ids, **kwargs)
         result = dict(steps=steps, device_map=_summarise_device_map(getattr(model, "hf_device_map", None)))
     result.update(load_s=loaded, tokens=out[:, spec["prompt"]:].tolist(), peak_rss=_peak_rss())
@@ -184,7 +199,9 @@ def run_contender(spec: dict, cgroup: Path | None, timeout: float) -> dict:
         return {"error": f"exit status {done.returncode}{killed}: {' | '.join(tail)}"}
     result = json.loads(lines[-1][len("RESULT "):])
     if cgroup is not None and spec["contender"] != "memory":
-        result["cgroup_max_usage"] = int((cgroup / "memory.max_usage_in_bytes").read_text())
+        usage = _max_usage(cgroup)
+        if usage is not None:
+            result["cgroup_max_usage"] = usage
     return result
 
 
@@ -239,8 +256,7 @@ def _fio_read(spill: Path) -> float | None:
     job shaped like tierflow's reads (4 threads of 8 MiB) and libaio at queue depth 32."""
     fio = find_fio()
     if fio is None:
-        print("WARNING: fio is not available: no disk reference", flush=True)
-        return None
+        return _dd_read(spill)
     spill.mkdir(parents=True, exist_ok=True)
     size = 1 << 30
     best = 0.0
@@ -251,6 +267,26 @@ def _fio_read(spill: Path) -> float | None:
             print(f"WARNING: fio failed: {exc}", flush=True)
     (spill / "fio-bench.bin").unlink(missing_ok=True)
     return best or None
+
+
+def _dd_read(spill: Path) -> float | None:
+    """Without fio: dd's O_DIRECT sequential read of a 1 GiB file (one request at a time, a
+    weaker reference than fio's)."""
+    print("WARNING: fio is not available: the disk reference is dd (O_DIRECT, 8 MiB requests)", flush=True)
+    spill.mkdir(parents=True, exist_ok=True)
+    path = spill / "dd-bench.bin"
+    try:
+        subprocess.run(["dd", "if=/dev/zero", f"of={path}", "bs=8M", "count=128", "oflag=direct"],
+                       check=True, capture_output=True)
+        drop_caches()
+        start = time.perf_counter()
+        subprocess.run(["dd", f"if={path}", "of=/dev/null", "bs=8M", "iflag=direct"], check=True, capture_output=True)
+        return (1 << 30) / (time.perf_counter() - start) / GB
+    except (OSError, subprocess.CalledProcessError) as exc:
+        print(f"WARNING: dd failed ({exc}): no disk reference", flush=True)
+        return None
+    finally:
+        path.unlink(missing_ok=True)
 
 
 def _decode(run: dict) -> list[float]:
