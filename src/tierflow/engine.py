@@ -397,11 +397,15 @@ class Engine:
 
     def _keep_spare(self, flat: torch.Tensor) -> None:
         """Keep an evicted CPU buffer for reuse when nothing else holds a view of it (the storage
-        is referenced by `flat` and the temporary wrapper only), at most two per size."""
-        if self.device.is_cuda or torch._C._storage_Use_Count(flat.untyped_storage()._cdata) > 2:
+        is referenced by `flat` and the temporary wrapper only). Spares are not in the device
+        budget (the next fetches take them at once), so they are capped: two per size, and
+        no more bytes in all than the prefetch window."""
+        use_count = getattr(torch._C, "_storage_Use_Count", None)
+        if self.device.is_cuda or use_count is None or use_count(flat.untyped_storage()._cdata) > 2:
             return
         spares = self._spare.setdefault(flat.numel(), [])
-        if len(spares) < 2:
+        held = sum(t.numel() * t.element_size() for group in list(self._spare.values()) for t in list(group))
+        if len(spares) < 2 and held + flat.numel() * flat.element_size() <= self.plan.prefetch_bytes:
             spares.append(flat)
 
     def _spare_buffer(self, numel: int) -> torch.Tensor | None:
