@@ -23,6 +23,17 @@ from .checkpoint import CheckpointError, load, resume, save, save_pretrained  # 
 
 Engine.save = save                        # engine.save("ckpt/step-N", scheduler=..., extra=...)
 Engine.save_pretrained = save_pretrained  # engine.save_pretrained("out/"): Hugging Face format
+Engine.last_generation = None             # the GenerationReport of the last engine.generate(...)
+
+
+def _generate(engine, *args, kv_cache: str = "auto", **kwargs):
+    """transformers' generate over the tiered model, KV cache placed by the budgets (infer.py)."""
+    from .infer import generate  # imports transformers: only when generating
+
+    return generate(engine, *args, kv_cache=kv_cache, **kwargs)
+
+
+Engine.generate = _generate
 
 
 def offload(model: nn.Module, device="cpu", device_memory=None, host_memory=None, nvme=None,

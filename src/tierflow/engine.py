@@ -130,6 +130,12 @@ class Engine:
         # per-op on-demand check (a Python call per torch op, costly on a GPU) is skipped and
         # updates are applied when a forward begins instead.
         self.fetches_on_demand = not all(self._is_permanent(uid) for uid in range(len(self.units)))
+        # Generation (infer.py) runs the same forward again and again: the units after the last
+        # one are the next forward's first, so prefetch wraps around to them.
+        self.cyclic_prefetch = False
+        # CPU only: buffers of evicted units, reused by the next fetches of the same size.
+        # Fresh memory costs a page fault per 4 KiB: measured ~3x the copy itself.
+        self._spare: dict[int, list[torch.Tensor]] = {}
         self._handles = hooks.install(self, model, hooked)
 
     # ---- construction -----------------------------------------------------------------
@@ -186,7 +192,8 @@ class Engine:
             for slot in unit.slots:
                 data = slot.param.detach() if source is None else _checked(source(slot.name), slot)
                 data = data.reshape(-1)
-                self.io.write_from(state, "master", data.to(FP32), slot.offset)
+                if "master" in state.arrays:
+                    self.io.write_from(state, "master", data.to(FP32), slot.offset)
                 if "weights" in state.arrays:
                     self.io.write_from(state, "weights", data.to(self.compute_dtype), slot.offset)
         for unit, home in zip(self.units, self.plan.homes):
@@ -198,7 +205,7 @@ class Engine:
 
     def _device_view(self, uid: int) -> torch.Tensor:
         state = self.states[uid]
-        return state.arrays.get("weights", state.arrays["master"])
+        return state.arrays["weights"] if "weights" in state.arrays else state.arrays["master"]
 
     @contextlib.contextmanager
     def _engine_code(self):
@@ -251,9 +258,18 @@ class Engine:
             for uid in sorted(uids, key=self.trace.position):
                 self.trace.record(uid)
                 self.acquire(uid)
-            self._prefetch(self.trace.after(max(uids, key=self.trace.position)))
+            upcoming = self._upcoming(max(uids, key=self.trace.position))
+            self._prefetch(upcoming)
             self._gather_ahead(self.trace.after(max(uids, key=self.trace.position)))
             self._scopes.append([])
+
+    def _upcoming(self, uid: int) -> list[int]:
+        """Units used after `uid` in forward order (then, when cyclic, the next forward's)."""
+        after = self.trace.after(uid)
+        position = self.trace.position(uid)
+        if self.cyclic_prefetch and position < len(self.trace.order):
+            after = after + self.trace.order[:position]
+        return after
 
     def exit_module(self, uids: list[int]) -> None:
         with self._engine_code():
@@ -320,8 +336,14 @@ class Engine:
             self.dist.forget(uid)  # the next first hold gathers again
 
     def _is_permanent(self, uid: int) -> bool:
-        # A rank's device-resident state is only its shard: the full weights are gathered.
-        return self.plan.homes[uid] == "device" and self.dist is None
+        """Device-homed units stay attached (one process: a rank's device-resident state is only
+        its shard, the full weights are gathered). So do frozen host-homed units when the
+        compute device is the CPU: host memory is device memory there, a copy would only cost time."""
+        if self.dist is not None:
+            return False
+        home = self.plan.homes[uid]
+        return home == "device" or (home == "host" and not self.device.is_cuda
+                                    and not self.units[uid].trainable_numel)
 
     def _start_fetch(self, uid: int, required: bool) -> bool:
         """Queue the job that applies pending updates and fills the device buffer."""
@@ -380,7 +402,11 @@ class Engine:
         When the updates cover every parameter of the unit, the updated windows are copied
         to the device as they are produced, so the weights are not read a second time."""
         unit, state = self.units[uid], self.states[uid]
-        flat = self.device.empty(unit.numel, self.compute_dtype) if copy else None
+        flat = None
+        if copy:
+            flat = self._spare_buffer(unit.numel)
+            if flat is None:
+                flat = self.device.empty(unit.numel, self.compute_dtype)
         covered = len(pending) == len(unit.slots)
         with self.device.side_stream():
             if pending:
@@ -447,8 +473,29 @@ class Engine:
         for slot in self.units[uid].slots:
             slot.param.data = self._placeholder(slot)
         self._storage_owner.pop(res.flat.untyped_storage().data_ptr(), None)
-        res.flat = None
+        flat, res.flat = res.flat, None
+        self._keep_spare(flat)
         self.budgets["device"].release(working_bytes(self.units[uid], self.compute_dtype))
+
+    def _keep_spare(self, flat: torch.Tensor) -> None:
+        """Keep an evicted CPU buffer for reuse when nothing else holds a view of it (the storage
+        is referenced by `flat` and the temporary wrapper only). Spares are not in the device
+        budget (the next fetches take them at once), so they are capped: two per size, and
+        no more bytes in all than the prefetch window."""
+        use_count = getattr(torch._C, "_storage_Use_Count", None)
+        if self.device.is_cuda or use_count is None or use_count(flat.untyped_storage()._cdata) > 2:
+            return
+        spares = self._spare.setdefault(flat.numel(), [])
+        held = sum(t.numel() * t.element_size() for group in list(self._spare.values()) for t in list(group))
+        if len(spares) < 2 and held + flat.numel() * flat.element_size() <= self.plan.prefetch_bytes:
+            spares.append(flat)
+
+    def _spare_buffer(self, numel: int) -> torch.Tensor | None:
+        """A spare buffer of `numel` elements (transfer thread; list.pop is atomic)."""
+        try:
+            return self._spare.get(numel, []).pop()
+        except IndexError:
+            return None
 
     def _placeholder(self, slot: Slot) -> torch.Tensor:
         """Right shape and dtype, one element of memory (NaN, so misuse shows). Autograd and
@@ -614,7 +661,7 @@ class Engine:
             if res.refs:
                 raise TierflowError("cannot overwrite state while a forward or backward pass uses it")
             # (a rank whose shard holds no trainable elements has no moment arrays: nothing to write)
-            self.io.write_from(state, name, value.to(state.dtypes.get(name, FP32)), slot.offset)
+            self.io.write_from(state, name, value.to(state.dtypes.get(state.key(name), FP32)), slot.offset)
             if name == "master" and "weights" in state.arrays:
                 self.io.write_from(state, "weights", value.to(self.compute_dtype), slot.offset)
             if name == "master" and res.flat is not None and not self._is_permanent(unit.uid):
@@ -627,7 +674,9 @@ class Engine:
         state = self.states[unit.uid]
         for window in self.io.windows(state, tuple(names), self.io.pieces(state, slot.offset, slot.numel)):
             try:
-                yield [view.cpu() for view in window.views]
+                # A frozen unit's 'master' is its compute-dtype weights: callers get fp32 as usual.
+                yield [view.cpu().to(FP32) if name == "master" else view.cpu()
+                       for name, view in zip(names, window.views)]
             finally:
                 self.io.close(window)
 

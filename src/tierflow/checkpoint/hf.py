@@ -191,23 +191,31 @@ def _publish(tmp: Path, out: Path, files: list[str]) -> None:
 
 # ==== import =================================================================================
 def load(path, device="cpu", device_memory=None, host_memory=None, nvme=None, dtype=None,
-         placement: str = "auto", model_class=None, **options):
+         placement: str = "auto", model_class=None, trainable: bool = True, **options):
     """An engine over the Hugging Face model in directory `path` (config.json + safetensors),
     built without materialising the model: each tensor is read from its shard and placed
     into its tier one at a time. Arguments as `tierflow.offload`; `model_class` defaults to
     `transformers.AutoModelForCausalLM`. The model starts in eval mode, as `from_pretrained`
-    leaves it (call `engine.train()` to train)."""
+    leaves it (call `engine.train()` to train). `trainable=False` freezes every parameter
+    (inference): only compute-dtype weights are stored, no gradient or AdamW state."""
     from .. import offload
 
     path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path} is not a directory (a Hugging Face model directory is needed)")
     if not (path / "config.json").is_file():
         raise CheckpointError(f"{path} is not a Hugging Face model directory (no config.json)")
+    parse_dtype(dtype)  # a bad dtype or size fails before anything is built or read
+    for what, size in (("device_memory", device_memory), ("host_memory", host_memory)):
+        parse_size(size, what=what)
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(str(path), local_files_only=True)
     with meta_parameters():
         model = (model_class or AutoModelForCausalLM).from_config(config)
     model.eval()
+    if not trainable:
+        model.requires_grad_(False)
     readers = _open_shards(path)
     try:
         keys = _match_keys(model, readers, path)

@@ -7,6 +7,7 @@
     tierflow bench calibrate  measure this machine's figures for the cost model (cached)
     tierflow bench plan-accuracy  the cost model's predictions against real training steps
     tierflow bench scale  step time and per-rank memory of 1 and 2 data-parallel ranks (torchrun)
+    tierflow bench generate  generation beyond memory vs accelerate's disk offload (and fio)
 """
 from __future__ import annotations
 
@@ -74,6 +75,23 @@ def add_arguments(parser) -> None:
     accuracy.add_argument("--quiet-wait", type=float, default=120.0,
                           help="seconds to wait for other processes to go idle before each measurement")
     accuracy.add_argument("--json", default=None)
+    gen = sub.add_parser("generate", help="generation with a model bigger than memory vs accelerate disk offload")
+    gen.add_argument("--dir", default="/tmp/tierflow-generate-bench",
+                     help="directory for the model, the spill files and fio's file (on the disk to test)")
+    gen.add_argument("--hidden", type=int, default=1536)
+    gen.add_argument("--layers", type=int, default=14)
+    gen.add_argument("--intermediate", type=int, default=4096)
+    gen.add_argument("--vocab", type=int, default=8000)
+    gen.add_argument("--device", default="cpu", help="compute device: cpu or cuda")
+    gen.add_argument("--device-memory", default="256MiB")
+    gen.add_argument("--host-memory", default="512MiB")
+    gen.add_argument("--limit", default=None,
+                     help="cgroup memory limit, page cache included (default: the budgets + 640MiB)")
+    gen.add_argument("--batches", type=int, nargs="+", default=[1, 16])
+    gen.add_argument("--prompt-len", type=int, default=16)
+    gen.add_argument("--new-tokens", type=int, default=8)
+    gen.add_argument("--threads", type=int, default=2, help="torch threads of each contender")
+    gen.add_argument("--json", default=None)
 
 
 def run(args) -> int:
@@ -104,4 +122,9 @@ def run(args) -> int:
         run_plan_accuracy_bench(args.sizes, args.settings, args.seq_len, args.steps, args.warmup,
                                 args.nvme, args.recalibrate, args.json, quiet_wait=args.quiet_wait,
                                 calibrate_each=args.calibrate_each)
+    elif args.bench == "generate":
+        from tierflow.bench.generate import run_generate_bench
+        run_generate_bench(args.dir, args.hidden, args.layers, args.intermediate, args.vocab, args.device,
+                           args.device_memory, args.host_memory, args.limit, tuple(args.batches),
+                           args.prompt_len, args.new_tokens, args.threads, args.json)
     return 0

@@ -15,6 +15,7 @@ import sys
 COMMANDS = (
     "train",
     "plan",
+    "generate",
     "bench",
 )
 

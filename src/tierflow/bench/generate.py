@@ -1,0 +1,334 @@
+"""``tierflow bench generate``: generation with a model bigger than memory, tierflow against
+accelerate's disk offload, on the same model, prompts, budget and memory limit.
+
+1. A Llama with random weights is built from a config (default ~1.46 GB in fp32, over 2.8x
+   the 512 MiB host budget) and saved as safetensors shards (reused when already there).
+2. fio measures the disk's sequential read bandwidth on the same file system.
+3. Each contender runs in its own process inside a cgroup-v1 memory controller whose limit
+   counts the page cache too, so neither can keep the model cached (root only; otherwise a
+   warning is printed and the page cache is only dropped). The page cache is dropped first.
+   - tierflow: `tierflow.load(trainable=False)` with device/host budgets and an NVMe spill
+     directory, then `engine.generate`;
+   - accelerate: `from_pretrained(device_map="auto", max_memory={"cpu": device+host budget},
+     offload_folder=...)`, then `generate`;
+   - in memory (no limit): the same generate with the whole model in RAM, for the compute
+     time of a step.
+4. Printed: tokens/s of both and the ratio, at batch 1 and at a large batch; tierflow's read
+   bandwidth against fio's; each decode step against its physical bound
+   max(bytes read / fio bandwidth, in-memory compute time of the same step).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from tierflow.bench.io import GB, FioJob, _fio_gbps, drop_caches, find_fio
+from tierflow.bench.report import print_row, row, write_json
+
+# The child joins the cgroup first thing, before torch is imported, so that everything it
+# allocates or reads is charged to the limit.
+_LAUNCH = ("import os, sys\n"
+           "if sys.argv[1]:\n"
+           "    open(sys.argv[1], 'w').write(str(os.getpid()))\n"
+           "from tierflow.bench.generate import _main\n"
+           "_main(sys.argv[2])\n")
+
+CGROUP_ROOT = Path("/sys/fs/cgroup/memory")  # cgroup v1
+CGROUP_V2_ROOT = Path("/sys/fs/cgroup")
+CGROUP_NAME = "tierflow-bench-generate"
+MiB = 2**20
+
+
+def model_config(hidden: int, layers: int, intermediate: int, vocab: int):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate,
+                       num_hidden_layers=layers, num_attention_heads=hidden // 128, num_key_value_heads=hidden // 128,
+                       max_position_embeddings=1024, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
+
+
+def build_model_dir(directory: Path, config) -> int:
+    """Save a randomly initialised model with `config` to `directory` (kept when it already
+    holds that config); returns its parameter bytes."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    marker = directory / "bench-config.json"
+    wanted = config.to_json_string()
+    if marker.is_file() and json.loads(marker.read_text())["config"] == wanted:
+        return json.loads(marker.read_text())["bytes"]
+    shutil.rmtree(directory, ignore_errors=True)
+    print(f"building and saving the model in {directory} ...", flush=True)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(directory, max_shard_size="500MB")
+    nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    del model
+    marker.write_text(json.dumps({"config": wanted, "bytes": nbytes}))
+    return nbytes
+
+
+# ---------------------------------------------------------------------------- cgroup
+
+def make_cgroup(limit: int) -> Path | None:
+    """A memory cgroup limited to `limit` bytes (page cache included), or None: cgroup v1
+    (memory.limit_in_bytes) where mounted, else cgroup v2 (memory.max)."""
+    v1 = CGROUP_ROOT.is_dir()
+    path = (CGROUP_ROOT if v1 else CGROUP_V2_ROOT) / CGROUP_NAME
+    try:
+        if not v1:
+            (CGROUP_V2_ROOT / "cgroup.subtree_control").write_text("+memory")
+        path.mkdir(exist_ok=True)
+        (path / ("memory.limit_in_bytes" if v1 else "memory.max")).write_text(str(limit))
+        return path
+    except OSError as exc:
+        print(f"WARNING: cannot use a memory cgroup at {path} ({exc}): contenders run WITHOUT a "
+              f"memory limit; the page cache is only dropped before each one, so reads after the "
+              f"first step may come from the cache", flush=True)
+        return None
+
+
+def reset_cgroup(path: Path | None) -> None:
+    """Make the next contender start from an empty accounting (failcnt, max usage)."""
+    if path is None:
+        return
+    for name in ("memory.max_usage_in_bytes", "memory.failcnt", "memory.force_empty", "memory.reclaim"):
+        try:
+            (path / name).write_text("0")
+        except OSError:
+            pass
+
+
+def _max_usage(path: Path) -> int | None:
+    for name in ("memory.max_usage_in_bytes", "memory.peak"):
+        try:
+            return int((path / name).read_text())
+        except (OSError, ValueError):
+            continue
+    return None
+
+
+# ---------------------------------------------------------------------------- children
+
+def _child(spec: dict) -> dict:
+    """Runs in the contender's process (already inside the cgroup)."""
+    import torch
+
+    torch.set_num_threads(spec["threads"])
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, spec["vocab"], (spec["batch"], spec["prompt"]), generator=gen)
+    cuda = spec["device"].startswith("cuda")
+    ids = ids.to(spec["device"])
+    kwargs = dict(attention_mask=torch.ones_like(ids), max_new_tokens=spec["new_tokens"], do_sample=False,
+                  pad_token_id=0)
+    start = time.perf_counter()
+    if spec["contender"] == "tierflow":
+        import tierflow
+
+        engine = tierflow.load(spec["model"], device=spec["device"], device_memory=spec["device_memory"],
+                               host_memory=spec["host_memory"], nvme=spec["nvme"], trainable=False)
+        loaded = time.perf_counter() - start
+        out = engine.generate(ids, kv_cache=spec.get("kv_cache", "auto"), **kwargs)
+        report = engine.last_generation
+        steps = [s.seconds for s in report.steps]
+        result = dict(steps=steps, nvme_read=[s.nvme_read for s in report.steps], kv_tier=report.kv_tier,
+                      placement={tier: sum(v.values()) for tier, v in engine.placement().items()},
+                      budget_peaks={k: v[0] for k, v in engine.budget_peaks().items()})
+        engine.close()
+    else:
+        from transformers import AutoModelForCausalLM
+
+        options = dict(dtype=torch.float32)
+        if spec["contender"] == "accelerate":
+            offload = Path(spec["nvme"]) / "accelerate-offload"
+            offload.mkdir(parents=True, exist_ok=True)
+            memory = ({0: spec["device_memory"], "cpu": spec["host_memory"]} if cuda
+                      else {"cpu": spec["weights_memory"]})
+            options.update(device_map="auto", offload_folder=str(offload), max_memory=memory)
+        elif cuda:
+            options.update(device_map={"": 0})
+        model = AutoModelForCausalLM.from_pretrained(spec["model"], **options).eval()
+        loaded = time.perf_counter() - start
+        steps = []
+        model.register_forward_pre_hook(lambda m, a: steps.append(-time.perf_counter()))
+        sync = torch.cuda.synchronize if cuda else (lambda: None)
+        model.register_forward_hook(lambda m, a, o: sync() or steps.__setitem__(-1, steps[-1] + time.perf_counter()))
+        out = model.generate(ids, **kwargs)
+        result = dict(steps=steps, device_map=_summarise_device_map(getattr(model, "hf_device_map", None)))
+    result.update(load_s=loaded, tokens=out[:, spec["prompt"]:].tolist(), peak_rss=_peak_rss())
+    return result
+
+
+def _summarise_device_map(device_map) -> dict | None:
+    if not device_map:
+        return None
+    counts: dict = {}
+    for where in device_map.values():
+        counts[str(where)] = counts.get(str(where), 0) + 1
+    return counts
+
+
+def _peak_rss() -> int:
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def run_contender(spec: dict, cgroup: Path | None, timeout: float) -> dict:
+    """Start a child for `spec` in `cgroup`, after dropping the page cache."""
+    drop_caches()
+    reset_cgroup(cgroup if spec["contender"] != "memory" else None)
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]), TOKENIZERS_PARALLELISM="false")
+    group = str(cgroup / "cgroup.procs") if cgroup is not None and spec["contender"] != "memory" else ""
+    cmd = [sys.executable, "-c", _LAUNCH, group, json.dumps(spec)]
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"did not finish within {timeout:.0f} s"}
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    if done.returncode != 0 or not lines:
+        tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
+        killed = " (killed: out of memory under the cgroup limit)" if done.returncode in (-9, 137) else ""
+        return {"error": f"exit status {done.returncode}{killed}: {' | '.join(tail)}"}
+    result = json.loads(lines[-1][len("RESULT "):])
+    if cgroup is not None and spec["contender"] != "memory":
+        usage = _max_usage(cgroup)
+        if usage is not None:
+            result["cgroup_max_usage"] = usage
+    return result
+
+
+# ---------------------------------------------------------------------------- the benchmark
+
+def run_generate_bench(directory, hidden=1536, layers=12, intermediate=4096, vocab=8000, device="cpu",
+                       device_memory="256MiB", host_memory="512MiB", limit=None, batches=(1, 16),
+                       prompt=16, new_tokens=8, threads=2, json_path=None, timeout=900.0) -> list[dict]:
+    from tierflow.config import format_size, parse_size
+
+    directory = Path(directory).absolute()
+    directory.mkdir(parents=True, exist_ok=True)
+    model_dir, spill = directory / "model", directory / "spill"
+    model_bytes = build_model_dir(model_dir, model_config(hidden, layers, intermediate, vocab))
+    device_b, host_b = parse_size(device_memory), parse_size(host_memory)
+    weights_memory = host_b + (device_b if device == "cpu" else 0)
+    limit_b = parse_size(limit) if limit else weights_memory + 640 * MiB
+    print(f"model: {format_size(model_bytes)} ({model_bytes / host_b:.1f}x the host budget of "
+          f"{format_size(host_b)}); device budget {format_size(device_b)} on {device}; memory limit "
+          f"{format_size(limit_b)} (page cache included)", flush=True)
+    fio_gbps = _fio_read(spill)
+    cgroup = make_cgroup(limit_b)
+    rows, details = [], {"model_bytes": model_bytes, "limit": limit_b, "fio_read_gbps": fio_gbps,
+                         "cgroup": cgroup is not None, "runs": {}}
+    for batch in batches:
+        base = dict(model=str(model_dir), vocab=vocab, batch=batch, prompt=prompt, new_tokens=new_tokens,
+                    threads=threads, device=device, device_memory=device_b, host_memory=host_b,
+                    nvme=str(spill), weights_memory=weights_memory)
+        runs = {}
+        for contender in ("tierflow", "accelerate", "memory"):
+            shutil.rmtree(spill / "accelerate-offload", ignore_errors=True)
+            print(f"batch {batch}: running {contender} ...", flush=True)
+            runs[contender] = run_contender(dict(base, contender=contender), cgroup, timeout)
+            if "error" in runs[contender]:
+                print(f"  {contender} failed: {runs[contender]['error']}", flush=True)
+        details["runs"][batch] = runs
+        rows += _rows(batch, runs, fio_gbps, new_tokens)
+    for r in rows:
+        print_row(r)
+    _print_notes(details)
+    write_json(rows + [{"name": "details", **details}], json_path)
+    if cgroup is not None:
+        try:
+            cgroup.rmdir()
+        except OSError:
+            pass
+    return rows
+
+
+def _fio_read(spill: Path) -> float | None:
+    """fio's sequential O_DIRECT read bandwidth (GB/s) on the spill file system: the best of a
+    job shaped like tierflow's reads (4 threads of 8 MiB) and libaio at queue depth 32."""
+    fio = find_fio()
+    if fio is None:
+        return _dd_read(spill)
+    spill.mkdir(parents=True, exist_ok=True)
+    size = 1 << 30
+    best = 0.0
+    for job in (FioJob("", "psync", 8 * MiB, 4, 1, "malloc"), FioJob("", "libaio", MiB, 1, 32, "malloc")):
+        try:
+            best = max(best, _fio_gbps(fio, job, spill, size, write=False, direct=True))
+        except (subprocess.CalledProcessError, ValueError, KeyError) as exc:
+            print(f"WARNING: fio failed: {exc}", flush=True)
+    (spill / "fio-bench.bin").unlink(missing_ok=True)
+    return best or None
+
+
+def _dd_read(spill: Path) -> float | None:
+    """Without fio: dd's O_DIRECT sequential read of a 1 GiB file (one request at a time, a
+    weaker reference than fio's)."""
+    print("WARNING: fio is not available: the disk reference is dd (O_DIRECT, 8 MiB requests)", flush=True)
+    spill.mkdir(parents=True, exist_ok=True)
+    path = spill / "dd-bench.bin"
+    try:
+        subprocess.run(["dd", "if=/dev/zero", f"of={path}", "bs=8M", "count=128", "oflag=direct"],
+                       check=True, capture_output=True)
+        drop_caches()
+        start = time.perf_counter()
+        subprocess.run(["dd", f"if={path}", "of=/dev/null", "bs=8M", "iflag=direct"], check=True, capture_output=True)
+        return (1 << 30) / (time.perf_counter() - start) / GB
+    except (OSError, subprocess.CalledProcessError) as exc:
+        print(f"WARNING: dd failed ({exc}): no disk reference", flush=True)
+        return None
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def _decode(run: dict) -> list[float]:
+    return run["steps"][1:]
+
+
+def _rows(batch: int, runs: dict, fio_gbps, new_tokens: int) -> list[dict]:
+    tf, acc, mem = runs["tierflow"], runs["accelerate"], runs["memory"]
+    rows = []
+    tps = lambda run: batch * new_tokens / sum(run["steps"]) if "steps" in run else None  # noqa: E731
+    if "steps" in tf:
+        rows.append(row(f"tokens/s batch {batch} (vs accelerate)", tps(tf), tps(acc), "tokens/s"))
+        step = statistics.median(_decode(tf))
+        read = statistics.median(tf["nvme_read"][1:])
+        rows.append(row(f"read GB/s batch {batch} (vs fio)", read / step / GB, fio_gbps, "GB/s"))
+        if fio_gbps and "steps" in mem:
+            # The fastest in-memory step is the compute part of the bound (the machine is shared).
+            bound = max(read / (fio_gbps * GB), min(_decode(mem)))
+            rows.append(row(f"decode step / bound batch {batch}", step, bound, "s (ratio: step/bound, target <= 1.25)"))
+        if "tokens" in acc:
+            same = tf["tokens"] == acc["tokens"] == mem.get("tokens", tf["tokens"])
+            rows.append(row(f"same greedy tokens batch {batch}", float(same), 1.0, "1 = yes"))
+    return rows
+
+
+def _print_notes(details: dict) -> None:
+    for batch, runs in details["runs"].items():
+        for name, run in runs.items():
+            if "error" in run:
+                print(f"batch {batch} {name}: {run['error']}")
+                continue
+            extra = ""
+            if name == "tierflow":
+                extra = (f", placement {json.dumps(run['placement'])}, KV cache {run['kv_tier']}, "
+                         f"NVMe read per decode step {statistics.median(run['nvme_read'][1:]) / 2**20:.0f} MiB")
+            elif run.get("device_map"):
+                extra = f", device map {json.dumps(run['device_map'])}"
+            usage = f", cgroup max usage {run['cgroup_max_usage'] / 2**20:.0f} MiB" if "cgroup_max_usage" in run else ""
+            print(f"batch {batch} {name}: load {run['load_s']:.1f} s, prefill {run['steps'][0]:.2f} s, decode step "
+                  f"median {statistics.median(_decode(run)):.3f} s, peak RSS {run['peak_rss'] / 2**20:.0f} MiB"
+                  f"{usage}{extra}")
+
+
+def _main(spec: str) -> None:
+    print("RESULT " + json.dumps(_child(json.loads(spec))), flush=True)
