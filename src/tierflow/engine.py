@@ -123,6 +123,10 @@ class Engine:
         self._optimizer = None
         self._closed = False
         self._handles = hooks.install(self, model, hooked)
+        self.activations = None  # an ActivationManager when cfg.activations asks for one
+        if self.cfg.activations is not None:
+            from .activations import ActivationManager
+            self.activations = ActivationManager(self, model, hooked, self.cfg.activations)
 
     # ---- construction -----------------------------------------------------------------
     def _replace_meta_parameters(self) -> None:
@@ -217,6 +221,8 @@ class Engine:
         return getattr(self.module, name)
 
     def begin_forward(self) -> None:
+        if self.activations is not None:
+            self.activations.begin_forward()
         self.trace.begin()
         self._scopes.append([])
 
@@ -225,6 +231,8 @@ class Engine:
             for uid in self._scopes.pop():
                 self.release(uid)
             self.trace.end()
+            if self.activations is not None:
+                self.activations.end_forward()
 
     def enter_module(self, uids: list[int]) -> None:
         self._module_starts.append(self.events.now())
@@ -232,7 +240,8 @@ class Engine:
             for uid in sorted(uids, key=self.trace.position):
                 self.trace.record(uid)
                 self.acquire(uid)
-            self._prefetch(self.trace.after(max(uids, key=self.trace.position)))
+            if self.activations is None or not self.activations.recomputing:  # not in backward
+                self._prefetch(self.trace.after(max(uids, key=self.trace.position)))
             self._scopes.append([])
 
     def exit_module(self, uids: list[int]) -> None:
@@ -397,13 +406,15 @@ class Engine:
         if tensor.layout != torch.strided or tensor.device != self.device.device:
             return tensor
         uid = self._storage_owner.get(tensor.untyped_storage().data_ptr())
+        if uid is None and self.activations is not None:
+            return self.activations.pack(tensor)  # an activation: keep, offload (activations.py)
         if uid is None or tensor.dtype != self.compute_dtype:
             return tensor
         return hooks.SavedUnitView(uid, tensor.size(), tensor.stride(), tensor.storage_offset())
 
     def unpack_saved(self, saved):
         if not isinstance(saved, hooks.SavedUnitView):
-            return saved
+            return saved if self.activations is None else self.activations.unpack(saved)
         with self._engine_code():
             self._queue_backward_callback()
             uid = saved.uid
@@ -639,6 +650,8 @@ class Engine:
         for handle in self._handles:
             handle.remove()
         self._transfer.shutdown(wait=True)
+        if self.activations is not None:
+            self.activations.close()
         self.grads.close()
         if self.nvme is not None:
             self.nvme.close()
