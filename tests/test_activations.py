@@ -7,7 +7,7 @@ import torch
 
 import tierflow
 from tierflow.activation_policy import LayerStats, choose
-from tierflow.errors import BudgetError, ConfigError
+from tierflow.errors import BudgetError, ConfigError  # noqa: F401
 
 from conftest import SMALL_UNITS, assert_bitwise, assert_state_bitwise, make_batches, make_tiny, torch_clip, train
 
@@ -74,3 +74,55 @@ def test_policy_keeps_last_layers_and_offloads_or_recomputes_the_rest():
     assert slow_copy.layers[:3] == ("recompute",) * 3
     no_host = choose(stats, outside, 200 + 20 + 100, 0, 1e9)
     assert no_host.layers[0] == "recompute"
+
+
+def _long_llama():
+    import warnings
+
+    import transformers
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                                   use_cache=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return transformers.AutoModelForCausalLM.from_config(cfg)
+
+
+def test_auto_trains_a_length_that_keep_cannot_within_the_device_budget(tmp_path, engines):
+    """Batch 1x512: the four layers save ~10 MiB of activations; the device budget is 6 MiB."""
+    budget = dict(device_memory="6MiB", host_memory="64MiB", unit_bytes="64KiB")
+    batches = make_batches(STEPS, batch=1, seq=512)
+    keep = tierflow.offload(_long_llama(), activations="keep", **budget)
+    engines.append(keep)
+    with pytest.raises(BudgetError, match="activations"):
+        keep(input_ids=batches[0], labels=batches[0]).loss.backward()
+
+    ref = _long_llama()
+    ref_opt = torch.optim.AdamW(ref.parameters(), lr=LR, fused=True)
+    ref_losses, ref_norms = train(ref, ref_opt, torch_clip(ref), batches, 1)
+    engine = tierflow.offload(_long_llama(), activations="auto", nvme=tmp_path, **budget)
+    engines.append(engine)
+    opt = tierflow.AdamW(engine, lr=LR)
+    losses, norms = train(engine, opt, opt.clip_grad_norm_, batches, 1)
+    assert_bitwise(ref_losses, losses, "loss")
+    assert_bitwise(ref_norms, norms, "grad norm")
+    assert_state_bitwise(ref.state_dict(), engine.state_dict())
+    peak, capacity = engine.budget_peaks()["device"]
+    assert peak <= capacity
+    report = engine.activations.report()
+    assert sum(report["saved_bytes"]) > capacity, "keeping every layer must not fit"
+    assert set(report["layers"]) - {"keep"}, report
+
+
+def test_offload_spills_to_nvme_when_host_is_short(tmp_path, engines):
+    batches = make_batches(2, batch=1, seq=256)
+    ref = _long_llama()
+    ref_losses, _ = train(ref, torch.optim.AdamW(ref.parameters(), lr=LR, fused=True), None, batches, 1)
+    engine = tierflow.offload(_long_llama(), activations="offload", nvme=tmp_path, host_memory="256KiB",
+                              chunk_bytes="16KiB", unit_bytes="64KiB")
+    engines.append(engine)
+    losses, _ = train(engine, tierflow.AdamW(engine, lr=LR), None, batches, 1)
+    assert_bitwise(ref_losses, losses, "loss")
+    assert engine.activations.spill.bytes_written > 0 and engine.activations.spill.bytes_read > 0
+    assert engine.budgets["host"].peak <= engine.budgets["host"].capacity

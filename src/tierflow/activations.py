@@ -35,7 +35,10 @@ from torch.utils.checkpoint import checkpoint
 from .activation_store import SpillFile
 from .activation_policy import LayerStats, Policy, choose
 from .config import MODES, check_mode  # noqa: F401  (re-exported)
+from .engine import BUDGET_WAIT_S
+from .errors import BudgetError
 
+KEEP_WAIT_S = 2.0             # how long keeping an activation waits for device memory to free
 MIN_OFFLOAD_BYTES = 1024      # smaller saved tensors are kept: a copy costs more than it saves
 _CACHE_KWARGS = ("past_key_values", "past_key_value", "layer_past")
 
@@ -265,8 +268,9 @@ class ActivationManager:
             return tensor
         mode, stats = self._current()
         nbytes = tensor.numel() * tensor.element_size()
-        if self.steps == 1:
-            stats.saved_bytes += nbytes
+        if self.steps == 1 and ("storage", ptr) not in self._dedupe[-1]:
+            self._dedupe[-1][("storage", ptr)] = (tensor, None)  # counted once per layer call
+            stats.saved_bytes += _nbytes(tensor)
         if mode == "offload" and nbytes >= MIN_OFFLOAD_BYTES and _dense(tensor):
             return self._offload(tensor, nbytes)
         kept = Kept(tensor)
@@ -291,8 +295,8 @@ class ActivationManager:
         self._dedupe[-1][key] = (tensor, record)  # holds the source: its address stays unique
         self._records.append(weakref.ref(record))
         engine = self.engine
-        with engine._engine_code():
-            engine._reserve_device(nbytes, "an activation being offloaded", required=True)
+        with engine._engine_code():  # the copies in flight release their bytes: wait for them
+            self._reserve_device(nbytes, "an activation being offloaded", wait=BUDGET_WAIT_S)
         if engine.budgets["host"].try_reserve(nbytes):
             record.host_bytes = nbytes
         elif self.spill is None:  # nowhere to put it: it stays on the device
@@ -392,8 +396,16 @@ class ActivationManager:
                 spill.reset()
 
     # ---- budgets and reporting --------------------------------------------------------------
-    def _reserve_device(self, nbytes: int, what: str) -> None:
-        self.engine._reserve_device(nbytes, what, required=True)
+    def _reserve_device(self, nbytes: int, what: str, wait: float = KEEP_WAIT_S) -> None:
+        """Reserve device bytes for activations: evict cached units, then wait a little for
+        copies and gradient drains to free memory (not the engine's long wait: kept
+        activations that do not fit should fail fast)."""
+        try:
+            if not self.engine._reserve_device(nbytes, what, required=False):
+                self.engine.budgets["device"].reserve(nbytes, what, wait=wait)
+        except BudgetError as exc:
+            hint = "" if self.mode == "auto" else "; activations='auto' (or 'recompute' / 'offload') may fit"
+            raise BudgetError(f"{exc}{hint}") from None
 
     def _device_room(self) -> float:
         """Device bytes that activations may use: the budget less what the plan set aside."""
