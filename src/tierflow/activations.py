@@ -34,7 +34,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .activation_store import SpillFile
 from .activation_policy import LayerStats, Policy, choose
-from .config import MODES, check_mode  # noqa: F401  (re-exported)
+from .config import MODES, check_mode  # noqa: F401 (re-exported for users of this module)
 from .engine import BUDGET_WAIT_S
 from .errors import BudgetError
 
@@ -422,6 +422,13 @@ class ActivationManager:
 
     def _copy_rate(self) -> float:
         return self._copy_bytes / self._copy_seconds if self._copy_seconds > 0 else 5e9
+
+    def describe(self) -> str:
+        """One line: the mode and how many layers are kept, offloaded, recomputed."""
+        counts = {m: self.policy.layers.count(m) for m in ("keep", "offload", "recompute")}
+        layers = ", ".join(f"{n} {m}" for m, n in counts.items() if n)
+        return (f"{self.mode}: {len(self.layers)} layers ({layers}); outside the layers: "
+                f"{self.policy.outside}; kept peak {self.ledger.peak / 2**20:.1f} MiB")
 
     def report(self) -> dict:
         """The mode of every layer and what the measured step saved (bytes per layer)."""
