@@ -6,6 +6,7 @@
     tierflow bench transfer  host<->device copies from the pinned pool vs a plain copy_ (CUDA)
     tierflow bench calibrate  measure this machine's figures for the cost model (cached)
     tierflow bench plan-accuracy  the cost model's predictions against real training steps
+    tierflow bench activations  longest trainable sequence in a device budget vs PyTorch and HF checkpointing
 """
 from __future__ import annotations
 
@@ -60,6 +61,17 @@ def add_arguments(parser) -> None:
     accuracy.add_argument("--quiet-wait", type=float, default=120.0,
                           help="seconds to wait for other processes to go idle before each measurement")
     accuracy.add_argument("--json", default=None)
+    acts = sub.add_parser("activations", help="longest sequence within a device budget: tierflow auto vs "
+                          "PyTorch and Hugging Face gradient checkpointing, and step time")
+    acts.add_argument("--layers", type=int, default=16)
+    acts.add_argument("--hidden", type=int, default=128)
+    acts.add_argument("--device-memory", default="160MiB", help="the fixed device budget")
+    acts.add_argument("--host-memory", default="4GiB")
+    acts.add_argument("--grain", type=int, default=256, help="sequence lengths searched are multiples of this")
+    acts.add_argument("--limit", type=int, default=32768, help="longest sequence tried")
+    acts.add_argument("--steps", type=int, default=3, help="timed steps (median), after 2 warm-up steps")
+    acts.add_argument("--nvme", default=None, help="spill directory for tierflow (default: none)")
+    acts.add_argument("--json", default=None)
 
 
 def run(args) -> int:
@@ -86,4 +98,8 @@ def run(args) -> int:
         run_plan_accuracy_bench(args.sizes, args.settings, args.seq_len, args.steps, args.warmup,
                                 args.nvme, args.recalibrate, args.json, quiet_wait=args.quiet_wait,
                                 calibrate_each=args.calibrate_each)
+    elif args.bench == "activations":
+        from tierflow.bench.activations import run_activations_bench
+        run_activations_bench(args.layers, args.hidden, args.device_memory, args.host_memory, args.grain,
+                              args.limit, args.steps, args.nvme, args.json)
     return 0
