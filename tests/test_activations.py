@@ -126,3 +126,40 @@ def test_offload_spills_to_nvme_when_host_is_short(tmp_path, engines):
     assert_bitwise(ref_losses, losses, "loss")
     assert engine.activations.spill.bytes_written > 0 and engine.activations.spill.bytes_read > 0
     assert engine.budgets["host"].peak <= engine.budgets["host"].capacity
+
+
+def _wide_head(seed=0):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.GELU(), torch.nn.Linear(64, 8192))
+
+
+def test_linear_bigger_than_the_device_budget_runs_in_tiles(engines):
+    """The 8192x64 head (2 MiB in fp32) is bigger than the 1 MiB device budget."""
+    x = torch.randn(4, 32, generator=torch.Generator().manual_seed(3))
+    target = torch.randint(0, 8192, (4,), generator=torch.Generator().manual_seed(4))
+    ref = _wide_head()
+    ref_opt = torch.optim.AdamW(ref.parameters(), lr=LR, fused=True)
+    engine = tierflow.offload(_wide_head(), device_memory="1MiB", host_memory="64MiB")
+    engines.append(engine)
+    assert engine.tiled == {"2": len(engine.module[2].tiles)} and len(engine.module[2].tiles) > 2
+    opt = tierflow.AdamW(engine, lr=LR)
+
+    def losses_of(model, optimizer):
+        losses = []
+        for _ in range(3):
+            loss = torch.nn.functional.cross_entropy(model(x), target)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            losses.append(loss.detach())
+        return torch.stack(losses)
+
+    ref_losses, got = losses_of(ref, ref_opt), losses_of(engine, opt)
+    assert torch.equal(ref_losses[0], got[0]), "the first forward is the same arithmetic"
+    torch.testing.assert_close(got, ref_losses, rtol=1e-5, atol=1e-6)
+    state = engine.state_dict()
+    assert list(state) == list(ref.state_dict())
+    for key, value in ref.state_dict().items():
+        torch.testing.assert_close(state[key], value, rtol=1e-4, atol=1e-5)
+    peak, capacity = engine.budget_peaks()["device"]
+    assert peak <= capacity

@@ -34,7 +34,6 @@ from torch.utils.checkpoint import checkpoint
 
 from .activation_store import SpillFile
 from .activation_policy import LayerStats, Policy, choose
-from .config import check_mode  # (validation lives in config.py)
 from .engine import BUDGET_WAIT_S
 from .errors import BudgetError
 

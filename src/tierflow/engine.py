@@ -82,6 +82,7 @@ class Engine:
         if source is not None:
             self._replace_meta_parameters()
         unit_bytes = cfg.unit_bytes or _default_unit_bytes(cfg, model)
+        self.tiled = self._tile_oversized(model, unit_bytes, source)  # {layer name: tiles}
         self.units, hooked = partition(model, unit_bytes, allow_meta=source is not None)
         self.param_owner = {id(s.param): u.uid for u in self.units for s in u.slots}
         buffer_bytes = sum(b.numel() * b.element_size() for b in model.buffers())
@@ -141,6 +142,14 @@ class Engine:
                     base = self.device.placeholder(self.compute_dtype).expand(param.shape)
                     replaced[id(param)] = nn.Parameter(base, requires_grad=param.requires_grad)
                 module._parameters[name] = replaced[id(param)]
+
+    def _tile_oversized(self, model, unit_bytes: int, source) -> dict:
+        """Linear layers too big for the device budget run in tiles (tiling.py)."""
+        cap = device_capacity(self.cfg)
+        if cap is None or source is not None:  # `source` reads parameters by their names
+            return {}
+        from .tiling import tile_oversized
+        return tile_oversized(model, cap // 4, unit_bytes, self.compute_dtype)
 
     def _open_nvme(self) -> NvmeStore | None:
         if not self.plan.uses_nvme:
@@ -597,6 +606,9 @@ class Engine:
                 result[key] = cache[id(value)]
             else:
                 result[key] = value.detach().clone()
+        if self.tiled:
+            from .tiling import merge
+            result = merge(result, self.tiled)
         return result
 
     def optimizer_state(self) -> dict:
