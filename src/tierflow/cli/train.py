@@ -90,6 +90,9 @@ class TrainArgs:
                               "must be >= 0")
         if self.save_every and not (self.output or self.resume):
             raise ConfigError("--save-every needs --output DIR (where the checkpoints go)")
+        if self.activations is not None:
+            from tierflow.config import check_mode
+            check_mode(self.activations)  # a bad mode is reported before any data or model is loaded
         if self.dtype is not None and self.dtype not in _DTYPES:
             raise ConfigError(f"unknown --dtype {self.dtype!r}; choose one of {', '.join(_DTYPES)}")
 
