@@ -163,3 +163,51 @@ def test_linear_bigger_than_the_device_budget_runs_in_tiles(engines):
         torch.testing.assert_close(state[key], value, rtol=1e-4, atol=1e-5)
     peak, capacity = engine.budget_peaks()["device"]
     assert peak <= capacity
+
+
+class _Block(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2, self.drop = torch.nn.Linear(32, 64), torch.nn.Linear(64, 32), torch.nn.Dropout(0.2)
+
+    def forward(self, x):
+        return x + self.fc2(self.drop(torch.nn.functional.gelu(self.fc1(x))))
+
+
+class _Reused(torch.nn.Module):
+    """The first block runs twice per forward (shared weights, two sets of activations)."""
+
+    def __init__(self):
+        super().__init__()
+        self.blocks = torch.nn.ModuleList([_Block(), _Block()])
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = block(x)
+        return self.blocks[0](x)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_module_called_twice_with_dropout(mode, tmp_path, engines):
+    x = torch.randn(8, 64, 32, generator=torch.Generator().manual_seed(5))
+
+    def run(model, opt):
+        torch.manual_seed(7)
+        losses = []
+        for _ in range(2):
+            loss = model(x).pow(2).mean()
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            losses.append(loss.detach())
+        return losses
+
+    torch.manual_seed(0)
+    ref = _Reused()
+    ref_losses = run(ref, torch.optim.AdamW(ref.parameters(), lr=LR, fused=True))
+    torch.manual_seed(0)
+    engine = tierflow.offload(_Reused(), activations=mode, nvme=tmp_path, device_memory="4MiB",
+                              host_memory="16MiB", unit_bytes="16KiB")
+    engines.append(engine)
+    assert_bitwise(ref_losses, run(engine, tierflow.AdamW(engine, lr=LR)), "loss")
+    assert_state_bitwise(ref.state_dict(), engine.state_dict())
