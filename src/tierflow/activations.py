@@ -360,10 +360,13 @@ class ActivationManager:
             self.spill.read(record.extent, host)
         else:
             host = record.host
-        with engine.device.side_stream():
-            out = torch.empty_like(record.like, device=engine.device.device)  # same strides
-            out.copy_(host, non_blocking=engine.device.is_cuda)
-            engine.device.synchronize_event(engine.device.record_event())
+        if not engine.device.is_cuda:
+            out = host  # a CPU computes on host memory directly: no second copy needed
+        else:
+            with engine.device.side_stream():
+                out = torch.empty_like(record.like, device=engine.device.device)  # same strides
+                out.copy_(host, non_blocking=True)
+                engine.device.synchronize_event(engine.device.record_event())
         record.tensor = out
         engine._count("host_to_device", record.nbytes)
 
