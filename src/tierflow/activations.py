@@ -267,8 +267,8 @@ class ActivationManager:
             return tensor
         mode, stats = self._current()
         nbytes = tensor.numel() * tensor.element_size()
-        if self.steps == 1 and ("storage", ptr) not in self._dedupe[-1]:
-            self._dedupe[-1][("storage", ptr)] = (tensor, None)  # counted once per layer call
+        if self.steps == 1 and self._seen(("storage", ptr)) is None:
+            self._dedupe[-1][("storage", ptr)] = (weakref.ref(tensor), None)  # once per layer call
             stats.saved_bytes += _nbytes(tensor)
         if mode == "offload" and nbytes >= MIN_OFFLOAD_BYTES and _dense(tensor):
             return self._offload(tensor, nbytes)
@@ -276,6 +276,15 @@ class ActivationManager:
         with self.engine._engine_code():
             self.ledger.hold([tensor], kept)
         return kept
+
+    def _seen(self, key):
+        """What this layer call already made of the tensor under `key`. Entries hold a weak
+        reference to the source, not the source: while it is alive its address is unique,
+        and the device memory is not held beyond what autograd holds."""
+        entry = self._dedupe[-1].get(key)
+        if entry is None or entry[0]() is None:
+            return None
+        return entry[1] if entry[1] is not None else True
 
     def unpack(self, saved):
         if isinstance(saved, Kept):
@@ -287,11 +296,11 @@ class ActivationManager:
     def _offload(self, tensor, nbytes):
         key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape),
                tensor.stride(), tensor.dtype)
-        seen = self._dedupe[-1].get(key)
+        seen = self._seen(key)
         if seen is not None:
-            return seen[1]
+            return seen
         record = Offloaded(len(self._records), _meta(tensor), nbytes)
-        self._dedupe[-1][key] = (tensor, record)  # holds the source: its address stays unique
+        self._dedupe[-1][key] = (weakref.ref(tensor), record)
         self._records.append(weakref.ref(record))
         engine = self.engine
         with engine._engine_code():  # the copies in flight release their bytes: wait for them
@@ -303,7 +312,7 @@ class ActivationManager:
             kept = Kept(tensor)
             with engine._engine_code():
                 self.ledger.hold([tensor], kept)
-            self._dedupe[-1][key] = (tensor, kept)
+            self._dedupe[-1][key] = (weakref.ref(tensor), kept)
             return kept
         event = engine.device.record_event()
         record.copy_out = engine._transfer.submit(self._copy_out, record, tensor, event)
