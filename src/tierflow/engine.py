@@ -34,7 +34,7 @@ from . import hooks
 from .budget import Budget
 from .config import OffloadConfig
 from .device import ComputeDevice
-from .errors import ConfigError, TierflowError
+from .errors import BudgetError, ConfigError, TierflowError
 from .events import EventLog, Span
 from .gradients import GradientSink
 from .layout import Slot, Unit, partition
@@ -82,17 +82,30 @@ class Engine:
         if source is not None:
             self._replace_meta_parameters()
         unit_bytes = cfg.unit_bytes or _default_unit_bytes(cfg, model)
-        self.tiled = self._tile_oversized(model, unit_bytes, source)  # {layer name: tiles}
-        self.units, hooked = partition(model, unit_bytes, allow_meta=source is not None)
-        self.param_owner = {id(s.param): u.uid for u in self.units for s in u.slots}
         buffer_bytes = sum(b.numel() * b.element_size() for b in model.buffers())
-        self.plan: Placement = plan_placement(self.units, cfg, self.compute_dtype, buffer_bytes, placement)
-        self.nvme = self._open_nvme()
+        self.tiled, self._untile = {}, []  # linear layers run in tiles (tiling.py) and how to undo it
+        try:
+            hooked = self._partition_and_plan(model, unit_bytes, source, buffer_bytes, placement)
+        except BudgetError:
+            if not self._tile_oversized(model, unit_bytes, source):
+                raise
+            try:  # a linear layer too big for the device: try again with it in tiles
+                hooked = self._partition_and_plan(model, unit_bytes, source, buffer_bytes, placement)
+            except BaseException:
+                self._restore_untiled()
+                raise
+        self.param_owner = {id(s.param): u.uid for u in self.units for s in u.slots}
+        try:
+            self.nvme = self._open_nvme()
+        except BaseException:
+            self._restore_untiled()
+            raise
         try:
             self._setup(model, source, buffer_bytes, hooked)
         except BaseException:
             if self.nvme is not None:
                 self.nvme.close()  # removes the spill file
+            self._restore_untiled()
             raise
 
     def _setup(self, model, source, buffer_bytes, hooked) -> None:
@@ -143,13 +156,26 @@ class Engine:
                     replaced[id(param)] = nn.Parameter(base, requires_grad=param.requires_grad)
                 module._parameters[name] = replaced[id(param)]
 
-    def _tile_oversized(self, model, unit_bytes: int, source) -> dict:
-        """Linear layers too big for the device budget run in tiles (tiling.py)."""
+    def _partition_and_plan(self, model, unit_bytes, source, buffer_bytes, placement):
+        """Units and their placement; returns the modules to hook."""
+        self.units, hooked = partition(model, unit_bytes, allow_meta=source is not None)
+        self.plan: Placement = plan_placement(self.units, self.cfg, self.compute_dtype, buffer_bytes, placement)
+        return hooked
+
+    def _tile_oversized(self, model, unit_bytes: int, source) -> bool:
+        """Put linear layers too big for the device budget in tiles (tiling.py); True if any."""
         cap = device_capacity(self.cfg)
         if cap is None or source is not None:  # `source` reads parameters by their names
-            return {}
+            return False
         from .tiling import tile_oversized
-        return tile_oversized(model, cap // 4, unit_bytes, self.compute_dtype)
+        self.tiled, self._untile = tile_oversized(model, cap // 4, unit_bytes, self.compute_dtype)
+        return bool(self.tiled)
+
+    def _restore_untiled(self) -> None:
+        """A failed offload leaves the model as it was."""
+        for parent, leaf, module in self._untile:
+            setattr(parent, leaf, module)
+        self.tiled, self._untile = {}, []
 
     def _open_nvme(self) -> NvmeStore | None:
         if not self.plan.uses_nvme:

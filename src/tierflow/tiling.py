@@ -48,16 +48,17 @@ class TiledLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, tiles={len(self.tiles)}"
 
 
-def tile_oversized(model: nn.Module, max_bytes: int, tile_bytes: int, dtype: torch.dtype) -> dict[str, int]:
+def tile_oversized(model: nn.Module, max_bytes: int, tile_bytes: int, dtype: torch.dtype):
     """Replace every `nn.Linear` whose parameters exceed `max_bytes` (in `dtype`) by a
-    `TiledLinear` of tiles of about `tile_bytes`. Returns {module name: tiles}.
+    `TiledLinear` of tiles of about `tile_bytes`. Returns ({module name: tiles}, undo), undo
+    being (parent, attribute, original module) triples.
 
     Linear layers whose weight is shared with another module (tied embeddings) are left
     alone: their parameter must stay one tensor."""
     counts: dict[int, int] = {}
     for _, param in model.named_parameters(remove_duplicate=False):
         counts[id(param)] = counts.get(id(param), 0) + 1
-    tiled = {}
+    tiled, undo = {}, []
     for name, module in list(model.named_modules()):
         if type(module) is not nn.Linear:
             continue
@@ -68,9 +69,11 @@ def tile_oversized(model: nn.Module, max_bytes: int, tile_bytes: int, dtype: tor
         rows = max(1, tile_bytes // row_bytes)
         replacement = TiledLinear(module, rows)
         parent_name, _, leaf = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), leaf, replacement)
+        parent = model.get_submodule(parent_name)
+        setattr(parent, leaf, replacement)
+        undo.append((parent, leaf, module))
         tiled[name] = math.ceil(module.out_features / rows)
-    return tiled
+    return tiled, undo
 
 
 def merge(state: dict, tiled: dict[str, int]) -> dict:
