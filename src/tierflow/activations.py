@@ -132,7 +132,6 @@ class ActivationManager:
         self.engine = engine
         self.mode = mode
         self.layers = find_layers(model)
-        self._index = {id(m): i for i, m in enumerate(self.layers)}
         self._layer_uids = {i: sorted(hooked.get(m, ())) for i, m in enumerate(self.layers)}
         self._buffers = {b.untyped_storage().data_ptr() for b in model.buffers()}
         budgets = engine.budgets
@@ -186,7 +185,8 @@ class ActivationManager:
     # ---- forward bookkeeping ----------------------------------------------------------------
     def begin_forward(self) -> None:
         """Root pre-hook: after the first (measured) step, auto chooses the policy."""
-        if self.mode == "auto" and self.steps == 1 and not self.recomputing:
+        measured = self.steps == 1 and "offload" in self.policy.layers  # a recomputing step saw nothing
+        if self.mode == "auto" and measured and not self.recomputing:
             self.policy = choose(self.stats, self.outside, self._device_room(), self._offload_room(),
                                  self._copy_rate())
         self.steps += 1
