@@ -211,3 +211,17 @@ def test_module_called_twice_with_dropout(mode, tmp_path, engines):
     engines.append(engine)
     assert_bitwise(ref_losses, run(engine, tierflow.AdamW(engine, lr=LR)), "loss")
     assert_state_bitwise(ref.state_dict(), engine.state_dict())
+
+
+def test_auto_without_anywhere_to_offload_recomputes(engines):
+    """No host room and no NVMe: the first step cannot offload (so measures nothing) and
+    auto keeps recomputing, still exact."""
+    batches = make_batches(STEPS)
+    ref_losses, _, ref_sd, _ = _reference("llama", batches)
+    engine = tierflow.offload(make_tiny("llama"), activations="auto", host_memory=0, placement="device")
+    engines.append(engine)
+    opt = tierflow.AdamW(engine, lr=LR)
+    losses, _ = train(engine, opt, opt.clip_grad_norm_, batches, 1)
+    assert_bitwise(ref_losses, losses, "loss")
+    assert_state_bitwise(ref_sd, engine.state_dict())
+    assert set(engine.activations.report()["layers"]) == {"recompute"}
