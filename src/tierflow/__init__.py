@@ -37,7 +37,8 @@ Engine.generate = _generate
 
 
 def offload(model: nn.Module, device="cpu", device_memory=None, host_memory=None, nvme=None,
-            dtype=None, placement: str = "auto", source=None, plan: str | None = None, **options) -> Engine:
+            dtype=None, placement: str = "auto", source=None, activations=None, plan: str | None = None,
+            **options) -> Engine:
     """Tier `model`'s parameters, gradients and AdamW state within the given budgets.
 
     Args:
@@ -53,6 +54,11 @@ def offload(model: nn.Module, device="cpu", device_memory=None, host_memory=None
         source: optional callable (parameter name) -> tensor with each parameter's initial
             value, read one tensor at a time (checkpoints, safetensors shards); the model's
             parameters may then be on the meta device, so it is never whole in memory.
+        activations: what happens to the tensors autograd saves for backward: None (default:
+            left to autograd, not accounted), "keep" (on the device, accounted), "recompute"
+            (checkpoint every layer), "offload" (to host memory, NVMe when host is short, and
+            back ahead of backward) or "auto" (per layer, from the budgets). See
+            docs/activations.md.
         **options: advanced knobs of `OffloadConfig` (unit_bytes, prefetch_bytes, chunk_bytes,
             staging_buffers, io_threads, direct_io).
 
@@ -65,9 +71,9 @@ def offload(model: nn.Module, device="cpu", device_memory=None, host_memory=None
         placement = plan
     if isinstance(model, (str, os.PathLike)) and os.path.isdir(model):
         return load(model, device=device, device_memory=device_memory, host_memory=host_memory, nvme=nvme,
-                    dtype=dtype, placement=placement, **options)
+                    dtype=dtype, placement=placement, activations=activations, **options)
     if not isinstance(model, nn.Module):
         raise ConfigError(f"tierflow.offload expects a torch.nn.Module, got {type(model).__name__}")
     cfg = OffloadConfig.create(device=device, device_memory=device_memory, host_memory=host_memory,
-                               nvme=nvme, dtype=dtype, **options)
+                               nvme=nvme, dtype=dtype, activations=activations, **options)
     return Engine(model, cfg, placement=placement, source=source)

@@ -13,6 +13,17 @@ import torch
 
 from .errors import ConfigError
 
+MODES = ("keep", "recompute", "offload", "auto")  # activation modes (activations.py)
+
+
+def check_mode(mode) -> str | None:
+    """Validate an `activations=` value (None: left to autograd, as before)."""
+    if mode is None:
+        return None
+    if not isinstance(mode, str) or mode.lower() not in MODES:
+        raise ConfigError(f"unknown activations mode {mode!r}: use one of {', '.join(MODES)}")
+    return mode.lower()
+
 _UNITS = {
     "": 1, "b": 1,
     "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9, "t": 10**12, "tb": 10**12,
@@ -112,6 +123,11 @@ class OffloadConfig:
             "device"/"auto" (on a GPU whose budget has room for 4 scratch buffers: the state
             is copied to the GPU, updated there and copied back, 16 B in and 12 B out per
             parameter over PCIe, else on the CPU). On a CPU device all three are the same.
+        activations: what happens to the tensors autograd saves for backward (see
+            activations.py): None = left to autograd (not accounted); "keep" = kept on the
+            device and accounted; "recompute" = each layer checkpointed; "offload" = copied
+            to host memory (NVMe when the host budget is short) and back ahead of backward;
+            "auto" = chosen per layer from the budgets and the first step's measurements.
     """
 
     device: torch.device
@@ -126,11 +142,12 @@ class OffloadConfig:
     io_threads: int = 4
     direct_io: bool | None = None
     update_on: str = "auto"
+    activations: str | None = None
 
     @classmethod
     def create(cls, device="cpu", device_memory=None, host_memory=None, nvme=None, dtype=None,
                unit_bytes=None, prefetch_bytes=None, chunk_bytes=None, staging_buffers=8,
-               io_threads=4, direct_io=None, update_on="auto") -> "OffloadConfig":
+               io_threads=4, direct_io=None, update_on="auto", activations=None) -> "OffloadConfig":
         """Parse and validate user-facing values (sizes as strings or ints).
 
         `chunk_bytes` defaults to 8 MiB, less when the host budget is small: the staging
@@ -166,4 +183,5 @@ class OffloadConfig:
             io_threads=int(io_threads),
             direct_io=direct_io,
             update_on=update_on,
+            activations=check_mode(activations),
         )

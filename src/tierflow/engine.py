@@ -34,7 +34,7 @@ from . import distributed, hooks
 from .budget import Budget
 from .config import OffloadConfig
 from .device import ComputeDevice
-from .errors import ConfigError, TierflowError
+from .errors import BudgetError, ConfigError, TierflowError
 from .events import EventLog, Span
 from .gradients import GradientSink
 from .layout import Slot, Unit, partition
@@ -84,18 +84,30 @@ class Engine:
             self._replace_meta_parameters()
         unit_bytes = cfg.unit_bytes or _default_unit_bytes(cfg, model)
         self.dist = distributed.detect()  # data-parallel ranks sharing the state, or None
-        world = self.dist.world if self.dist else 1
-        self.units, hooked = partition(model, unit_bytes, allow_meta=source is not None, world_size=world)
-        self.param_owner = {id(s.param): u.uid for u in self.units for s in u.slots}
         buffer_bytes = sum(b.numel() * b.element_size() for b in model.buffers())
-        self.plan: Placement = plan_placement(self.units, cfg, self.compute_dtype, buffer_bytes, placement,
-                                              world_size=world)
-        self.nvme = self._open_nvme()
+        self.tiled, self._untile = {}, []  # linear layers run in tiles (tiling.py) and how to undo it
+        try:
+            hooked = self._partition_and_plan(model, unit_bytes, source, buffer_bytes, placement)
+        except BudgetError:
+            if not self._tile_oversized(model, unit_bytes, source):
+                raise
+            try:  # a linear layer too big for the device: try again with it in tiles
+                hooked = self._partition_and_plan(model, unit_bytes, source, buffer_bytes, placement)
+            except BaseException:
+                self._restore_untiled()
+                raise
+        self.param_owner = {id(s.param): u.uid for u in self.units for s in u.slots}
+        try:
+            self.nvme = self._open_nvme()
+        except BaseException:
+            self._restore_untiled()
+            raise
         try:
             self._setup(model, source, buffer_bytes, hooked)
         except BaseException:
             if self.nvme is not None:
                 self.nvme.close()  # removes the spill file
+            self._restore_untiled()
             raise
 
     def _setup(self, model, source, buffer_bytes, hooked) -> None:
@@ -137,6 +149,10 @@ class Engine:
         # Fresh memory costs a page fault per 4 KiB: measured ~3x the copy itself.
         self._spare: dict[int, list[torch.Tensor]] = {}
         self._handles = hooks.install(self, model, hooked)
+        self.activations = None  # an ActivationManager when cfg.activations asks for one
+        if self.cfg.activations is not None:
+            from .activations import ActivationManager
+            self.activations = ActivationManager(self, model, hooked, self.cfg.activations)
 
     # ---- construction -----------------------------------------------------------------
     def _replace_meta_parameters(self) -> None:
@@ -151,6 +167,29 @@ class Engine:
                     base = self.device.placeholder(self.compute_dtype).expand(param.shape)
                     replaced[id(param)] = nn.Parameter(base, requires_grad=param.requires_grad)
                 module._parameters[name] = replaced[id(param)]
+
+    def _partition_and_plan(self, model, unit_bytes, source, buffer_bytes, placement):
+        """Units and their placement; returns the modules to hook."""
+        world = self.dist.world if self.dist else 1
+        self.units, hooked = partition(model, unit_bytes, allow_meta=source is not None, world_size=world)
+        self.plan: Placement = plan_placement(self.units, self.cfg, self.compute_dtype, buffer_bytes, placement,
+                                              world_size=world)
+        return hooked
+
+    def _tile_oversized(self, model, unit_bytes: int, source) -> bool:
+        """Put linear layers too big for the device budget in tiles (tiling.py); True if any."""
+        cap = device_capacity(self.cfg)
+        if cap is None or source is not None:  # `source` reads parameters by their names
+            return False
+        from .tiling import tile_oversized
+        self.tiled, self._untile = tile_oversized(model, cap // 4, unit_bytes, self.compute_dtype)
+        return bool(self.tiled)
+
+    def _restore_untiled(self) -> None:
+        """A failed offload leaves the model as it was."""
+        for parent, leaf, module in self._untile:
+            setattr(parent, leaf, module)
+        self.tiled, self._untile = {}, []
 
     def _open_nvme(self) -> NvmeStore | None:
         if not self.plan.uses_nvme:
@@ -235,6 +274,8 @@ class Engine:
     def begin_forward(self) -> None:
         if not self.fetches_on_demand and not self._scopes:
             self._apply_device_updates()
+        if self.activations is not None:
+            self.activations.begin_forward()
         self.trace.begin()
         self._scopes.append([])
 
@@ -251,6 +292,8 @@ class Engine:
             for uid in self._scopes.pop():
                 self.release(uid)
             self.trace.end()
+            if self.activations is not None:
+                self.activations.end_forward()
 
     def enter_module(self, uids: list[int]) -> None:
         self._module_starts.append(self.events.now())
@@ -258,9 +301,10 @@ class Engine:
             for uid in sorted(uids, key=self.trace.position):
                 self.trace.record(uid)
                 self.acquire(uid)
-            upcoming = self._upcoming(max(uids, key=self.trace.position))
-            self._prefetch(upcoming)
-            self._gather_ahead(self.trace.after(max(uids, key=self.trace.position)))
+            if self.activations is None or not self.activations.recomputing:  # not in backward
+                upcoming = self._upcoming(max(uids, key=self.trace.position))
+                self._prefetch(upcoming)
+                self._gather_ahead(self.trace.after(max(uids, key=self.trace.position)))
             self._scopes.append([])
 
     def _upcoming(self, uid: int) -> list[int]:
@@ -523,13 +567,15 @@ class Engine:
         if tensor.layout != torch.strided or tensor.device != self.device.device:
             return tensor
         uid = self._storage_owner.get(tensor.untyped_storage().data_ptr())
+        if uid is None and self.activations is not None:
+            return self.activations.pack(tensor)  # an activation: keep, offload (activations.py)
         if uid is None or tensor.dtype != self.compute_dtype:
             return tensor
         return hooks.SavedUnitView(uid, tensor.size(), tensor.stride(), tensor.storage_offset())
 
     def unpack_saved(self, saved):
         if not isinstance(saved, hooks.SavedUnitView):
-            return saved
+            return saved if self.activations is None else self.activations.unpack(saved)
         with self._engine_code():
             self._queue_backward_callback()
             uid = saved.uid
@@ -718,6 +764,9 @@ class Engine:
                 result[key] = cache[id(value)]
             else:
                 result[key] = value.detach().clone()
+        if self.tiled:
+            from .tiling import merge
+            result = merge(result, self.tiled)
         return result
 
     def optimizer_state(self) -> dict:
@@ -771,6 +820,8 @@ class Engine:
         for handle in self._handles:
             handle.remove()
         self._transfer.shutdown(wait=True)
+        if self.activations is not None:
+            self.activations.close()
         self.grads.close()
         if self.nvme is not None:
             self.nvme.close()

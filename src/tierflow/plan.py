@@ -58,6 +58,8 @@ class Placement:
         prefetch_bytes: part of `device_working` that prefetch may fill ahead of use.
         staging_bytes: host bytes of the NVMe staging buffers (0 when nothing spills).
         tier_bytes: state bytes placed in each tier.
+        activation_bytes: device bytes kept free of state for activations (only when the
+            engine manages them, `activations=`): half of what the working set leaves.
     """
 
     homes: tuple[str, ...]
@@ -65,6 +67,7 @@ class Placement:
     prefetch_bytes: int
     staging_bytes: int
     tier_bytes: dict
+    activation_bytes: int = 0
 
     @property
     def uses_nvme(self) -> bool:
@@ -92,15 +95,20 @@ def plan_placement(units: list[Unit], cfg: OffloadConfig, compute_dtype: torch.d
     device_working = need_working + prefetch
 
     staging = (cfg.staging_buffers + DRAIN_BUFFERS) * cfg.chunk_bytes
-    homes, tier_bytes = _assign(units, cfg, compute_dtype, placement, device_cap, device_working, staging,
-                                world_size)
+    activation_bytes = 0
+    if cfg.activations is not None and device_cap is not None and placement == "auto":
+        # Without room, every activation would have to leave the device: keep half for them.
+        activation_bytes = (device_cap - device_working) // 2
+    homes, tier_bytes = _assign(units, cfg, compute_dtype, placement, device_cap,
+                                device_working + activation_bytes, staging, world_size)
     uses_nvme = "nvme" in homes
     if uses_nvme and cfg.host_memory is not None and cfg.host_memory < staging + tier_bytes["host"]:
         raise BudgetError(
             f"host_memory={format_size(cfg.host_memory)} cannot hold the NVMe staging buffers "
             f"({cfg.staging_buffers + DRAIN_BUFFERS} x {format_size(cfg.chunk_bytes)} = {format_size(staging)}): "
             f"raise host_memory, or pass a smaller chunk_bytes or fewer staging_buffers")
-    return Placement(tuple(homes), device_working, prefetch, staging if uses_nvme else 0, tier_bytes)
+    return Placement(tuple(homes), device_working, prefetch, staging if uses_nvme else 0, tier_bytes,
+                     activation_bytes)
 
 
 def device_capacity(cfg: OffloadConfig) -> int | None:

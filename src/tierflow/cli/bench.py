@@ -8,6 +8,7 @@
     tierflow bench plan-accuracy  the cost model's predictions against real training steps
     tierflow bench scale  step time and per-rank memory of 1 and 2 data-parallel ranks (torchrun)
     tierflow bench generate  generation beyond memory vs accelerate's disk offload (and fio)
+    tierflow bench activations  longest trainable sequence in a device budget vs PyTorch and HF checkpointing
 """
 from __future__ import annotations
 
@@ -92,6 +93,17 @@ def add_arguments(parser) -> None:
     gen.add_argument("--new-tokens", type=int, default=8)
     gen.add_argument("--threads", type=int, default=2, help="torch threads of each contender")
     gen.add_argument("--json", default=None)
+    acts = sub.add_parser("activations", help="longest sequence within a device budget: tierflow auto vs "
+                          "PyTorch and Hugging Face gradient checkpointing, and step time")
+    acts.add_argument("--layers", type=int, default=16)
+    acts.add_argument("--hidden", type=int, default=128)
+    acts.add_argument("--device-memory", default="160MiB", help="the fixed device budget")
+    acts.add_argument("--host-memory", default="4GiB")
+    acts.add_argument("--grain", type=int, default=256, help="sequence lengths searched are multiples of this")
+    acts.add_argument("--limit", type=int, default=32768, help="longest sequence tried")
+    acts.add_argument("--steps", type=int, default=3, help="timed steps (median), after 2 warm-up steps")
+    acts.add_argument("--nvme", default=None, help="spill directory for tierflow (default: none)")
+    acts.add_argument("--json", default=None)
 
 
 def run(args) -> int:
@@ -127,4 +139,8 @@ def run(args) -> int:
         run_generate_bench(args.dir, args.hidden, args.layers, args.intermediate, args.vocab, args.device,
                            args.device_memory, args.host_memory, args.limit, tuple(args.batches),
                            args.prompt_len, args.new_tokens, args.threads, args.json)
+    elif args.bench == "activations":
+        from tierflow.bench.activations import run_activations_bench
+        run_activations_bench(args.layers, args.hidden, args.device_memory, args.host_memory, args.grain,
+                              args.limit, args.steps, args.nvme, args.json)
     return 0

@@ -72,6 +72,9 @@ class TrainArgs:
                                "checkpoint's model, data, batch and schedule flags apply")
     export: str | None = _flag(None, "DIR", "at the end, write the model in Hugging Face format (config.json + "
                                "safetensors) to DIR")
+    activations: str | None = _flag(None, "MODE", "saved activations: keep (on the device, accounted), "
+                                    "recompute, offload (to host/NVMe) or auto (per layer, from the budgets); "
+                                    "default: left to autograd, not accounted")
     timeline: str | None = _flag(None, "FILE.png", "save a picture of the run: bytes per tier over time and "
                                  "compute, transfer, update and drain spans")
 
@@ -88,6 +91,9 @@ class TrainArgs:
                               "must be >= 0")
         if self.save_every and not (self.output or self.resume):
             raise ConfigError("--save-every needs --output DIR (where the checkpoints go)")
+        if self.activations is not None:
+            from tierflow.config import check_mode
+            check_mode(self.activations)  # a bad mode is reported before any data or model is loaded
         if self.dtype is not None and self.dtype not in _DTYPES:
             raise ConfigError(f"unknown --dtype {self.dtype!r}; choose one of {', '.join(_DTYPES)}")
 
@@ -177,6 +183,8 @@ def train(args: TrainArgs, console=None) -> TrainResult:
                 engine.events.enable()
                 record_phases(engine)
             result = _loop(engine, opt, sched, _prepend(first_batch, batches), args, device, console, start)
+            if engine.activations is not None:
+                console.print(f"activations {engine.activations.describe()}", soft_wrap=True, highlight=False)
             if args.timeline:
                 console.print(f"timeline: {save_timeline(engine, args.timeline)}", soft_wrap=True, highlight=False)
         else:
@@ -203,7 +211,7 @@ def _start(args: TrainArgs, checkpoint, device: str, limits: dict, nvme_dir, tok
 
     dtype = getattr(torch, _DTYPES[args.dtype]) if args.dtype else None
     budgets = dict(device=device, device_memory=limits["device"], host_memory=limits["host"], nvme=nvme_dir,
-                   dtype=dtype)
+                   dtype=dtype, activations=args.activations)
     schedule = lambda opt: torch.optim.lr_scheduler.LambdaLR(  # noqa: E731
         opt, lambda s: _lr_factor(s, args.warmup, args.steps))
     if checkpoint is not None:

@@ -1,0 +1,71 @@
+"""Where offloaded activations go when the host budget is short: one file in the NVMe directory.
+
+Activations live for one step (written in forward, read back in backward, then
+dropped), so the file is a bump allocator: extents are appended and the whole
+file is reused from offset 0 once every activation of the step is gone. Plain
+positional I/O (`os.pwrite` / `os.pread` release the GIL); the page cache may
+absorb it, which is what one wants for data that is read back within a step.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import secrets
+import threading
+from pathlib import Path
+
+import torch
+
+
+def _bytes_of(t: torch.Tensor) -> memoryview:
+    """The bytes of a dense CPU tensor's storage (any dtype, any dense strides)."""
+    nbytes = t.untyped_storage().nbytes()
+    return memoryview((ctypes.c_char * nbytes).from_address(t.untyped_storage().data_ptr())).cast("B")
+
+
+class SpillFile:
+    """Append-only scratch file for one step's activations."""
+
+    def __init__(self, directory: str | Path):
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.path = directory / f"tierflow-activations-{os.getpid()}-{secrets.token_hex(4)}.bin"
+        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        self._end = 0
+        self._lock = threading.Lock()
+        self.bytes_written = 0
+        self.bytes_read = 0
+
+    def write(self, host: torch.Tensor) -> tuple[int, int]:
+        """Append the tensor's bytes; returns its extent (offset, nbytes)."""
+        data = _bytes_of(host)
+        with self._lock:
+            offset, self._end = self._end, self._end + len(data)
+        done = 0
+        while done < len(data):
+            done += os.pwrite(self._fd, data[done:], offset + done)
+        self.bytes_written += len(data)
+        return offset, len(data)
+
+    def read(self, extent: tuple[int, int], out: torch.Tensor) -> None:
+        """Fill `out` (same shape, dtype and strides as what was written) from its extent."""
+        offset, nbytes = extent
+        view = _bytes_of(out)
+        done = 0
+        while done < nbytes:
+            got = os.preadv(self._fd, [view[done:nbytes]], offset + done)
+            if got <= 0:
+                raise OSError(f"short read from {self.path} at {offset + done}")
+            done += got
+        self.bytes_read += nbytes
+
+    def reset(self) -> None:
+        """Every extent is dead: reuse the file from the start."""
+        with self._lock:
+            self._end = 0
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+            self.path.unlink(missing_ok=True)
