@@ -306,5 +306,6 @@ def test_cuda_greedy_output_equals_transformers(tmp_path, engines, arch, placeme
     engine = load(path, tmp_path, engines, placement, device="cuda")
     got = engine.generate(ids, max_new_tokens=NEW, do_sample=False, pad_token_id=0, kv_cache=kv)
     assert torch.equal(got, expected)
-    steps = engine.last_generation.decode_steps
-    assert all(s.host_to_device > 0 for s in steps)
+    # Weights travelled to the GPU (units that fit the device budget may stay there between
+    # decode steps: the tiny Llama's did on an H100, so no per-step assertion).
+    assert engine.last_generation.total("host_to_device") > 0
