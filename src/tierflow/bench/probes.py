@@ -144,12 +144,6 @@ def memcpy_bps(nbytes: int = 64 * MIB) -> float:
     return nbytes / _best_time(lambda: dst.copy_(src), repeats=5)
 
 
-def fresh_copy_bps(nbytes: int = 16 * MIB, count: int = 8) -> float:
-    """A copy into a newly allocated buffer each time (page faults included), as a CPU fetch does."""
-    src = torch.ones(nbytes // 4)
-    return nbytes * count / _best_time(lambda: [torch.empty_like(src).copy_(src) for _ in range(count)])
-
-
 def link_bps(device: torch.device, nbytes: int = 256 * MIB) -> tuple[float, float]:
     """(host->device, device->host) bytes/s between pinned host memory and the GPU."""
     host = torch.ones(nbytes // 4, pin_memory=True)
