@@ -133,7 +133,7 @@ def _wide_head(seed=0):
     return torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.GELU(), torch.nn.Linear(64, 8192))
 
 
-def test_linear_bigger_than_the_device_budget_runs_in_tiles(engines):
+def test_linear_bigger_than_the_device_budget_runs_in_tiles(engines, tmp_path):
     """The 8192x64 head (2 MiB in fp32) is bigger than the 1 MiB device budget."""
     x = torch.randn(4, 32, generator=torch.Generator().manual_seed(3))
     target = torch.randint(0, 8192, (4,), generator=torch.Generator().manual_seed(4))
@@ -163,6 +163,12 @@ def test_linear_bigger_than_the_device_budget_runs_in_tiles(engines):
         torch.testing.assert_close(state[key], value, rtol=1e-4, atol=1e-5)
     peak, capacity = engine.budget_peaks()["device"]
     assert peak <= capacity
+    # The Hugging Face export holds the layer whole, under its own keys.
+    from safetensors.torch import load_file
+    exported = load_file(engine.save_pretrained(tmp_path / "export") / "model.safetensors")
+    assert sorted(exported) == sorted(state)
+    for key, value in state.items():
+        assert torch.equal(exported[key], value), key
 
 
 class _Block(torch.nn.Module):

@@ -98,3 +98,13 @@ def merge(state: dict, tiled: dict[str, int]) -> dict:
         out[target] = torch.cat(parts, dim=0)
     return out
 
+
+
+def tile_target(key: str, tiled: dict[str, int]) -> tuple[str, int] | None:
+    """(original key, tile index) of a tile's parameter key, or None for any other key."""
+    for name in tiled:
+        prefix = f"{name}.tiles." if name else "tiles."
+        if key.startswith(prefix):
+            index, _, leaf = key[len(prefix):].partition(".")
+            return (f"{name}.{leaf}" if name else leaf), int(index)
+    return None

@@ -85,14 +85,30 @@ def save_pretrained(engine, out_dir, max_shard_size="2GiB", dtype=None) -> Path:
 def _export_entries(engine) -> list:
     """(key, shape, source) per state_dict entry, tied duplicates once; source is the
     (unit, slot) of a parameter or the buffer tensor."""
+    from ..tiling import tile_target
+
     slots = {id(slot.param): (unit, slot) for unit, slot in engine.named_slots()}
-    entries, seen = [], set()
+    entries, seen, tiles = [], set(), {}
     for key, value in engine.module.state_dict(keep_vars=True).items():
         if id(value) in seen:
             continue
         seen.add(id(value))
-        entries.append((key, tuple(value.shape), slots.get(id(value), value)))
-    return entries
+        target = tile_target(key, engine.tiled)
+        if target is None:
+            entries.append((key, tuple(value.shape), slots.get(id(value), value)))
+        elif target[0] not in tiles:  # a tiled linear layer is exported whole, under its own key
+            tiles[target[0]] = [None] * engine.tiled[target[0].rpartition(".")[0]]
+            entries.append((target[0], None, tiles[target[0]]))
+        if target is not None:
+            tiles[target[0]][target[1]] = (slots[id(value)], tuple(value.shape))
+    return [(key, shape, source) if shape is not None else _joined_tiles(key, source)
+            for key, shape, source in entries]
+
+
+def _joined_tiles(key: str, tiles: list) -> tuple:
+    """The export entry of a tiled layer's parameter: its tiles' rows one after the other."""
+    shapes = [shape for _, shape in tiles]
+    return key, (sum(shape[0] for shape in shapes),) + shapes[0][1:], [part for part, _ in tiles]
 
 
 def _export_dtype(source, dtype: torch.dtype) -> torch.dtype:
@@ -133,10 +149,10 @@ def _write_shards(engine, directory: Path, shards: list, dtype: torch.dtype) -> 
                 if isinstance(source, torch.Tensor):
                     writer.write(key, source.detach().cpu().to(_export_dtype(source, dtype)))
                     continue
-                unit, slot = source
-                with contextlib.closing(read_windows(engine, unit, slot, ("master",))) as windows:
-                    for (piece,) in windows:
-                        writer.write(key, piece.to(dtype))
+                for unit, slot in (source if isinstance(source, list) else [source]):  # a list: tiles in row order
+                    with contextlib.closing(read_windows(engine, unit, slot, ("master",))) as windows:
+                        for (piece,) in windows:
+                            writer.write(key, piece.to(dtype))
             total += writer.close()[0]
         finally:
             writer.abort()
