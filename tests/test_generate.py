@@ -154,7 +154,7 @@ def test_trainable_load_still_keeps_training_state(tmp_path, engines):
 # ---------------------------------------------------------------------------- memory
 
 _RSS_CHILD = textwrap.dedent("""
-    import json, sys, psutil, torch
+    import json, sys, torch
     import tierflow, transformers, tierflow.infer
     torch.set_num_threads(1)
     path, spill = sys.argv[1], sys.argv[2]
@@ -166,13 +166,16 @@ _RSS_CHILD = textwrap.dedent("""
     warm.generate(torch.zeros(1, 2, dtype=torch.long), max_new_tokens=2, do_sample=False, pad_token_id=0)
     del warm
 
-    def peak_rss():  # VmHWM: the high-water mark of this process image (ru_maxrss outlives exec)
-        line = next(l for l in open("/proc/self/status") if l.startswith("VmHWM:"))
+    def status(key):  # bytes of a /proc/self/status field
+        line = next(l for l in open("/proc/self/status") if l.startswith(key + ":"))
         return int(line.split()[1]) * 1024
+
+    def peak_rss():  # VmHWM: the high-water mark of this process image (ru_maxrss outlives exec)
+        return status("VmHWM")
 
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset VmHWM to the current RSS
-    base = psutil.Process().memory_info().rss
+    base = status("VmRSS")
     engine = tierflow.load(path, device_memory="12MiB", host_memory="12MiB", nvme=spill, trainable=False,
                            unit_bytes="2MiB")
     loaded = peak_rss()

@@ -20,6 +20,7 @@ import torch
 
 import tierflow
 from tierflow.bench.report import write_json
+from tierflow.bench.train import timed_step
 from tierflow.config import OffloadConfig, format_size
 
 MIB = 2**20
@@ -110,15 +111,9 @@ def measure(size: str, setting: str, cal, seq_len: int, steps: int, warmup: int,
         times = []
         for i in range(warmup + steps):
             ids = torch.randint(0, 256, (1, seq_len), generator=gen).to(device)
-            start = time.perf_counter()
-            loss = engine(input_ids=ids, labels=ids).loss
-            loss.backward()
-            opt.clip_grad_norm_(1.0)
-            opt.step()
-            opt.zero_grad()
-            loss.item()
+            seconds, _ = timed_step(engine, opt, {"input_ids": ids, "labels": ids}, lambda: opt.clip_grad_norm_(1.0))
             if i >= warmup:
-                times.append(time.perf_counter() - start)
+                times.append(seconds)
         peaks = engine.budget_peaks()
         homes = ", ".join(f"{h} {engine.plan.homes.count(h)}" for h in ("device", "host", "nvme")
                           if h in engine.plan.homes)

@@ -89,6 +89,7 @@ def _worker(args) -> None:
     import torch
 
     import tierflow
+    from tierflow.bench.train import timed_step
     from tierflow import distributed
     from tierflow.models import build_model
 
@@ -106,15 +107,10 @@ def _worker(args) -> None:
         if step == args.warmup and engine.dist is not None:
             comm_before = dict(engine.dist.stats)
         ids = torch.randint(0, 256, (args.batch_size, args.seq_len), generator=gen).to(args.device)
-        start = time.perf_counter()
-        loss = engine(input_ids=ids, labels=ids).loss
-        loss.backward()
-        opt.clip_grad_norm_(1.0)
-        opt.step()
-        opt.zero_grad()
-        losses.append(round(loss.item(), 4))  # .item() waits for the device
+        seconds, loss = timed_step(engine, opt, {"input_ids": ids, "labels": ids}, lambda: opt.clip_grad_norm_(1.0))
+        losses.append(round(loss, 4))
         if step >= args.warmup:
-            times.append(time.perf_counter() - start)
+            times.append(seconds)
     placement = engine.placement()
     state = sum(v for tier in placement.values() for k, v in tier.items() if k in ("master", "grads", "moments",
                                                                                     "weights"))

@@ -24,7 +24,9 @@ from tierflow.bench.report import print_row, row, write_json
 from tierflow.models import build_model
 
 
-def _step(model, opt, batch, clip) -> tuple[float, float]:
+def timed_step(model, opt, batch, clip) -> tuple[float, float]:
+    """(seconds, loss) of one training step: forward, backward, clip, AdamW, zero_grad; the
+    loss read at the end waits for the device. `batch` holds the model's keyword arguments."""
     start = time.perf_counter()
     loss = model(**batch).loss
     loss.backward()
@@ -66,7 +68,7 @@ def run_train_bench(model_name: str = "llama-100m", steps: int = 6, warmup: int 
         if i == warmup:
             io_before = nvme_engine.io_stats()
         for name, (model, opt, clip) in contenders.items():
-            seconds, loss = _step(model, opt, batch, clip)
+            seconds, loss = timed_step(model, opt, batch, clip)
             losses[name].append(loss)
             if i >= warmup:
                 times[name].append(seconds)
