@@ -55,8 +55,10 @@ def _buffer_bytes(model):
 
 def _cached(engine):
     from tierflow.plan import working_bytes
-    return sum(working_bytes(engine.units[u], engine.compute_dtype) for u, r in enumerate(engine.residency)
-               if r.flat is not None and not engine._is_permanent(u))
+    cached = sum(working_bytes(engine.units[u], engine.compute_dtype) for u, r in enumerate(engine.residency)
+                 if r.flat is not None and not engine._is_permanent(u))
+    spares = sum(t.numel() * t.element_size() for group in engine._spare.values() for t in group)
+    return cached + spares  # evicted buffers kept for reuse stay in the device budget
 
 
 def test_bad_mode_is_rejected():

@@ -436,7 +436,7 @@ def reset_peak():
         f.write("5")
     return status("VmRSS")
 
-def build(width=512, pairs=6):
+def build(width=512, pairs=10):
     nn = torch.nn
     return nn.Sequential(*[nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width))
                            for _ in range(pairs)])
@@ -488,10 +488,11 @@ def _run_child(script: str, *args) -> dict:
 
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc/self/clear_refs")
 def test_save_and_resume_stream_with_peak_rss_near_the_budget(tmp_path):
-    """A 12.6M-parameter model whose training state (16 B/param, ~200 MB) is ~6x the host
+    """A 21M-parameter model whose training state (16 B/param, ~320 MiB) is ~10x the host
     budget (32 MiB; device 16 MiB): saving grows the peak RSS by far less than the budget;
     resuming in a fresh process (model built on the meta device, tensors streamed into
-    their tiers) by about the budgets, not the state size."""
+    their tiers) by about the budgets, not the state size. (The growth after a step is
+    bimodal here, ~46 or ~60 MiB, by how the threads' allocations interleave.)"""
     ckpt = tmp_path / "ckpt"
     saved = _run_child(RSS_CHILD, "save", ckpt, tmp_path / "spill-a")
     resumed = _run_child(RSS_CHILD, "resume", ckpt, tmp_path / "spill-b")
@@ -501,7 +502,7 @@ def test_save_and_resume_stream_with_peak_rss_near_the_budget(tmp_path):
                f"in {saved['seconds']:.2f} s; resume: +{resumed['resume_growth'] / MIB:.1f} MiB in "
                f"{resumed['seconds']:.2f} s, +{resumed['growth'] / MIB:.1f} MiB after a step")
     print(summary)
-    assert "nvme" in saved["homes"] and state >= 6 * 32 * MIB, summary
+    assert "nvme" in saved["homes"] and state >= 10 * 32 * MIB, summary
     assert saved["growth"] <= 16 * MIB, summary
     assert resumed["growth"] <= (16 + 32 + 32) * MIB, summary
     assert resumed["growth"] <= 0.3 * state, summary

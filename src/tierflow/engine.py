@@ -502,7 +502,7 @@ class Engine:
         candidates = [uid for uid, res in enumerate(self.residency)
                       if res.refs == 0 and res.fetch is None and res.flat is not None
                       and not self._is_permanent(uid) and not (self.dist and self.dist.is_gathered(uid))]
-        evicted = False
+        evicted = self._drop_spares(nbytes)
         for uid in eviction_order(candidates, lambda u: self.residency[u].last_use):
             if budget.room() >= nbytes:
                 break
@@ -518,28 +518,41 @@ class Engine:
             slot.param.data = self._placeholder(slot)
         self._storage_owner.pop(res.flat.untyped_storage().data_ptr(), None)
         flat, res.flat = res.flat, None
-        self._keep_spare(flat)
-        self.budgets["device"].release(working_bytes(self.units[uid], self.compute_dtype))
+        if not self._keep_spare(flat):
+            self.budgets["device"].release(working_bytes(self.units[uid], self.compute_dtype))
 
-    def _keep_spare(self, flat: torch.Tensor) -> None:
+    def _keep_spare(self, flat: torch.Tensor) -> bool:
         """Keep an evicted CPU buffer for reuse when nothing else holds a view of it (the storage
-        is referenced by `flat` and the temporary wrapper only). Spares are not in the device
-        budget (the next fetches take them at once), so they are capped: two per size, and
-        no more bytes in all than the prefetch window."""
+        is referenced by `flat` and the temporary wrapper only). A spare stays in the device
+        budget until a fetch takes it or room is needed (`_drop_spares`); at most two per size
+        and no more bytes in all than the prefetch window. True if kept."""
         use_count = getattr(torch._C, "_storage_Use_Count", None)
         if self.device.is_cuda or use_count is None or use_count(flat.untyped_storage()._cdata) > 2:
-            return
+            return False
         spares = self._spare.setdefault(flat.numel(), [])
         held = sum(t.numel() * t.element_size() for group in list(self._spare.values()) for t in list(group))
         if len(spares) < 2 and held + flat.numel() * flat.element_size() <= self.plan.prefetch_bytes:
             spares.append(flat)
+            return True
+        return False
 
     def _spare_buffer(self, numel: int) -> torch.Tensor | None:
-        """A spare buffer of `numel` elements (transfer thread; list.pop is atomic)."""
+        """A spare buffer of `numel` elements (transfer thread; list.pop is atomic); its bytes
+        leave the budget, since the fetch taking it has reserved its own."""
         try:
-            return self._spare.get(numel, []).pop()
+            flat = self._spare.get(numel, []).pop()
         except IndexError:
             return None
+        self.budgets["device"].release(flat.numel() * flat.element_size())
+        return flat
+
+    def _drop_spares(self, nbytes: int) -> bool:
+        """Free spare buffers until `nbytes` fit in the device budget; True if any went."""
+        budget, dropped = self.budgets["device"], False
+        for numel in list(self._spare):
+            while budget.room() < nbytes and self._spare_buffer(numel) is not None:
+                dropped = True
+        return dropped
 
     def _placeholder(self, slot: Slot) -> torch.Tensor:
         """Right shape and dtype, one element of memory (NaN, so misuse shows). Autograd and
