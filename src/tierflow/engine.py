@@ -46,6 +46,7 @@ from .tiers import ARRAY_CLASS, FP32, StateIO, UnitState
 from .trace import Trace
 
 SCRATCH_ELEMENTS = 1 << 22  # per device buffer of a GPU-side AdamW of host/NVMe state (4 x 16 MiB)
+SCRATCH_BUFFERS = 4         # master, gradient and both moments, fp32
 BUDGET_WAIT_S = 120.0  # how long a fetch waits for in-flight gradients to free device memory
 
 
@@ -415,11 +416,9 @@ class Engine:
                 or len(pending) != len(unit.slots)):
             return 0
         numel = min(max(u.slot.numel for u in pending), SCRATCH_ELEMENTS)
-        # Never required: a budget with no room left runs the update on the CPU instead of
-        # waiting for memory (the plan reserves none for it).
-        if not self._reserve_device(4 * numel * 4, f"AdamW scratch of unit '{unit.name}'", False):
-            return 0
-        return numel
+        # Only from free room: the plan reserves none for it, and neither waiting for memory
+        # nor evicting cached weights is worth it; without room the update runs on the CPU.
+        return numel if self.budgets["device"].try_reserve(_scratch_bytes(numel)) else 0
 
     def _update_now(self, uid: int) -> None:
         """Apply the unit's recorded updates without bringing its weights to the device."""
@@ -458,12 +457,13 @@ class Engine:
                     scratch = None
                     try:
                         if scratch_numel:
-                            scratch = [self.device.empty(scratch_numel, torch.float32) for _ in range(4)]
+                            scratch = [self.device.empty(scratch_numel, torch.float32)
+                                       for _ in range(SCRATCH_BUFFERS)]
                         apply_updates(self.io, self.device, state, pending, flat if covered else None, scratch)
                     finally:
                         if scratch_numel:  # apply_updates synchronised: the scratch is free
                             scratch = None
-                            self.budgets["device"].release(16 * scratch_numel)
+                            self.budgets["device"].release(_scratch_bytes(scratch_numel))
                 if scratch_numel:
                     self._count("host_to_device", 16 * sum(u.slot.numel for u in pending))
                     self._count("device_to_host", 12 * sum(u.slot.numel for u in pending))
@@ -872,3 +872,8 @@ def _default_unit_bytes(cfg: OffloadConfig, model: nn.Module) -> int:
     if cfg.device_memory is None:
         return 256 * 2**20
     return max(1, min(256 * 2**20, cfg.device_memory // 8))
+
+
+def _scratch_bytes(numel: int) -> int:
+    """Device bytes of a GPU-side AdamW's scratch buffers of `numel` fp32 elements each."""
+    return SCRATCH_BUFFERS * numel * 4
