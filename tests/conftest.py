@@ -18,6 +18,21 @@ SMALL_UNITS = dict(unit_bytes="8KiB", chunk_bytes="32KiB", prefetch_bytes="40KiB
 MIX_BUDGETS = dict(device_memory="200KiB", host_memory="768KiB")
 
 
+@pytest.fixture(autouse=True, scope="session")
+def private_calibration_cache(tmp_path_factory):
+    """Engines plan with this machine's cached calibration (planner.py): the tests use an empty
+    cache of their own, so every run plans with the same nominal figures."""
+    import os
+
+    old = os.environ.get("XDG_CACHE_HOME")
+    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("cache"))
+    yield
+    if old is None:
+        os.environ.pop("XDG_CACHE_HOME", None)
+    else:
+        os.environ["XDG_CACHE_HOME"] = old
+
+
 def tiny_config(arch: str):
     import transformers
 

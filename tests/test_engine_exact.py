@@ -209,3 +209,23 @@ def test_parameters_larger_than_a_staging_chunk(placement, tmp_path, engines):
     assert_bitwise(ref_losses, losses, "loss")
     assert_bitwise(ref_norms, norms, "grad norm")
     assert_state_bitwise(ref.state_dict(), engine.state_dict())
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_spread_plan_bitwise_equal_to_torch(arch, tmp_path, engines):
+    """A planner variant whose homes interleave the tiers (not nearest-first in model order),
+    with half the device room left to cache streamed weights and a wider prefetch window."""
+    ref_losses, ref_norms, ref_sd, ref_moments = reference(arch, fused=True)
+    engine = tierflow.offload(make_tiny(arch), placement=tierflow.Variant("spread", 0.5, 2.0),
+                              nvme=tmp_path / "spill", **SMALL_UNITS, **MIX_BUDGETS)
+    engines.append(engine)
+    homes = list(engine.plan.homes)
+    assert {"host", "nvme"} <= set(homes), homes
+    order = {"device": 0, "host": 1, "nvme": 2}
+    assert homes != sorted(homes, key=order.get), f"tiers must interleave: {homes}"
+    opt = tierflow.AdamW(engine, lr=LR, weight_decay=WD, fused=True)
+    losses, norms = train(engine, opt, opt.clip_grad_norm_, make_batches(STEPS * ACCUM), ACCUM)
+    assert_bitwise(ref_losses, losses, "loss")
+    assert_bitwise(ref_norms, norms, "grad norm")
+    assert_state_bitwise(ref_sd, engine.state_dict())
+    assert_moments_equal(ref_moments, engine)

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import types
 
+import pytest
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -346,3 +348,27 @@ def test_trace_rerecorded_when_forward_path_changes(tmp_path, engines):
                                                  host_memory="512KiB"))
     assert set(engine.plan.homes) >= {"host", "nvme"}
     assert engine.trace.changes >= 4, f"the trace must be re-recorded, changes={engine.trace.changes}"
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("dtype,staging", [(torch.float32, 5), (torch.bfloat16, 5), (torch.bfloat16, 8)])
+def test_nvme_updates_of_many_windows_with_few_staging_buffers(tmp_path, engines, dtype, staging):
+    """An AdamW update of NVMe state in several windows reads the next window ahead only when
+    the staging pool can hold both (4 arrays each, + the compute-dtype weights): with fewer
+    buffers it used to wait forever for a buffer its own read-ahead held."""
+    torch.manual_seed(0)
+    model = nn.Sequential(*[nn.Linear(128, 128, bias=False) for _ in range(3)])
+    engine = tierflow.offload(model, placement="nvme", nvme=tmp_path, dtype=dtype, unit_bytes=128 * 128 * 4,
+                              chunk_bytes="16KiB", staging_buffers=staging)
+    engines.append(engine)
+    opt = tierflow.AdamW(engine, lr=1e-2)
+    x = torch.randn(8, 128)
+    losses = []
+    for _ in range(3):
+        loss = engine(x.to(dtype)).float().square().mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    engine.flush()
+    assert losses[-1] < losses[0] and engine.io_stats()["nvme_written"] > 0

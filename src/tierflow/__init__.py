@@ -13,8 +13,9 @@ from .config import OffloadConfig, format_size, parse_size
 from .engine import Engine
 from .errors import BudgetError, ConfigError, NvmeError, TierflowError
 from .optim import AdamW
+from .plan import Variant
 
-__all__ = ["offload", "Engine", "AdamW", "OffloadConfig", "parse_size", "format_size",
+__all__ = ["offload", "Engine", "AdamW", "OffloadConfig", "Variant", "parse_size", "format_size",
            "TierflowError", "ConfigError", "BudgetError", "NvmeError",
            "resume", "load", "save_pretrained", "CheckpointError"]
 __version__ = "0.1.0"
@@ -49,8 +50,10 @@ def offload(model: nn.Module, device="cpu", device_memory=None, host_memory=None
         dtype: compute dtype of weights on the device (default: the model's own); master
             weights and Adam moments stay fp32.
         plan / placement (the same knob; `plan` is its name in `tierflow plan`'s terms):
-            "auto" (the cost model's placement from the budgets) or force every unit's state into
-            "device", "host" or "nvme".
+            "auto" (the placement with the least predicted step time within the budgets, see
+            planner.py; the same as `tierflow plan` shows), "greedy" (nearest tier first, in
+            model order, without the cost model), force every unit's state into "device",
+            "host" or "nvme", or a `tierflow.Variant` (spend the budgets exactly so).
         source: optional callable (parameter name) -> tensor with each parameter's initial
             value, read one tensor at a time (checkpoints, safetensors shards); the model's
             parameters may then be on the meta device, so it is never whole in memory.
@@ -60,7 +63,7 @@ def offload(model: nn.Module, device="cpu", device_memory=None, host_memory=None
             back ahead of backward) or "auto" (per layer, from the budgets). See
             docs/activations.md.
         **options: advanced knobs of `OffloadConfig` (unit_bytes, prefetch_bytes, chunk_bytes,
-            staging_buffers, io_threads, direct_io).
+            staging_buffers, io_threads, direct_io, update_on, batch_shape).
 
     Returns the `Engine`; call it like the model. `model` may also be the path of a Hugging
     Face model directory: see `tierflow.load`.

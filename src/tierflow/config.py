@@ -119,15 +119,20 @@ class OffloadConfig:
         io_threads: threads issuing NVMe requests (4: reads and write-backs of the optimizer
             overlap; measured ~20% faster updates than 2 on a 2-core machine).
         direct_io: use O_DIRECT (None = when the file system supports it).
-        update_on: where AdamW runs for state homed in host memory or on NVMe: "cpu", or
-            "device"/"auto" (on a GPU whose budget has room for 4 scratch buffers: the state
-            is copied to the GPU, updated there and copied back, 16 B in and 12 B out per
-            parameter over PCIe, else on the CPU). On a CPU device all three are the same.
+        update_on: where AdamW runs for state homed in host memory or on NVMe: "cpu";
+            "device" (on the GPU: the state is copied there, updated and copied back, 16 B
+            in and 12 B out per parameter over PCIe); "auto" (per unit, where the planner
+            predicts it faster, planner.update_sites). A GPU-side update needs free device
+            room for 4 scratch buffers at that moment, else it runs on the CPU. On a CPU
+            device all three are the same.
         activations: what happens to the tensors autograd saves for backward (see
             activations.py): None = left to autograd (not accounted); "keep" = kept on the
             device and accounted; "recompute" = each layer checkpointed; "offload" = copied
             to host memory (NVMe when the host budget is short) and back ahead of backward;
             "auto" = chosen per layer from the budgets and the first step's measurements.
+        batch_shape: (batch size, sequence length) of one micro-batch, as the planner assumes
+            it when it weighs compute against transfers to choose the placement (planner.py);
+            it changes where state lives, never what is computed. None = (1, 256).
     """
 
     device: torch.device
@@ -143,11 +148,13 @@ class OffloadConfig:
     direct_io: bool | None = None
     update_on: str = "auto"
     activations: str | None = None
+    batch_shape: tuple[int, int] | None = None
 
     @classmethod
     def create(cls, device="cpu", device_memory=None, host_memory=None, nvme=None, dtype=None,
                unit_bytes=None, prefetch_bytes=None, chunk_bytes=None, staging_buffers=8,
-               io_threads=4, direct_io=None, update_on="auto", activations=None) -> "OffloadConfig":
+               io_threads=4, direct_io=None, update_on="auto", activations=None,
+               batch_shape=None) -> "OffloadConfig":
         """Parse and validate user-facing values (sizes as strings or ints).
 
         `chunk_bytes` defaults to 8 MiB, less when the host budget is small: the staging
@@ -170,6 +177,13 @@ class OffloadConfig:
             raise ConfigError("io_threads must be at least 1")
         if update_on not in ("auto", "cpu", "device"):
             raise ConfigError(f"update_on must be 'auto', 'cpu' or 'device', got {update_on!r}")
+        if batch_shape is not None:
+            try:
+                batch_shape = tuple(int(x) for x in batch_shape)
+            except (TypeError, ValueError):
+                batch_shape = ()
+            if len(batch_shape) != 2 or min(batch_shape) < 1:
+                raise ConfigError("batch_shape must be (batch size, sequence length), two positive integers")
         return cls(
             device=parse_device(device),
             device_memory=parse_size(device_memory, what="device_memory"),
@@ -184,4 +198,5 @@ class OffloadConfig:
             direct_io=direct_io,
             update_on=update_on,
             activations=check_mode(activations),
+            batch_shape=batch_shape,
         )

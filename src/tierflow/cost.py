@@ -42,6 +42,7 @@ from .tiers import ALIGN, ARRAY_CLASS, array_specs
 
 CLASSES = ("weights", "master", "grads", "moments", "activations", "buffers", "working", "staging")
 ADAMW_READ, ADAMW_WRITE = 16, 12  # fp32 bytes per parameter an AdamW step reads / writes
+DEFAULT_BATCH_SHAPE = (1, 256)  # (batch, sequence) the planner assumes when not told: `tierflow plan`'s default
 LINK_LATENCY_S = 10e-6  # per hop of a ring collective (NCCL over InfiniBand/NVLink: a few microseconds)
 
 
@@ -230,7 +231,8 @@ def predict_step(units: list[Unit], placement: Placement, work: Workload, cal: C
     gathers = [collective_seconds(share_of * s, world_size, link_bps) for s in size]
     fwd = [f + g for f, g in zip(fwd, gathers)]  # gathered on the compute thread at first use
     bwd = [b + g for b, g in zip(bwd, gathers)]
-    updates = [update_job(u, h, cal, compute_dtype) for u, h in zip(units, homes)]
+    on_gpu = placement.device_updates or (False,) * n
+    updates = [update_job(u, h, cal, compute_dtype, d) for u, h, d in zip(units, homes, on_gpu)]
     cached = _cached_after_forward(units, homes, size, placement, compute_dtype, device_capacity, buffer_bytes)
     refetch = [Job() if h == "device" or c else fetch_job(u, h, cal, compute_dtype)
                for u, h, c in zip(units, homes, cached)]
@@ -254,15 +256,24 @@ def predict_step(units: list[Unit], placement: Placement, work: Workload, cal: C
                           _bottleneck(step_s, waits), collective_s)
 
 
-def update_job(unit: Unit, home: str, cal: Calibration, dtype: torch.dtype) -> Job:
+def update_job(unit: Unit, home: str, cal: Calibration, dtype: torch.dtype, on_device: bool = False) -> Job:
     """The forward job of a unit after opt.step(): AdamW in its home tier (NVMe: read, update,
-    write back), then its weights to the device (fused when every parameter is trainable)."""
+    write back), then its weights to the device (fused when every parameter is trainable).
+    `on_device` (a host- or NVMe-homed unit on a GPU, `Placement.device_updates`): the state
+    crosses the link to the GPU's AdamW and back instead, and the new weights stay there."""
     t = unit.trainable_numel
     if t == 0:
         return fetch_job(unit, home, cal, dtype)
     parts = []
     if home == "nvme":
         parts.append(("io", t * ADAMW_READ / cal.nvme_read_bps))
+    if on_device and home != "device" and cal.device != "cpu":
+        back = ADAMW_WRITE + (dtype.itemsize if dtype != torch.float32 else 0)  # + host copy of the weights
+        parts.append(("io", t * ADAMW_READ / cal.h2d_bps + t / cal.device_adamw_params_per_s + t * back / cal.d2h_bps))
+        if home == "nvme":
+            parts.append(("io", t * back / cal.nvme_write_bps))
+        job = Job(tuple(parts))
+        return job if t == unit.numel else Job(job.parts + fetch_job(unit, home, cal, dtype).parts)
     on_gpu = home == "device" and cal.device != "cpu"  # a GPU updates its own state: no host CPU
     rate = cal.device_adamw_params_per_s if on_gpu else cal.adamw_params_per_s
     parts.append(("io" if on_gpu else "adamw", t / rate))
@@ -434,17 +445,16 @@ def predict(model: torch.nn.Module, cfg, cal: Calibration, batch_size: int = 1, 
     Raises BudgetError / ConfigError when it does not fit, as `tierflow.offload` would."""
     from .engine import _default_unit_bytes, _model_dtype
     from .layout import partition
-    from .plan import _device_capacity, plan_placement
+    from .plan import device_capacity
+    from .planner import choose_placement
 
     dtype = cfg.dtype or _model_dtype(model)
     units, _ = partition(model, cfg.unit_bytes or _default_unit_bytes(cfg, model), allow_meta=True,
                          world_size=world_size)
     buffers = sum(b.numel() * b.element_size() for b in model.buffers())
-    plan = plan_placement(units, cfg, dtype, buffers, placement, world_size=world_size)
-    capacity = _device_capacity(cfg)
     work = workload(model, units, batch_size, seq_len, dtype)
+    plan, step = choose_placement(units, cfg, dtype, buffers, work, cal, placement, world_size, link_bps)
     return Prediction(units, plan, dtype,
                       class_bytes(units, plan, dtype, buffers, work.activation_bytes, world_size),
-                      peak_bytes(units, plan, dtype, buffers, capacity, world_size),
-                      predict_step(units, plan, work, cal, dtype, capacity, buffers, world_size, link_bps), work,
-                      world_size, collective_bytes(units, dtype, world_size))
+                      peak_bytes(units, plan, dtype, buffers, device_capacity(cfg), world_size),
+                      step, work, world_size, collective_bytes(units, dtype, world_size))

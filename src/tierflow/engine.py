@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from . import distributed, hooks
+from . import calibrate, distributed, hooks
 from .budget import Budget
 from .config import OffloadConfig
 from .device import ComputeDevice
@@ -39,7 +39,9 @@ from .events import EventLog, Span
 from .gradients import GradientSink
 from .layout import Slot, Unit, partition
 from .optim import PendingUpdate, apply_updates
-from .plan import DRAIN_BUFFERS, Placement, device_capacity, plan_placement, working_bytes
+from .cost import DEFAULT_BATCH_SHAPE, workload
+from .plan import DRAIN_BUFFERS, Placement, device_capacity, working_bytes
+from .planner import choose_placement
 from .schedule import eviction_order, prefetch_window
 from .storage import BufferPool, NvmeStore
 from .tiers import ARRAY_CLASS, FP32, StateIO, UnitState
@@ -173,8 +175,10 @@ class Engine:
         """Units and their placement; returns the modules to hook."""
         world = self.dist.world if self.dist else 1
         self.units, hooked = partition(model, unit_bytes, allow_meta=source is not None, world_size=world)
-        self.plan: Placement = plan_placement(self.units, self.cfg, self.compute_dtype, buffer_bytes, placement,
-                                              world_size=world)
+        self.plan: Placement = choose_placement(
+            self.units, self.cfg, self.compute_dtype, buffer_bytes,
+            workload(model, self.units, *(self.cfg.batch_shape or DEFAULT_BATCH_SHAPE), self.compute_dtype),
+            calibrate.for_planning(self.cfg.device.type, self.compute_dtype), placement, world)[0]
         return hooked
 
     def _tile_oversized(self, model, unit_bytes: int, source) -> bool:
@@ -412,8 +416,8 @@ class Engine:
         """Elements per device scratch buffer for running this unit's AdamW on the GPU (see
         `update_on`), reserved from the device budget; 0: the update runs on the CPU."""
         unit = self.units[uid]
-        if (not self.device.is_cuda or self.cfg.update_on == "cpu" or not pending
-                or len(pending) != len(unit.slots)):
+        planned = self.plan.device_updates
+        if not (self.device.is_cuda and planned and planned[uid]) or not pending or len(pending) != len(unit.slots):
             return 0
         numel = min(max(u.slot.numel for u in pending), SCRATCH_ELEMENTS)
         # Only from free room: the plan reserves none for it, and neither waiting for memory

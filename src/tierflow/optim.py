@@ -104,7 +104,7 @@ def apply_updates(io, device, state, pending: list, flat: torch.Tensor | None = 
             ranges.append((start, count))
     writes = []
     try:
-        for window in io.windows(state, names, ranges):
+        for window in io.windows(state, names, ranges, spare=int("weights" in state.arrays)):
             start, count = window.start, window.views[0].numel()
             try:
                 staged = bool(window.buffers)

@@ -8,6 +8,11 @@ being fetched, the gradients of the largest unit, and the prefetch window.
 Whatever remains holds whole units' state (the optimizer then runs where the
 state is). The host budget first holds the NVMe staging buffers (when anything
 spills), then whole units' state. The rest goes to NVMe.
+
+A `Variant` says how to spend the budgets (which units claim the faster tiers
+first, how much device room holds state rather than caching streamed weights,
+how wide the prefetch window is); `planner.py` predicts the step time of a few
+variants and keeps the fastest. `GREEDY` is the plain nearest-tier plan.
 """
 from __future__ import annotations
 
@@ -21,6 +26,7 @@ from .layout import Unit
 from .tiers import array_specs
 
 TIERS = ("device", "host", "nvme")
+PLACEMENTS = ("auto", "greedy") + TIERS  # "auto": searched by the planner; a tier: everything there
 DRAIN_BUFFERS = 2  # staging buffers reserved for gradient write-back
 
 
@@ -49,6 +55,30 @@ def grad_bytes(unit: Unit, compute_dtype: torch.dtype) -> int:
 
 
 @dataclass(frozen=True)
+class Variant:
+    """One way to spend the budgets; the planner compares variants by predicted step time.
+
+    Attributes:
+        order: which units claim the faster tiers first: "front" (model order: the first
+            units of a step, whose fetch nothing can hide), "dense" (the most bytes moved per
+            step per byte kept: trainable before frozen units) or "spread" (the units left to
+            slower tiers are spaced evenly through the model, so that each one's transfer
+            hides behind the compute of the faster units between them).
+        device_state: the share of the device room left after the working set that may hold
+            state; the rest caches streamed weights from forward to backward.
+        prefetch_scale: the prefetch window in multiples of the default (two largest units);
+            ignored when the user set prefetch_bytes.
+    """
+
+    order: str = "front"
+    device_state: float = 1.0
+    prefetch_scale: float = 1.0
+
+
+GREEDY = Variant()  # nearest tier first, in model order
+
+
+@dataclass(frozen=True)
 class Placement:
     """The plan: a home tier per unit and the memory set aside for moving data.
 
@@ -60,6 +90,9 @@ class Placement:
         tier_bytes: state bytes placed in each tier.
         activation_bytes: device bytes kept free of state for activations (only when the
             engine manages them, `activations=`): half of what the working set leaves.
+        variant: how the budgets were spent (see `Variant`).
+        device_updates: per unit, whether its AdamW runs on the GPU although its state lives
+            in host memory or on NVMe (copied over and back; `update_on`); empty: none does.
     """
 
     homes: tuple[str, ...]
@@ -68,6 +101,8 @@ class Placement:
     staging_bytes: int
     tier_bytes: dict
     activation_bytes: int = 0
+    variant: Variant = GREEDY
+    device_updates: tuple[bool, ...] = ()
 
     @property
     def uses_nvme(self) -> bool:
@@ -75,10 +110,13 @@ class Placement:
 
 
 def plan_placement(units: list[Unit], cfg: OffloadConfig, compute_dtype: torch.dtype,
-                   buffer_bytes: int, placement: str = "auto", world_size: int = 1) -> Placement:
-    """Place every unit; raise BudgetError/ConfigError naming what is short."""
-    if placement not in ("auto",) + TIERS:
-        raise ConfigError(f"unknown placement {placement!r}: use 'auto', 'device', 'host' or 'nvme'")
+                   buffer_bytes: int, placement: str = "auto", world_size: int = 1,
+                   variant: Variant = GREEDY) -> Placement:
+    """Place every unit as `variant` says; raise BudgetError/ConfigError naming what is short."""
+    if placement not in PLACEMENTS:
+        raise ConfigError(f"unknown placement {placement!r}: use 'auto', 'greedy', 'device', 'host' or 'nvme'")
+    if placement == "greedy":  # the nearest-tier plan, not searched (planner.py)
+        placement, variant = "auto", GREEDY
     largest = max(units, key=lambda u: working_bytes(u, compute_dtype))
     need_working = (buffer_bytes + 2 * working_bytes(largest, compute_dtype)
                     + max(grad_bytes(u, compute_dtype) for u in units))
@@ -89,7 +127,9 @@ def plan_placement(units: list[Unit], cfg: OffloadConfig, compute_dtype: torch.d
             f"'{largest.name}' ({largest.numel:,} elements) needs {format_size(need_working)} on the "
             f"device (weights in use and in flight, its gradients, buffers); raise device_memory to at "
             f"least {format_size(need_working)}, or pass a smaller unit_bytes")
-    prefetch = cfg.prefetch_bytes if cfg.prefetch_bytes is not None else 2 * working_bytes(largest, compute_dtype)
+    prefetch = cfg.prefetch_bytes
+    if prefetch is None:
+        prefetch = int(variant.prefetch_scale * 2 * working_bytes(largest, compute_dtype))
     if device_cap is not None:
         prefetch = max(0, min(prefetch, device_cap - need_working))
     device_working = need_working + prefetch
@@ -100,7 +140,7 @@ def plan_placement(units: list[Unit], cfg: OffloadConfig, compute_dtype: torch.d
         # Without room, every activation would have to leave the device: keep half for them.
         activation_bytes = (device_cap - device_working) // 2
     homes, tier_bytes = _assign(units, cfg, compute_dtype, placement, device_cap,
-                                device_working + activation_bytes, staging, world_size)
+                                device_working + activation_bytes, staging, world_size, variant)
     uses_nvme = "nvme" in homes
     if uses_nvme and cfg.host_memory is not None and cfg.host_memory < staging + tier_bytes["host"]:
         raise BudgetError(
@@ -108,7 +148,7 @@ def plan_placement(units: list[Unit], cfg: OffloadConfig, compute_dtype: torch.d
             f"({cfg.staging_buffers + DRAIN_BUFFERS} x {format_size(cfg.chunk_bytes)} = {format_size(staging)}): "
             f"raise host_memory, or pass a smaller chunk_bytes or fewer staging_buffers")
     return Placement(tuple(homes), device_working, prefetch, staging if uses_nvme else 0, tier_bytes,
-                     activation_bytes)
+                     activation_bytes, variant)
 
 
 def device_capacity(cfg: OffloadConfig) -> int | None:
@@ -119,13 +159,32 @@ def device_capacity(cfg: OffloadConfig) -> int | None:
     return int(free * 0.8)  # leave room for activations and the allocator's slack
 
 
-_device_capacity = device_capacity  # the name cost.py imports
+
+def traffic_bytes(unit: Unit, compute_dtype: torch.dtype) -> int:
+    """Bytes one step moves for a unit that lives off the device: its weights in forward and
+    again in backward and, per trainable parameter, AdamW's 16 B read and 12 B write of master,
+    moments and gradient plus the 4 B gradient written back."""
+    return 2 * working_bytes(unit, compute_dtype) + 32 * unit.trainable_numel
 
 
-def _assign(units, cfg, compute_dtype, placement, device_cap, device_working, staging, world_size=1):
-    """Greedy placement in model order: device, then host, then NVMe."""
+def claim_order(units: list[Unit], order: str, compute_dtype: torch.dtype = torch.float32) -> list[int]:
+    """Unit ids in the order they claim the faster tiers (see `Variant.order`)."""
+    n = len(units)
+    if order == "front":
+        return list(range(n))
+    if order == "dense":  # most traffic per byte kept first: frozen units move far less than trainable ones
+        density = [traffic_bytes(u, compute_dtype) / max(1, state_bytes(u, compute_dtype)) for u in units]
+        return sorted(range(n), key=lambda i: (-round(density[i], 3), i))
+    if order == "spread":  # golden-ratio sequence: any tail of it is spread evenly over the model
+        return sorted(range(n), key=lambda i: (i * 0.6180339887498949) % 1.0)
+    raise ConfigError(f"unknown claim order {order!r}: use 'front', 'dense' or 'spread'")
+
+
+def _assign(units, cfg, compute_dtype, placement, device_cap, device_working, staging, world_size=1,
+            variant: Variant = GREEDY):
+    """Nearest tier first (device, then host, then NVMe), units in the variant's claim order."""
     room = {
-        "device": None if device_cap is None else device_cap - device_working,
+        "device": None if device_cap is None else int((device_cap - device_working) * variant.device_state),
         "host": cfg.host_memory,
     }
     if cfg.nvme is not None and room["host"] is not None and placement in ("auto", "nvme"):
@@ -133,8 +192,9 @@ def _assign(units, cfg, compute_dtype, placement, device_cap, device_working, st
     allowed = {"auto": TIERS, "device": ("device",), "host": ("host",), "nvme": ("nvme",)}[placement]
     if placement == "nvme" and cfg.nvme is None:
         raise ConfigError("placement='nvme' needs an NVMe directory: pass nvme=DIR")
-    homes, tier_bytes, short = [], dict.fromkeys(TIERS, 0), 0
-    for unit in units:
+    homes, tier_bytes, short = [None] * len(units), dict.fromkeys(TIERS, 0), 0
+    for uid in claim_order(units, variant.order, compute_dtype):
+        unit = units[uid]
         need = state_bytes(unit, compute_dtype, world_size)
         for tier in allowed:
             if tier == "nvme" and cfg.nvme is None:
@@ -143,11 +203,10 @@ def _assign(units, cfg, compute_dtype, placement, device_cap, device_working, st
                 continue
             if tier != "nvme" and room[tier] is not None:
                 room[tier] -= need
-            homes.append(tier)
+            homes[uid] = tier
             tier_bytes[tier] += need
             break
         else:
-            homes.append(None)
             short += need
     if short:
         total = sum(state_bytes(u, compute_dtype) for u in units)

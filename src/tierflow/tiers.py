@@ -208,10 +208,14 @@ class StateIO:
             return []
         return writes
 
-    def windows(self, state: UnitState, names, ranges, read: bool = True, ahead: int = 1):
+    def windows(self, state: UnitState, names, ranges, read: bool = True, ahead: int = 1, spare: int = 0):
         """Yield open windows over consecutive (start, numel) ranges, reading up to `ahead`
-        windows beyond the one the caller works on. The caller closes each window."""
+        windows beyond the one the caller works on. The caller closes each window; `spare`:
+        staging buffers it takes besides, per window, before closing it. Fewer windows are read
+        ahead when the staging pool could not hold them all at once (it would wait forever)."""
         ranges = list(ranges)
+        if state.home == "nvme" and self.pool is not None:
+            ahead = max(0, min(ahead, (self.pool.count - spare) // len(names) - 1))
         opened = []
         try:
             for i in range(len(ranges)):

@@ -22,21 +22,28 @@ import tierflow
 from tierflow.bench.report import write_json
 from tierflow.bench.train import timed_step
 from tierflow.config import OffloadConfig, format_size
+from tierflow.plan import Variant
 
 MIB = 2**20
 # name -> (hidden, layers, intermediate, heads), byte vocabulary; llama-100m is tierflow train's default.
 SIZES = {"llama-20m": (512, 6, 1376, 8), "llama-50m": (768, 7, 2048, 12), "llama-100m": (768, 14, 2048, 12)}
-# name -> (offload keyword arguments, placement); "nvme" is filled with the spill directory.
+# name -> (offload keyword arguments, placement); "nvme" is filled with the spill directory. The
+# last two spend the budgets of "mixed" and "nvme" otherwise than the planner would (half the
+# free device room for state; slow units spread, twice the prefetch window): do predicted and
+# measured step times move together?
 SETTINGS = {
     "device": (dict(), "device"),
     "host": (dict(device_memory="64MiB"), "host"),
     "mixed": (dict(device_memory="128MiB"), "auto"),
     "nvme": (dict(device_memory="64MiB", host_memory="256MiB", nvme=True), "auto"),
     "train": (dict(device_memory="256MiB", host_memory="1GiB", nvme=True), "auto"),  # tierflow train's
+    "mixed/2": (dict(device_memory="128MiB"), Variant("front", 0.5, 1.0)),
+    "nvme/s": (dict(device_memory="64MiB", host_memory="256MiB", nvme=True), Variant("spread", 1.0, 2.0)),
 }
-# The default matrix: 2 sizes x 4 settings, and tierflow train's default model in memory and as it trains.
+# The default matrix: 2 sizes x 4 settings, tierflow train's default model in memory and as it
+# trains, and two other ways to spend llama-50m's budgets.
 DEFAULT = [(size, setting) for size in ("llama-20m", "llama-50m") for setting in ("device", "host", "mixed", "nvme")]
-DEFAULT += [("llama-100m", "device"), ("llama-100m", "train")]
+DEFAULT += [("llama-100m", "device"), ("llama-100m", "train"), ("llama-50m", "mixed/2"), ("llama-50m", "nvme/s")]
 
 
 @dataclass(frozen=True)
@@ -103,7 +110,9 @@ def measure(size: str, setting: str, cal, seq_len: int, steps: int, warmup: int,
     params = sum(p.numel() for p in model.parameters())
     cfg = OffloadConfig.create(device=device, **kwargs)
     pred = predict(model, cfg, cal, batch_size=1, seq_len=seq_len, placement=placement)
-    engine = tierflow.offload(model, device=device, placement=placement, **kwargs)
+    if placement == "auto":  # the planner's choice with `cal` (the engine's own would use the cached one)
+        placement = pred.placement.variant
+    engine = tierflow.offload(model, device=device, placement=placement, batch_shape=(1, seq_len), **kwargs)
     mark = load_mark()
     try:
         opt = tierflow.AdamW(engine, lr=1e-4)
@@ -115,6 +124,8 @@ def measure(size: str, setting: str, cal, seq_len: int, steps: int, warmup: int,
             if i >= warmup:
                 times.append(seconds)
         peaks = engine.budget_peaks()
+        if engine.plan.homes != pred.placement.homes:
+            print(f"  warning: {size} {setting}: the engine placed units otherwise than predicted")
         homes = ", ".join(f"{h} {engine.plan.homes.count(h)}" for h in ("device", "host", "nvme")
                           if h in engine.plan.homes)
     finally:

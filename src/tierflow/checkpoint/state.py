@@ -207,7 +207,7 @@ def resume(path, model: nn.Module | None = None, *, device=None, device_memory=_
     """
     from .. import offload
 
-    unknown = set(options) - set(TUNING) - {"activations"}  # activations: a choice of this run, not saved
+    unknown = set(options) - set(TUNING) - {"activations", "batch_shape"}  # choices of this run, not saved
     if unknown:
         raise ConfigError(f"unknown options for resume: {sorted(unknown)} (known: {', '.join(TUNING)})")
     path = checkpoint_dir(path)
@@ -346,7 +346,8 @@ def _engine_kwargs(manifest, device, device_memory, host_memory, nvme, dtype, op
     pick = lambda value, key: saved[key] if value is _SAVED else value  # noqa: E731
     kwargs = {"device": device or saved["device"], "device_memory": pick(device_memory, "device_memory"),
               "host_memory": pick(host_memory, "host_memory"), "nvme": pick(nvme, "nvme"),
-              "dtype": pick(dtype, "dtype"), "activations": options.get("activations")}
+              "dtype": pick(dtype, "dtype"), "activations": options.get("activations"),
+              "batch_shape": options.get("batch_shape")}
     same_host = host_memory is _SAVED or parse_size(host_memory) == saved["host_memory"]
     for key in TUNING:
         if key in options:

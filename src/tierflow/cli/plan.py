@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+from dataclasses import asdict
 from pathlib import Path
 
 HELP = "predict placement, peak memory and step time without allocating the model"
@@ -31,7 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host-memory", default=None, metavar="SIZE", help="host budget (default: no limit)")
     parser.add_argument("--nvme", default=None, metavar="DIR", help="NVMe spill directory (default: none)")
     parser.add_argument("--dtype", default=None, metavar="DTYPE", help="compute dtype (default: the model's)")
-    parser.add_argument("--placement", default="auto", choices=("auto", "device", "host", "nvme"),
+    parser.add_argument("--placement", default="auto", choices=("auto", "greedy", "device", "host", "nvme"),
                         help="force every unit's state into one tier (default: auto)")
     parser.add_argument("--batch-size", type=int, default=1, metavar="N", help="sequences per step (default 1)")
     parser.add_argument("--seq-len", type=int, default=256, metavar="N", help="tokens per sequence (default 256)")
@@ -132,7 +133,10 @@ def as_json(pred, cfg, args) -> dict:
         "model": args.model,
         "compute_dtype": str(pred.compute_dtype).removeprefix("torch."),
         "placement": {"bytes": pred.table, "budgets": _budgets(cfg), "units": units,
-                      "homes": {t: pred.placement.homes.count(t) for t in _TIERS}},
+                      "homes": {t: pred.placement.homes.count(t) for t in _TIERS},
+                      "variant": asdict(pred.placement.variant),
+                      "prefetch_bytes": pred.placement.prefetch_bytes,
+                      "gpu_updates": sum(pred.placement.device_updates)},
         "peak_bytes": pred.peaks,
         "predicted_step_s": step.step_s,
         "step": {"compute_s": step.compute_s, "transfer_s": step.transfer_s, "optimizer_s": step.optimizer_s,
@@ -179,12 +183,28 @@ def print_report(pred, cfg, args, n_params: int, cached: bool = True) -> None:
                       f"{format_size(moved['reduce_scatter'])} (gradient reduce-scatter), "
                       f"{step.collective_s:.3f} s at --link-bandwidth {args.link_bandwidth}/s",
                       soft_wrap=True, highlight=False)
+    console.print(describe_choice(pred.placement), soft_wrap=True, highlight=False)
     tokens = pred.world_size * pred.work.tokens / step.step_s if step.step_s else 0.0
     console.print(f"[bold]predicted step[/] {step.step_s:.3f} s ({tokens:,.0f} tokens/s): compute "
                   f"{step.compute_s:.3f} s, transfer {step.transfer_s:.3f} s, optimizer {step.optimizer_s:.3f} s "
                   f"(each alone; they overlap); bottleneck: [bold]{step.bottleneck}[/]"
                   + ("" if cached else " (calibrated now, cached for next time)"), soft_wrap=True,
                   highlight=False)
+
+
+def describe_choice(plan) -> str:
+    """One line on how the planner spent the budgets (planner.py)."""
+    from tierflow.config import format_size
+    from tierflow.plan import GREEDY
+
+    variant = plan.variant
+    how = "nearest tier first, in model order" if variant == GREEDY else (
+        f"{variant.order} claim order, {variant.device_state:.0%} of the free device room for state, "
+        f"prefetch window x{variant.prefetch_scale:g}")
+    line = f"[bold]plan[/] {how}; prefetch window {format_size(plan.prefetch_bytes)}"
+    if plan.device_updates:
+        line += f"; AdamW of {sum(plan.device_updates)} host/NVMe units on the GPU"
+    return line
 
 
 def _budgets(cfg) -> dict:

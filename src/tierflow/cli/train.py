@@ -211,7 +211,7 @@ def _start(args: TrainArgs, checkpoint, device: str, limits: dict, nvme_dir, tok
 
     dtype = getattr(torch, _DTYPES[args.dtype]) if args.dtype else None
     budgets = dict(device=device, device_memory=limits["device"], host_memory=limits["host"], nvme=nvme_dir,
-                   dtype=dtype, activations=args.activations)
+                   dtype=dtype, activations=args.activations, batch_shape=(args.batch_size, args.seq_len))
     schedule = lambda opt: torch.optim.lr_scheduler.LambdaLR(  # noqa: E731
         opt, lambda s: _lr_factor(s, args.warmup, args.steps))
     if checkpoint is not None:

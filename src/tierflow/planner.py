@@ -1,0 +1,91 @@
+"""The planner: of a few ways to spend the budgets, the one with the least predicted step time.
+
+`plan.py` turns the budgets into a placement for one `Variant` (which units claim the
+faster tiers first, how much device room holds state rather than caching streamed
+weights, how wide the prefetch window is); `cost.py` predicts the step time of a
+placement from measured machine figures. The planner predicts every variant that fits
+and keeps the fastest. The plain nearest-tier plan (`GREEDY`) stays unless another is
+predicted at least `MIN_GAIN` faster: smaller differences are inside the model's error,
+and the simplest plan is the easiest to reason about.
+
+On a GPU the planner also chooses, per unit, where AdamW of host- or NVMe-homed state runs:
+on the CPU, or on the GPU (state copied over the link and back) where that is predicted
+faster ("Deep Optimizer States"-style; `update_sites`).
+
+The engine plans with this machine's cached calibration (`tierflow bench calibrate`) or,
+before there is one, with `calibrate.nominal` figures; `tierflow plan` with the same
+calibration shows the same placement.
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+
+from .calibrate import Calibration
+from .cost import StepPrediction, Workload, predict_step, update_job
+from .errors import BudgetError
+from .layout import Unit
+from .plan import GREEDY, Placement, Variant, device_capacity, plan_placement
+
+VARIANTS = tuple(Variant(order, share, scale) for order in ("front", "dense", "spread")
+                 for share in (1.0, 0.5) for scale in (1.0, 2.0, 4.0))
+MIN_GAIN = 0.03  # a variant must be predicted this much faster than the nearest-tier plan
+
+
+def choose_placement(units: list[Unit], cfg, compute_dtype: torch.dtype, buffer_bytes: int, work: Workload,
+                     cal: Calibration, placement: str = "auto", world_size: int = 1,
+                     link_bps: float = 25e9) -> tuple[Placement, StepPrediction]:
+    """The placement to use and its predicted step; raises BudgetError/ConfigError when even the
+    nearest-tier plan does not fit (with the message that says what is short). `placement`:
+    "auto" (searched), "greedy", a tier (everything there) or a `Variant` (used as given)."""
+    capacity = device_capacity(cfg)
+
+    def candidate(variant: Variant) -> tuple[Placement, StepPrediction]:
+        plan = plan_placement(units, cfg, compute_dtype, buffer_bytes, placement, world_size, variant)
+        plan = replace(plan, device_updates=update_sites(units, plan, cfg, cal, compute_dtype))
+        return plan, predict_step(units, plan, work, cal, compute_dtype, capacity, buffer_bytes, world_size, link_bps)
+
+    if isinstance(placement, Variant):  # spent exactly as the caller says
+        variant, placement = placement, "auto"  # (candidate reads `placement` when called)
+        return candidate(variant)
+    best = greedy_best = candidate(GREEDY)
+    if placement != "auto" or not has_choice(greedy_best[0], capacity):
+        return best
+    for variant in VARIANTS:
+        if variant == GREEDY:
+            continue
+        try:
+            plan, step = candidate(variant)
+        except BudgetError:
+            continue
+        if step.step_s < best[1].step_s:
+            best = (plan, step)
+    if best[1].step_s > (1 - MIN_GAIN) * greedy_best[1].step_s:
+        return greedy_best
+    return best
+
+
+def update_sites(units: list[Unit], plan: Placement, cfg, cal: Calibration, compute_dtype: torch.dtype) -> tuple:
+    """Per unit, whether AdamW of its host- or NVMe-homed state runs on the GPU: where that is
+    predicted faster than on the CPU (`update_on="auto"`), always (`"device"`) or never (`"cpu"`,
+    and on a CPU device). The engine still runs it on the CPU when the device has no free room
+    for the scratch buffers at that moment."""
+    if cfg.device.type == "cpu" or cfg.update_on == "cpu":
+        return ()
+
+    def faster_on_gpu(unit: Unit, home: str) -> bool:
+        if home == "device" or not unit.trainable_numel:
+            return False
+        if cfg.update_on == "device":
+            return True
+        gpu = update_job(unit, home, cal, compute_dtype, on_device=True).seconds()
+        return gpu < update_job(unit, home, cal, compute_dtype).seconds()
+
+    sites = tuple(faster_on_gpu(u, h) for u, h in zip(units, plan.homes))
+    return sites if any(sites) else ()
+
+
+def has_choice(plan: Placement, capacity: int | None) -> bool:
+    """False when every variant gives the same plan: nothing limits the device."""
+    return capacity is not None or set(plan.homes) != {"device"}
