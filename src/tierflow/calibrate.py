@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-CACHE_VERSION = 8
+CACHE_VERSION = 9
 
 
 @dataclass(frozen=True)
@@ -184,7 +184,7 @@ def calibrate(device: str = "cpu", dtype: torch.dtype = torch.float32, nvme_dir=
     log("compute ...")
     flops = probes.matmul_flops(dev, dtype)
     with probes.engine_threads():
-        widths = (1024, 2048, 4096) if dev.type == "cuda" else (256, 512, 1024)
+        widths = (1024, 2048, 4096) if dev.type == "cuda" else (256, 512, 768, 1024)
         blocks = tuple(probes.block_flops(dev, dtype, w) for w in widths)
         log("memory ...")
         memcpy, drain = probes.memcpy_bps(), probes.drain_bps()

@@ -41,15 +41,14 @@ def choose_placement(units: list[Unit], cfg, compute_dtype: torch.dtype, buffer_
     "auto" (searched), "greedy", a tier (everything there) or a `Variant` (used as given)."""
     capacity = device_capacity(cfg)
 
-    def candidate(variant: Variant) -> tuple[Placement, StepPrediction]:
-        plan = plan_placement(units, cfg, compute_dtype, buffer_bytes, placement, world_size, variant)
+    def candidate(variant: Variant, where: str = "auto") -> tuple[Placement, StepPrediction]:
+        plan = plan_placement(units, cfg, compute_dtype, buffer_bytes, where, world_size, variant)
         plan = replace(plan, device_updates=update_sites(units, plan, cfg, cal, compute_dtype))
         return plan, predict_step(units, plan, work, cal, compute_dtype, capacity, buffer_bytes, world_size, link_bps)
 
     if isinstance(placement, Variant):  # spent exactly as the caller says
-        variant, placement = placement, "auto"  # (candidate reads `placement` when called)
-        return candidate(variant)
-    best = greedy_best = candidate(GREEDY)
+        return candidate(placement)
+    best = greedy_best = candidate(GREEDY, placement)
     if placement != "auto" or not has_choice(greedy_best[0], capacity):
         return best
     for variant in VARIANTS:

@@ -84,9 +84,10 @@ def reference_model(width: int, layers: int = 2):
 
 
 def _step_times(device: torch.device, dtype: torch.dtype, width: int, layers: int) -> tuple:
-    """(forward FLOPs, fastest forward s, fastest backward s) of the reference model, FLOPs
+    """(forward FLOPs, median forward s, median backward s) of the reference model, FLOPs
     counted as `cost.workload` counts them. Gradients are new tensors each time, as in the
-    engine (which takes each away)."""
+    engine (which takes each away). Medians, as training steps are measured: the fastest of a
+    few runs made the rate of a layer (a difference of two models' times) swing by 30 %."""
     from tierflow.cost import workload
     from tierflow.layout import partition
 
@@ -95,7 +96,7 @@ def _step_times(device: torch.device, dtype: torch.dtype, width: int, layers: in
     flops = sum(workload(model, units, 1, SEQ_LEN, dtype).unit_flops)
     ids = torch.randint(0, 256, (1, SEQ_LEN), device=device)
     sync, fwd, bwd = _sync(device), [], []
-    for i in range(6):
+    for i in range(8):
         model.zero_grad(set_to_none=True)
         start = time.perf_counter()
         loss = model(input_ids=ids, labels=ids).loss
@@ -106,7 +107,7 @@ def _step_times(device: torch.device, dtype: torch.dtype, width: int, layers: in
         if i:  # the first is a warm-up
             fwd.append(mid - start)
             bwd.append(time.perf_counter() - mid)
-    return flops, min(fwd), min(bwd)
+    return flops, statistics.median(fwd), statistics.median(bwd)
 
 
 def block_flops(device: torch.device, dtype: torch.dtype, width: int) -> tuple:
