@@ -150,9 +150,20 @@ def test_plan_json_keys(tmp_path, cached_calibration, capsys):
     assert set(plan["peak_bytes"]) == {"device", "host", "nvme"}
     assert plan["peak_bytes"]["device"] <= 2**20 and plan["peak_bytes"]["host"] <= 8 * 2**20
     assert set(plan["placement"]["bytes"]) == {"device", "host", "nvme"}
+    assert set(plan["placement"]["variant"]) == {"order", "device_state", "prefetch_scale"}
+    assert plan["placement"]["prefetch_bytes"] > 0 and plan["placement"]["gpu_updates"] == 0
     assert not (tmp_path / "spill").exists()  # planning creates nothing
     text = capsys.readouterr().out
     assert "predicted step" in text and "bottleneck" in text and "moments" in text
+    assert "plan " in text and "prefetch window" in text
+
+
+def test_plan_greedy_placement_from_the_cli(tmp_path, cached_calibration):
+    out = tmp_path / "plan.json"
+    assert main(["plan", "--model", "llama-tiny", "--device-memory", "1MiB", "--host-memory", "8MiB",
+                 "--nvme", str(tmp_path / "spill"), "--placement", "greedy", "--json", str(out)]) == 0
+    variant = json.loads(out.read_text())["placement"]["variant"]
+    assert variant == {"order": "front", "device_state": 1.0, "prefetch_scale": 1.0}
 
 
 def test_plan_does_not_fit_names_what_is_short(tmp_path, cached_calibration, capsys):
@@ -172,7 +183,7 @@ def test_plan_does_not_fit_names_what_is_short(tmp_path, cached_calibration, cap
 
 @pytest.mark.parametrize("budgets", [dict(placement="device"),
                                      dict(device_memory="200KiB", host_memory="768KiB", nvme=True)])
-def test_predicted_peaks_match_the_engine(tmp_path, budgets, engines):
+def test_predicted_peaks_match_the_engine(tmp_path, budgets, engines, cached_calibration):
     options = dict(SMALL_UNITS, **budgets)
     if options.get("nvme"):
         options["nvme"] = str(tmp_path / "spill")
