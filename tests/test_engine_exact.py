@@ -72,22 +72,27 @@ def reference(arch, fused=True, batches=None):
     return _REFERENCE[key]
 
 
+def assert_trains_like_torch(engine, arch, fused=True):
+    """Train `engine` as the reference trains; losses, grad norms, weights and moments must be
+    bitwise equal to plain PyTorch's. Returns the reference's grad norms."""
+    ref_losses, ref_norms, ref_sd, ref_moments = reference(arch, fused=fused)
+    opt = tierflow.AdamW(engine, lr=LR, weight_decay=WD, fused=fused)
+    losses, norms = train(engine, opt, opt.clip_grad_norm_, make_batches(STEPS * ACCUM), ACCUM)
+    assert_bitwise(ref_losses, losses, "loss")
+    assert_bitwise(ref_norms, norms, "grad norm")
+    assert_state_bitwise(ref_sd, engine.state_dict())
+    assert_moments_equal(ref_moments, engine)
+    return ref_norms
+
+
 @pytest.mark.parametrize("placement", PLACEMENTS)
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 def test_fused_adamw_bitwise_equal_to_torch(arch, placement, tmp_path, engines):
-    ref_losses, ref_norms, ref_sd, ref_moments = reference(arch, fused=True)
-    model = make_tiny(arch)
-    engine = offload(model, placement, tmp_path, engines)
-    opt = tierflow.AdamW(engine, lr=LR, weight_decay=WD, fused=True)
-    losses, norms = train(engine, opt, opt.clip_grad_norm_, make_batches(STEPS * ACCUM), ACCUM)
-
-    assert_bitwise(ref_losses, losses, "loss")
-    assert_bitwise(ref_norms, norms, "grad norm")
+    engine = offload(make_tiny(arch), placement, tmp_path, engines)
+    ref_norms = assert_trains_like_torch(engine, arch, fused=True)
     assert any(n > 1.0 for n in ref_norms), "clipping at 1.0 must actually clip"
+    ref_sd = reference(arch, fused=True)[2]
     assert not torch.equal(ref_sd[next(iter(ref_sd))], make_tiny(arch).state_dict()[next(iter(ref_sd))])
-    sd = engine.state_dict()
-    assert_state_bitwise(ref_sd, sd)
-    assert_moments_equal(ref_moments, engine)
     if placement != "device":
         assert engine.io_stats()["host_to_device"] > 0, "weights must really stream to the device"
     if placement in ("nvme", "auto"):
@@ -97,15 +102,7 @@ def test_fused_adamw_bitwise_equal_to_torch(arch, placement, tmp_path, engines):
 @pytest.mark.parametrize("arch,placement", [("gpt2", "nvme"), ("llama", "auto")])
 def test_unfused_adamw_bitwise_equal_to_torch_default(arch, placement, tmp_path, engines):
     """tierflow.AdamW(fused=False) vs torch.optim.AdamW() with torch's default implementation."""
-    ref_losses, ref_norms, ref_sd, ref_moments = reference(arch, fused=False)
-    model = make_tiny(arch)
-    engine = offload(model, placement, tmp_path, engines)
-    opt = tierflow.AdamW(engine, lr=LR, weight_decay=WD, fused=False)
-    losses, norms = train(engine, opt, opt.clip_grad_norm_, make_batches(STEPS * ACCUM), ACCUM)
-    assert_bitwise(ref_losses, losses, "loss")
-    assert_bitwise(ref_norms, norms, "grad norm")
-    assert_state_bitwise(ref_sd, engine.state_dict())
-    assert_moments_equal(ref_moments, engine)
+    assert_trains_like_torch(offload(make_tiny(arch), placement, tmp_path, engines), arch, fused=False)
 
 
 def test_fused_default_close_to_torch_default_adamw(tmp_path, engines):
@@ -215,7 +212,6 @@ def test_parameters_larger_than_a_staging_chunk(placement, tmp_path, engines):
 def test_spread_plan_bitwise_equal_to_torch(arch, tmp_path, engines):
     """A planner variant whose homes interleave the tiers (not nearest-first in model order),
     with half the device room left to cache streamed weights and a wider prefetch window."""
-    ref_losses, ref_norms, ref_sd, ref_moments = reference(arch, fused=True)
     engine = tierflow.offload(make_tiny(arch), placement=tierflow.Variant("spread", 0.5, 2.0),
                               nvme=tmp_path / "spill", **SMALL_UNITS, **MIX_BUDGETS)
     engines.append(engine)
@@ -223,9 +219,4 @@ def test_spread_plan_bitwise_equal_to_torch(arch, tmp_path, engines):
     assert {"host", "nvme"} <= set(homes), homes
     order = {"device": 0, "host": 1, "nvme": 2}
     assert homes != sorted(homes, key=order.get), f"tiers must interleave: {homes}"
-    opt = tierflow.AdamW(engine, lr=LR, weight_decay=WD, fused=True)
-    losses, norms = train(engine, opt, opt.clip_grad_norm_, make_batches(STEPS * ACCUM), ACCUM)
-    assert_bitwise(ref_losses, losses, "loss")
-    assert_bitwise(ref_norms, norms, "grad norm")
-    assert_state_bitwise(ref_sd, engine.state_dict())
-    assert_moments_equal(ref_moments, engine)
+    assert_trains_like_torch(engine, arch, fused=True)
