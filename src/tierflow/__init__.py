@@ -11,12 +11,12 @@ from torch import nn
 
 from .config import OffloadConfig, format_size, parse_size
 from .engine import Engine
-from .errors import BudgetError, ConfigError, NvmeError, TierflowError
+from .errors import BudgetError, ConfigError, EngineFailedError, NonFiniteError, NvmeError, TierflowError
 from .optim import AdamW
 from .plan import Variant
 
 __all__ = ["offload", "Engine", "AdamW", "OffloadConfig", "Variant", "parse_size", "format_size",
-           "TierflowError", "ConfigError", "BudgetError", "NvmeError",
+           "TierflowError", "ConfigError", "BudgetError", "NvmeError", "NonFiniteError", "EngineFailedError",
            "resume", "load", "save_pretrained", "CheckpointError"]
 __version__ = "0.1.0"
 

@@ -326,11 +326,12 @@ class ActivationManager:
         engine = self.engine
         start = time.perf_counter()
         try:
-            with engine.device.side_stream():
+            with engine.device.lane("drain"):
                 engine.device.wait_event(event)  # the compute stream has produced it
-                host = _host_like(tensor, engine.device)
+                engine.device.hand_over(tensor)  # read here; not reused before the copy is done
+                host = engine.device.host_like(tensor)
                 host.copy_(tensor, non_blocking=engine.device.is_cuda)
-                engine.device.synchronize_event(engine.device.record_event())
+                engine.device.synchronize_lane()
             if record.host_bytes:
                 record.host = host
             else:
@@ -349,6 +350,8 @@ class ActivationManager:
         if record.fetch is not None:
             record.fetch.result()
             record.fetch = None
+            # Allocated on the copy lane (and complete: its job synchronised), used by compute.
+            self.engine.device.hand_over(record.tensor)
         return record.tensor
 
     def _start_fetch(self, record: Offloaded, required: bool) -> bool:
@@ -365,17 +368,17 @@ class ActivationManager:
         engine = self.engine
         record.copy_out.result()
         if record.extent is not None:
-            host = _host_like(record.like, engine.device)
+            host = engine.device.host_like(record.like)
             self.spill.read(record.extent, host)
         else:
             host = record.host
         if not engine.device.is_cuda:
             out = host  # a CPU computes on host memory directly: no second copy needed
         else:
-            with engine.device.side_stream():
+            with engine.device.lane("copy"):
                 out = torch.empty_like(record.like, device=engine.device.device)  # same strides
                 out.copy_(host, non_blocking=True)
-                engine.device.synchronize_event(engine.device.record_event())
+                engine.device.synchronize_lane()
         record.tensor = out
         engine._count("host_to_device", record.nbytes)
 
@@ -452,12 +455,6 @@ def _dense(t: torch.Tensor) -> bool:
     """Copyable with its strides kept (empty_like preserves them for such tensors)."""
     order = sorted(range(t.dim()), key=t.stride, reverse=True)
     return t.permute(order).is_contiguous()
-
-
-def _host_like(t: torch.Tensor, device) -> torch.Tensor:
-    """A host tensor with `t`'s shape, dtype and strides; pinned on CUDA."""
-    host = torch.empty_like(t, device="cpu", pin_memory=device.is_cuda)
-    return host
 
 
 def _meta(t: torch.Tensor) -> torch.Tensor:

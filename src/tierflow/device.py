@@ -1,7 +1,24 @@
 """The one place that names CUDA: streams, events, pinned allocation, memory stats.
 
-On a CPU-only machine the compute device is the CPU: every method has a
-synchronous fallback, so the engine runs the same code paths everywhere.
+Stream discipline (docs/engine.md has the full table). Three lanes run GPU work:
+
+    compute  the stream current where the model runs (forward, backward, clipping, and
+             the AdamW of device-homed state: no hand-off at all)
+    copy     host -> device: weight fetches, activation copy-in, GPU-side AdamW of host state
+    drain    device -> host: gradients, activation copy-out
+
+Every buffer that crosses lanes goes through the helpers below, and nothing else in
+tierflow touches streams or events:
+
+* the consumer's lane waits for an event the producer recorded (`wait_event`);
+* memory allocated on one lane and used on another is `hand_over`ed to the user's stream
+  (`record_stream`), so the caching allocator does not give it to the next allocation on
+  the allocating lane while kernels queued on the other lane may still read or write it;
+* a host buffer read or written by an async copy is touched by the host only after the
+  copy's event has completed (`synchronize_event`).
+
+On a CPU-only machine the compute device is the CPU: every method has a synchronous
+fallback, so the engine runs the same code paths everywhere.
 """
 from __future__ import annotations
 
@@ -32,21 +49,24 @@ def return_freed_memory_to_os(threshold: int = 1 << 20) -> bool:
 
 
 _M_MMAP_THRESHOLD = -3
+LANES = ("compute", "copy", "drain")
 
 
 class ComputeDevice:
-    """Wraps the compute device and its copy stream (CUDA) or nothing (CPU)."""
+    """Wraps the compute device and its copy and drain streams (CUDA) or nothing (CPU)."""
 
     def __init__(self, device: torch.device):
         self.device = device
         self.is_cuda = device.type == "cuda"
         self.copy_stream = torch.cuda.Stream(device) if self.is_cuda else None
+        self.drain_stream = torch.cuda.Stream(device) if self.is_cuda else None
         self._placeholders: dict[torch.dtype, torch.Tensor] = {}
         self._warned_unpinned = False
         return_freed_memory_to_os()
 
+    # ---- allocation ----------------------------------------------------------------------
     def empty(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
-        """A flat uninitialised tensor on the compute device."""
+        """A flat uninitialised tensor on the compute device (allocated on the current lane)."""
         return torch.empty(numel, dtype=dtype, device=self.device)
 
     def host_empty(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
@@ -62,13 +82,18 @@ class ComputeDevice:
                                   f"`ulimit -l` or lower host_memory to keep it pinned.")
         return torch.empty(numel, dtype=dtype)
 
+    def host_like(self, tensor: torch.Tensor) -> torch.Tensor:
+        """A host tensor with `tensor`'s shape, dtype and strides; pinned on CUDA."""
+        return torch.empty_like(tensor, device="cpu", pin_memory=self.is_cuda)
+
     def to_host(self, tensor: torch.Tensor) -> torch.Tensor:
-        """A host copy of `tensor`; from a CUDA device through pinned memory (torch caches
-        those blocks), since a copy into pageable memory runs at a fraction of PCIe speed."""
+        """A host copy of `tensor`, complete on return; from a CUDA device through pinned
+        memory (torch caches those blocks), since a copy into pageable memory runs at a
+        fraction of PCIe speed. Runs on the current lane."""
         if tensor.device.type != "cuda":
             return tensor
         out = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
-        out.copy_(tensor)
+        out.copy_(tensor)  # blocking: waits for the lane's queued work
         return out
 
     def placeholder(self, dtype: torch.dtype) -> torch.Tensor:
@@ -78,17 +103,43 @@ class ComputeDevice:
             self._placeholders[dtype] = torch.full((), float("nan"), dtype=dtype, device=self.device)
         return self._placeholders[dtype]
 
+    # ---- lanes ------------------------------------------------------------------------------
     @contextlib.contextmanager
-    def side_stream(self):
-        """Run the enclosed copies on the copy stream (CUDA); a no-op on CPU."""
-        if self.copy_stream is None:
+    def lane(self, name: str, compute=None):
+        """Run the enclosed GPU work on lane `name` ('copy', 'drain', or 'compute' with the
+        compute stream `compute` from `current_stream()`); a no-op on CPU."""
+        stream = self._stream(name, compute)
+        if stream is None:
             yield
             return
-        with torch.cuda.stream(self.copy_stream):
+        with torch.cuda.stream(stream):
             yield
 
+    @contextlib.contextmanager
+    def side_stream(self):
+        """The copy lane (kept for callers of the first version)."""
+        with self.lane("copy"):
+            yield
+
+    def current_stream(self):
+        """The stream current on this thread (the compute stream where the model runs: the
+        main thread in forward, autograd's thread in backward); None on CPU."""
+        return torch.cuda.current_stream(self.device) if self.is_cuda else None
+
+    def _stream(self, name: str, compute=None):
+        if not self.is_cuda:
+            return None
+        if name == "copy":
+            return self.copy_stream
+        if name == "drain":
+            return self.drain_stream
+        if name == "compute":
+            return compute
+        raise ValueError(f"unknown lane {name!r}: one of {LANES}")
+
+    # ---- hand-offs --------------------------------------------------------------------------
     def record_event(self):
-        """An event marking the work queued so far on the current stream (None on CPU)."""
+        """An event marking the work queued so far on the current lane (None on CPU)."""
         if not self.is_cuda:
             return None
         event = torch.cuda.Event()
@@ -96,7 +147,7 @@ class ComputeDevice:
         return event
 
     def wait_event(self, event) -> None:
-        """Make the compute stream wait for `event` (no host sync)."""
+        """Make the current lane wait for `event` (no host sync)."""
         if event is not None:
             torch.cuda.current_stream(self.device).wait_event(event)
 
@@ -105,10 +156,24 @@ class ComputeDevice:
         if event is not None:
             event.synchronize()
 
+    def synchronize_lane(self) -> None:
+        """Block the calling host thread until everything queued on the current lane is done."""
+        self.synchronize_event(self.record_event())
+
+    def hand_over(self, tensor: torch.Tensor, stream=None) -> None:
+        """`tensor` was allocated on another lane and is used on `stream` (default: the current
+        one): the caching allocator must not reuse its memory before that stream's work queued
+        so far is done."""
+        if self.is_cuda and tensor.device.type == "cuda":
+            tensor.record_stream(stream if stream is not None else torch.cuda.current_stream(self.device))
+
     def mark_used_by_compute(self, tensor: torch.Tensor) -> None:
-        """Tell the caching allocator that the compute stream uses a side-stream allocation."""
-        if self.is_cuda:
-            tensor.record_stream(torch.cuda.current_stream(self.device))
+        """Alias of `hand_over` on the current (compute) stream."""
+        self.hand_over(tensor)
+
+    def hand_over_to_lane(self, tensor: torch.Tensor, name: str) -> None:
+        """`tensor` (allocated on the current lane) will also be used on lane `name`."""
+        self.hand_over(tensor, self._stream(name))
 
     def memory_allocated(self) -> int:
         """Bytes allocated on the device by torch (0 on CPU, where RSS is the measure)."""

@@ -24,6 +24,7 @@ import itertools
 import os
 import secrets
 import threading
+import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -34,7 +35,7 @@ from . import calibrate, distributed, hooks
 from .budget import Budget
 from .config import OffloadConfig
 from .device import ComputeDevice
-from .errors import BudgetError, ConfigError, TierflowError
+from .errors import BudgetError, ConfigError, EngineFailedError, NonFiniteError, TierflowError
 from .events import EventLog, Span
 from .gradients import GradientSink
 from .layout import Slot, Unit, partition
@@ -62,6 +63,7 @@ class Residency:
     last_use: int = 0                      # tick of the last acquire (LRU)
     pending: list = field(default_factory=list)  # PendingUpdates not yet applied
     grads_left: int = 0                    # trainable slots whose gradient is still expected
+    copied: object = None                  # event: the last async copy reading its host arrays
 
 
 class Engine:
@@ -141,6 +143,9 @@ class Engine:
         self._counter_lock = threading.Lock()
         self._optimizer = None
         self._closed = False
+        self._failure: BaseException | None = None  # the first failed job: no training or saving after it
+        self._last_step = None                      # (StepGate, slot indices) of the last recorded step
+        self.skipped_steps = 0                      # optimizer steps skipped for non-finite gradients
         # With every unit's weights permanently on the device nothing is ever fetched: the
         # per-op on-demand check (a Python call per torch op, costly on a GPU) is skipped and
         # updates are applied when a forward begins instead.
@@ -263,8 +268,7 @@ class Engine:
 
     # ---- calling the model --------------------------------------------------------------
     def __call__(self, *args, **kwargs):
-        if self._closed:
-            raise TierflowError("this engine is closed")
+        self._check_usable()
         to_device = lambda x: x.to(self.device.device, non_blocking=True) if isinstance(x, torch.Tensor) else x
         args = tuple(to_device(a) for a in args)
         kwargs = {k: to_device(v) for k, v in kwargs.items()}
@@ -404,9 +408,15 @@ class Engine:
             res.pending = pending
             return False
         if not nbytes and self.device.is_cuda:
-            # A GPU-resident unit's update is a few queued kernels: cheaper than a thread hand-off.
+            # A GPU-resident unit's update is a few kernels queued on the compute stream, after
+            # the gradients and the clip it reads: no thread or stream hand-off at all.
             res.fetch = Future()
-            res.fetch.set_result(self._fetch_job(uid, pending, False))
+            try:
+                self._apply_on_compute(uid, pending)
+            except BaseException as exc:
+                res.fetch.set_exception(exc)
+            else:
+                res.fetch.set_result((self._device_view(uid), None))
             return True
         scratch = self._reserve_update_scratch(uid, pending) if nbytes else 0
         res.fetch = self._transfer.submit(self._fetch_job, uid, pending, nbytes > 0, scratch)
@@ -431,55 +441,85 @@ class Engine:
             self._finish_fetch(uid)
         if res.pending:
             pending, res.pending = res.pending, []
-            self._transfer.submit(apply_updates, self.io, self.device, self.states[uid], pending).result()
+            with self._marks_failure():
+                if self._is_permanent(uid) and self.device.is_cuda:
+                    self._apply_on_compute(uid, pending)
+                else:  # on the copy lane: the current stream waits before it reads the arrays
+                    _, event = self._transfer.submit(self._fetch_job, uid, pending, False).result()
+                    self.device.wait_event(event)
+
+    def _apply_on_compute(self, uid: int, pending: list) -> None:
+        """AdamW of device-homed state, queued on the current (compute) stream: it follows the
+        gradients and the clip coefficient it reads on the same stream."""
+        with self.events.span("update", self.units[uid].name, 28 * sum(u.slot.numel for u in pending)):
+            apply_updates(self.io, self.device, self.states[uid], pending)
 
     def _finish_fetch(self, uid: int) -> None:
         res = self.residency[uid]
         future, res.fetch = res.fetch, None
-        flat, event = future.result()
-        self.device.wait_event(event)
+        try:
+            flat, event = future.result()
+        except BaseException as exc:
+            if not self._is_permanent(uid):  # the job's device reservation is not used by anyone
+                self.budgets["device"].release(working_bytes(self.units[uid], self.compute_dtype))
+            self._fail(exc)
+            raise
+        self.device.wait_event(event)  # the compute stream waits for the copy lane's fetch
         if res.flat is None:
             res.flat = flat
-            self.device.mark_used_by_compute(flat)
+            self.device.hand_over(flat)  # allocated on the copy lane, read by compute kernels
             self._attach(uid)
 
     def _fetch_job(self, uid: int, pending: list, copy: bool, scratch_numel: int = 0):
-        """Transfer thread: apply recorded AdamW updates, then copy weights to the device.
+        """Transfer thread: apply recorded AdamW updates, then copy weights to the device, all
+        on the copy lane. Returns (device buffer, event the compute stream waits for).
 
         When the updates cover every parameter of the unit, the updated windows are copied
         to the device as they are produced, so the weights are not read a second time."""
-        unit, state = self.units[uid], self.states[uid]
-        flat = None
-        if copy:
-            flat = self._spare_buffer(unit.numel)
-            if flat is None:
-                flat = self.device.empty(unit.numel, self.compute_dtype)
-        covered = len(pending) == len(unit.slots)
-        with self.device.side_stream():
-            if pending:
-                with self.events.span("update", unit.name, 28 * sum(u.slot.numel for u in pending)):
-                    scratch = None
-                    try:
-                        if scratch_numel:
-                            scratch = [self.device.empty(scratch_numel, torch.float32)
-                                       for _ in range(SCRATCH_BUFFERS)]
-                        apply_updates(self.io, self.device, state, pending, flat if covered else None, scratch)
-                    finally:
-                        if scratch_numel:  # apply_updates synchronised: the scratch is free
-                            scratch = None
-                            self.budgets["device"].release(_scratch_bytes(scratch_numel))
-                if scratch_numel:
-                    self._count("host_to_device", 16 * sum(u.slot.numel for u in pending))
-                    self._count("device_to_host", 12 * sum(u.slot.numel for u in pending))
-            if not copy:  # device-resident: the compute stream must still wait for the update
-                return self._device_view(uid), self.device.record_event()
-            if not (pending and covered):
-                with self.events.span("fetch", unit.name, flat.numel() * flat.element_size()):
-                    self.io.read_into(state, "weights" if "weights" in state.arrays else "master", flat)
-            event = self.device.record_event()
+        unit, state, res = self.units[uid], self.states[uid], self.residency[uid]
+        # The host arrays are about to be rewritten: the last copy that read them must be done.
+        self.device.synchronize_event(res.copied)
+        try:
+            with self.device.lane("copy"):
+                for event in {id(u.gate): u.gate.ready for u in pending if u.gate is not None}.values():
+                    self.device.wait_event(event)  # the gradients and clip coefficient it reads
+                # Allocated on the copy lane (and handed over to compute when attached), so the
+                # allocator never refills memory that queued compute kernels may still read.
+                flat = self._device_buffer(unit.numel) if copy else None
+                self._apply_fetched_updates(uid, pending, flat, scratch_numel)
+                if not copy:  # only the update: the caller's stream waits for it
+                    return self._device_view(uid), self.device.record_event()
+                if not (pending and len(pending) == len(unit.slots)):
+                    with self.events.span("fetch", unit.name, flat.numel() * flat.element_size()):
+                        self.io.read_into(state, "weights" if "weights" in state.arrays else "master", flat)
+                event = self.device.record_event()
+        finally:
+            if scratch_numel:  # apply_updates synchronised (or failed): the scratch is free
+                self.budgets["device"].release(_scratch_bytes(scratch_numel))
+        res.copied = event  # (only this thread reads it, before the unit's next update)
         if not scratch_numel:  # (a GPU-side update counted its own copies)
             self._count("host_to_device", flat.numel() * flat.element_size())
         return flat, event
+
+    def _device_buffer(self, numel: int) -> torch.Tensor:
+        """A buffer for a fetch: a spare one of the same size (CPU) or a new one (current lane)."""
+        flat = self._spare_buffer(numel)
+        return flat if flat is not None else self.device.empty(numel, self.compute_dtype)
+
+    def _apply_fetched_updates(self, uid: int, pending: list, flat, scratch_numel: int) -> None:
+        """The AdamW updates of a fetch job, on the GPU through scratch buffers when reserved;
+        updated windows go straight into `flat` when the updates cover the whole unit."""
+        if not pending:
+            return
+        unit, n = self.units[uid], sum(u.slot.numel for u in pending)
+        covered = len(pending) == len(unit.slots)
+        with self.events.span("update", unit.name, 28 * n):
+            scratch = [self.device.empty(scratch_numel, torch.float32)
+                       for _ in range(SCRATCH_BUFFERS)] if scratch_numel else None
+            apply_updates(self.io, self.device, self.states[uid], pending, flat if covered else None, scratch)
+        if scratch_numel:
+            self._count("host_to_device", 16 * n)
+            self._count("device_to_host", 12 * n)
 
     def _reserve_device(self, nbytes: int, what: str, required: bool) -> bool:
         """Reserve device bytes, evicting cached units; a required reservation also waits for
@@ -636,7 +676,8 @@ class Engine:
 
     def wait_for_gradients(self) -> None:
         """Block until every gradient has reached its tier (errors surface here)."""
-        self.grads.wait()
+        with self._marks_failure():
+            self.grads.wait()
 
     # ---- optimizer --------------------------------------------------------------------
     def attach_optimizer(self, optimizer) -> None:
@@ -651,45 +692,102 @@ class Engine:
         self._optimizer = optimizer
 
     def zero_grad(self) -> None:
-        self.grads.zero()
+        with self._marks_failure():
+            self.grads.zero()
 
     def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0,
                         error_if_nonfinite: bool = False) -> torch.Tensor:
         """Global gradient norm over all tiers, computed as torch.nn.utils.clip_grad_norm_ does."""
-        return self.grads.clip(max_norm, norm_type, error_if_nonfinite)
+        self._check_usable()
+        with self._marks_failure():
+            return self.grads.clip(max_norm, norm_type, error_if_nonfinite)
 
     def queue_step(self, hyper_params: dict) -> None:
         """Record an AdamW update for every parameter with a gradient; applied lazily."""
+        self._check_usable()
         self.wait_for_gradients()
         with self._engine_code():
-            for unit in self.units:
+            self._check_last_step()
+            chosen = [(unit, [slot for slot in unit.slots if slot.trainable and slot.index in self.grads.has_grad
+                              and id(slot.param) in hyper_params]) for unit in self.units]
+            chosen = [(unit, slots) for unit, slots in chosen if slots]
+            if any(self.residency[unit.uid].refs for unit, _ in chosen):
+                raise TierflowError("opt.step() was called while a forward or backward pass is "
+                                    "still using the parameters")
+            gate = self.grads.gate() if chosen else None  # clip coefficient and finiteness
+            stepped = []
+            for unit, slots in chosen:
                 updates = []
-                for slot in unit.slots:
-                    if slot.trainable and slot.index in self.grads.has_grad and id(slot.param) in hyper_params:
-                        step = self._steps.get(slot.index, 0) + 1
-                        self._steps[slot.index] = step
-                        updates.append(PendingUpdate(slot, hyper_params[id(slot.param)], step,
-                                                     self.grads.scale))
-                if not updates:
-                    continue
+                for slot in slots:
+                    step = self._steps.get(slot.index, 0) + 1
+                    self._steps[slot.index] = step
+                    stepped.append(slot.index)
+                    updates.append(PendingUpdate(slot, hyper_params[id(slot.param)], step, gate.scale, gate))
                 res = self.residency[unit.uid]
-                if res.refs:
-                    raise TierflowError("opt.step() was called while a forward or backward pass is "
-                                        "still using the parameters")
                 self._update_now(unit.uid)  # two steps without a forward between: older one first
                 if res.flat is not None and not self._is_permanent(unit.uid):
                     self._evict(unit.uid)  # its weights are about to change
                 res.pending = updates
+            self._last_step = (gate, stepped) if chosen else None
             self.grads.zero()
             # Start the first units' updates now, overlapped with whatever the caller does next.
             self._prefetch(self.trace.order)
 
+    def _check_last_step(self) -> None:
+        """Raise (or, with AdamW(skip_nonfinite=True), warn) if the last recorded step had
+        non-finite gradients. Its updates were skipped on every lane (found_inf), so the state is
+        that of the step before; the step counters are set back to match. Checked one step late,
+        when its flag is long on the host: recording a step never waits for the GPU."""
+        if self._last_step is None:
+            return
+        (gate, stepped), self._last_step = self._last_step, None
+        if not gate.skipped():
+            return
+        for index in stepped:
+            self._steps[index] -= 1
+            if not self._steps[index]:
+                del self._steps[index]
+        self.skipped_steps += 1
+        message = ("the gradients of the last optimizer step were not finite (NaN or inf): the step "
+                   "was skipped, weights and AdamW state are those of the step before. Lower the "
+                   "learning rate, check the data for bad batches, or (bf16/fp16) look for overflow")
+        if self._optimizer is not None and getattr(self._optimizer, "skip_nonfinite", False):
+            warnings.warn(message)
+            return
+        raise NonFiniteError(message + "; tierflow.AdamW(..., skip_nonfinite=True) skips such steps "
+                                       "and trains on")
+
     def flush(self) -> None:
         """Apply every recorded update now (before reading or saving the state)."""
+        self._check_usable()
         self.wait_for_gradients()
         with self._engine_code():
             for uid in range(len(self.units)):
                 self._update_now(uid)
+            self._check_last_step()
+
+    # ---- failures -----------------------------------------------------------------------
+    def _fail(self, exc: BaseException) -> None:
+        """A job failed: its step may be half applied, so nothing trains or saves from here on."""
+        if self._failure is None and not isinstance(exc, NonFiniteError):
+            self._failure = exc
+
+    @contextlib.contextmanager
+    def _marks_failure(self):
+        try:
+            yield
+        except BaseException as exc:
+            self._fail(exc)
+            raise
+
+    def _check_usable(self) -> None:
+        if self._closed:
+            raise TierflowError("this engine is closed")
+        if self._failure is not None:
+            raise EngineFailedError(
+                f"an earlier transfer, update or gradient job failed ({type(self._failure).__name__}: "
+                f"{self._failure}); the training state may be half-updated, so this engine no longer "
+                f"trains or saves. Resume from the last checkpoint (tierflow.resume)") from self._failure
 
     # ---- reading and writing state ------------------------------------------------------
     def named_slots(self):
@@ -701,6 +799,7 @@ class Engine:
     def read_array(self, unit: Unit, slot: Slot, name: str = "master") -> torch.Tensor:
         """One parameter's slice of an array ('master', 'exp_avg', 'exp_avg_sq', 'grad'), as a
         new fp32 CPU tensor of the parameter's shape. Call `flush()` first for current values."""
+        self._check_usable()
         out = torch.empty(slot.numel, dtype=FP32) if self.dist is None else torch.zeros(slot.numel, dtype=FP32)
         state = self.states[unit.uid]
         for start, count in self.io.pieces(state, slot.offset, slot.numel):
@@ -723,6 +822,7 @@ class Engine:
             res = self.residency[unit.uid]
             if res.refs:
                 raise TierflowError("cannot overwrite state while a forward or backward pass uses it")
+            self.device.synchronize_event(res.copied)  # no async copy still reads the host arrays
             # (a rank whose shard holds no trainable elements has no moment arrays: nothing to write)
             self.io.write_from(state, name, value.to(state.dtypes.get(state.key(name), FP32)), slot.offset)
             if name == "master" and "weights" in state.arrays:
@@ -734,6 +834,7 @@ class Engine:
         """Yield one parameter's arrays `names` window by window as CPU tensors (NVMe state through
         the staging buffers, the next window read ahead: one window in memory at a time). Call
         `flush()` first. Each yielded list is valid until the next one is asked for."""
+        self._check_usable()
         state = self.states[unit.uid]
         for window in self.io.windows(state, tuple(names), self.io.pieces(state, slot.offset, slot.numel)):
             try:

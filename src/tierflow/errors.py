@@ -25,3 +25,13 @@ class NvmeError(TierflowError, OSError):
 class CheckpointError(TierflowError):
     """A checkpoint or model file is missing, corrupt, truncated or does not match the model;
     or a checkpoint could not be written. The message names the file and what is wrong."""
+
+
+class NonFiniteError(TierflowError, FloatingPointError):
+    """The gradients of an optimizer step were not finite (NaN or inf). The step was skipped:
+    weights and AdamW state are those of the step before."""
+
+
+class EngineFailedError(TierflowError):
+    """A transfer, update or gradient job failed earlier: the engine's state may be half-updated,
+    so it refuses to train or save. Resume from the last checkpoint."""

@@ -22,6 +22,7 @@ import torch
 from .budget import Budget
 from .errors import ConfigError
 from .layout import Slot
+from .optim import StepGate
 from .tiers import FP32, StateIO, UnitState
 
 
@@ -39,6 +40,7 @@ class GradientSink:
         self.has_grad: set[int] = set()            # slot indices with a gradient since zero()
         self.norms: dict[int, torch.Tensor] = {}   # slot index -> norm of its accumulated grad
         self.scale: torch.Tensor | None = None     # clip coefficient for the coming step
+        self.total: torch.Tensor | None = None     # total norm of the raw gradients (after clip)
         self.dist = dist                           # distributed.Dist, or None (one process)
         self._unit_of = {s.index: u for u in units for s in u.slots}
         self._buckets: dict[int, list] = {}        # unit id -> [(state, slot, grad, fresh, nbytes)]
@@ -51,15 +53,22 @@ class GradientSink:
             self._bucket(state, slot, grad, fresh, nbytes)
             return
         if state.home == "device" and self.device.is_cuda:
-            # Into a GPU-resident home: a few queued kernels; a thread hand-off would cost more.
-            self._drain(state, slot, grad, fresh, nbytes)
-            return
-        self._futures.append(self._executor.submit(self._drain, state, slot, grad, fresh, nbytes))
-
-    def _drain(self, state: UnitState, slot: Slot, grad: torch.Tensor, fresh: bool, nbytes: int) -> None:
-        """Drain thread: copy (first micro-batch) or add (later ones) into the fp32 gradient."""
-        with self.events.span("drain", slot.name, nbytes):
+            # Into a GPU-resident home: a few kernels queued on the compute stream that produced
+            # the gradient (no hand-off); a thread hand-off would cost more.
             self._accumulate(state, slot, grad, fresh, nbytes)
+            return
+        produced = self.device.record_event()  # on the stream autograd computed `grad` on
+        self._futures.append(self._executor.submit(self._drain, state, slot, grad, fresh, nbytes, produced))
+
+    def _drain(self, state: UnitState, slot: Slot, grad: torch.Tensor, fresh: bool, nbytes: int,
+               produced) -> None:
+        """Drain thread: copy (first micro-batch) or add (later ones) into the fp32 gradient, on
+        the drain lane once the compute stream has produced the gradient."""
+        with self.events.span("drain", slot.name, nbytes), self.device.lane("drain"):
+            self.device.wait_event(produced)
+            self.device.hand_over(grad)  # freed by this thread: not reused before the drain is done
+            self._accumulate(state, slot, grad, fresh, nbytes)
+            self.device.synchronize_lane()  # the norms are complete before anyone waits on this job
 
     def _accumulate(self, state: UnitState, slot: Slot, grad: torch.Tensor, fresh: bool, nbytes: int) -> None:
         try:
@@ -111,11 +120,20 @@ class GradientSink:
     def _send_bucket(self, uid: int) -> None:
         entries = self._buckets.pop(uid)
         unit = self._unit_of[entries[0][1].index]
-        self._futures.append(self._executor.submit(self._drain_bucket, unit, entries))
+        produced = self.device.record_event()  # every gradient of the bucket is queued before it
+        self._futures.append(self._executor.submit(self._drain_bucket, unit, entries, produced))
 
-    def _drain_bucket(self, unit, entries) -> None:
+    def _drain_bucket(self, unit, entries, produced) -> None:
         """Drain thread: sum the unit's gradients into one fp32 buffer, reduce-scatter it (the
         average over ranks), and accumulate this rank's shard into its home tier."""
+        with self.device.lane("drain"):
+            self.device.wait_event(produced)
+            for entry in entries:
+                self.device.hand_over(entry[2])
+            self._drain_bucket_on_lane(unit, entries)
+            self.device.synchronize_lane()
+
+    def _drain_bucket_on_lane(self, unit, entries) -> None:
         nbytes = sum(e[4] for e in entries)
         with self.events.span("drain", unit.name, nbytes):
             try:
@@ -152,25 +170,51 @@ class GradientSink:
         self.has_grad.clear()
         self.norms.clear()
         self.scale = None
+        self.total = None
 
-    def clip(self, max_norm: float, norm_type: float = 2.0, error_if_nonfinite: bool = False) -> torch.Tensor:
-        """Total L2 norm over all gradients; sets the coefficient AdamW will apply."""
-        if float(norm_type) != 2.0:
-            raise ConfigError("tierflow clips by the L2 norm only (norm_type=2)")
+    def _raw_total(self) -> torch.Tensor:
+        """L2 norm over every gradient as accumulated (before any clip), on the compute device."""
         self.wait()
         target = self.device.device
         norms = [self.norms[i].to(target) for i in sorted(self.norms)]
+        for norm in norms:  # computed on the drain lane (complete: its job synchronised)
+            self.device.hand_over(norm)
         if self.dist is not None:
-            total = self.dist.global_norm(norms, target)
-        elif not norms:
-            return torch.tensor(0.0, device=target)
-        else:
-            total = torch.linalg.vector_norm(torch.stack(norms), 2.0)
+            return self.dist.global_norm(norms, target)
+        if not norms:
+            return torch.zeros((), device=target)
+        return torch.linalg.vector_norm(torch.stack(norms), 2.0)
+
+    def clip(self, max_norm: float, norm_type: float = 2.0, error_if_nonfinite: bool = False) -> torch.Tensor:
+        """Total L2 norm of the gradients as they stand (after earlier clips of this step, as
+        torch's would be); sets the coefficient AdamW will apply."""
+        if float(norm_type) != 2.0:
+            raise ConfigError("tierflow clips by the L2 norm only (norm_type=2)")
+        if self.total is None:
+            self.total = self._raw_total()
+        # A second clip in one step sees gradients already multiplied by the first coefficient.
+        total = self.total if self.scale is None else self.total * self.scale
         if error_if_nonfinite and (total.isnan() or total.isinf()):
             raise RuntimeError(f"the total norm of gradients is non-finite ({total.item()})")
         coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
         self.scale = coef if self.scale is None else self.scale * coef
         return total
+
+    def gate(self) -> StepGate:
+        """The clip coefficient and a found-inf flag for this step's updates, ordered for every
+        lane that runs them (see StepGate); recorded without waiting for the GPU."""
+        total = self.total if self.total is not None else self._raw_total()
+        found_inf = (~torch.isfinite(total)).to(FP32)
+        if not self.device.is_cuda:
+            return StepGate(self.scale, found_inf)
+        for tensor in (self.scale, found_inf):
+            if tensor is not None:  # read on the copy lane by GPU-side updates of host state
+                self.device.hand_over_to_lane(tensor, "copy")
+        ready = self.device.record_event()
+        scale = self.scale if self.scale is not None else torch.ones((), device=found_inf.device)
+        host = self.device.host_empty(2, FP32)
+        host.copy_(torch.stack([scale.to(FP32), found_inf]), non_blocking=True)
+        return StepGate(self.scale, found_inf, host, ready, self.device.record_event())
 
     def close(self) -> None:
         self._executor.shutdown(wait=True)

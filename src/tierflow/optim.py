@@ -32,6 +32,38 @@ class HyperParams:
 
 
 @dataclass(frozen=True)
+class StepGate:
+    """What every update of one optimizer step reads that the compute lane produced: the clip
+    coefficient (or None) and whether the gradients were all finite.
+
+    `scale` and `found_inf` live on the compute device; the lane that runs a GPU-side update
+    first waits for `ready` (recorded on the compute stream after clipping). A CPU-side update
+    reads `host` ([scale, found_inf], pinned, copied asynchronously) once `host_ready` is done:
+    neither waits for the GPU when the step is recorded, so the host keeps running ahead.
+    """
+
+    scale: torch.Tensor | None
+    found_inf: torch.Tensor | None      # float 0.0 / 1.0: 1.0 skips the update (non-finite grads)
+    host: torch.Tensor | None = None    # [scale or 1.0, found_inf] on the host
+    ready: object = None                # event on the compute stream (None on CPU)
+    host_ready: object = None           # event after the copy into `host` (None on CPU)
+
+    def skipped(self) -> bool:
+        """True if the gradients were not finite (reads the host copy: waits for it)."""
+        if self.found_inf is None:
+            return False
+        return bool(self.on(torch.device("cpu"), _block)[1])
+
+    def on(self, device: torch.device, sync) -> tuple:
+        """(scale, found_inf) as tensors on `device`; `sync(event)` blocks the host."""
+        if device.type != "cpu" or self.host is None:
+            return self.scale, self.found_inf
+        sync(self.host_ready)
+        scale = None if self.scale is None else self.host[0]
+        return scale, self.host[1]
+
+
+@dataclass(frozen=True)
 class PendingUpdate:
     """An AdamW step recorded for one parameter, applied later by the engine."""
 
@@ -39,20 +71,38 @@ class PendingUpdate:
     hp: HyperParams
     step: int                    # the step number this update makes (1-based)
     grad_scale: torch.Tensor | None  # clip coefficient, multiplied into the gradient first
+    gate: StepGate | None = None     # the engine's: scale and finiteness, ordered across lanes
+
+
+def _block(event) -> None:
+    if event is not None:
+        event.synchronize()
+
+
+def scale_and_skip(update: PendingUpdate, device: torch.device) -> tuple:
+    """The clip coefficient and the found-inf flag as tensors on `device` (either may be None)."""
+    if update.gate is not None:
+        return update.gate.on(device, _block)
+    scale = None if update.grad_scale is None else update.grad_scale.to(device)
+    return scale, None
 
 
 def adamw_(master: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
            update: PendingUpdate) -> None:
-    """Update one window of fp32 arrays in place, exactly as torch's AdamW would."""
-    if update.grad_scale is not None:
-        grad.mul_(update.grad_scale.to(grad.device))  # clip_grad_norm_'s multiply, deferred to here
+    """Update one window of fp32 arrays in place, exactly as torch's AdamW would. Gradients
+    that were not finite (the gate's found_inf) leave every array as it was."""
+    scale, found_inf = scale_and_skip(update, grad.device)
     hp = update.hp
+    if not hp.fused and found_inf is not None and bool(found_inf):
+        return  # (reads a host copy on the CPU path; syncs on the device path, fused=False only)
+    if scale is not None:
+        grad.mul_(scale)  # clip_grad_norm_'s multiply, deferred to here
     if hp.fused:
         # The kernel reads, never bumps, the step; on CUDA it must live beside the arrays.
         step = torch.tensor(float(update.step), dtype=torch.float32, device=master.device)
         torch._fused_adamw_([master], [grad], [exp_avg], [exp_avg_sq], [], [step], lr=hp.lr,
                             beta1=hp.beta1, beta2=hp.beta2, weight_decay=hp.weight_decay, eps=hp.eps,
-                            amsgrad=False, maximize=False)
+                            amsgrad=False, maximize=False, found_inf=found_inf)
         return
     # torch.optim.adam._single_tensor_adam with decoupled weight decay, operation for operation.
     if hp.weight_decay != 0:
@@ -118,7 +168,10 @@ def apply_updates(io, device, state, pending: list, flat: torch.Tensor | None = 
                     source = flat[start:start + count] if scratch is not None else window.views[0]
                     weights.views[0].copy_(source, non_blocking=scratch is not None)
                 if flat is not None and scratch is None:
-                    flat[start:start + count].copy_(window.views[0], non_blocking=True)
+                    # From the compute-dtype host copy when there is one: same dtype, so a true
+                    # async copy from pinned memory (fp32 -> bf16 would convert on the host first).
+                    source = weights.views[0] if "weights" in state.arrays else window.views[0]
+                    flat[start:start + count].copy_(source, non_blocking=True)
                 if staged:  # staging buffers are written back and reused once the copies are done
                     device.synchronize_event(device.record_event())
                 if "weights" in state.arrays:
@@ -144,10 +197,13 @@ class AdamW(torch.optim.Optimizer):
         fused: use torch's fused AdamW kernel (fast; equals `torch.optim.AdamW(fused=True)`
             bit for bit). False uses the operations of torch's default AdamW (equal to it
             bit for bit), which is slower.
+        skip_nonfinite: a step whose gradients are not finite (NaN or inf) is always skipped
+            (no weight or moment changes, as torch.amp.GradScaler does); by default the next
+            `step()` (or save) then raises `tierflow.NonFiniteError`. True warns and trains on.
     """
 
     def __init__(self, engine, params=None, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 1e-2, fused: bool = True):
+                 weight_decay: float = 1e-2, fused: bool = True, skip_nonfinite: bool = False):
         if params is None:
             params = [p for p in engine.module.parameters() if p.requires_grad]
         if not 0.0 <= lr:
@@ -156,6 +212,7 @@ class AdamW(torch.optim.Optimizer):
             raise ConfigError(f"invalid betas {betas}: each must be in [0, 1)")
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, fused=fused)
         super().__init__(params, defaults)
+        self.skip_nonfinite = skip_nonfinite
         self.engine = engine
         engine.attach_optimizer(self)
 

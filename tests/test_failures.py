@@ -1,0 +1,141 @@
+"""Failures never pass silently: non-finite gradients, failed jobs, clipping twice.
+
+CPU, fp32: where the arithmetic is torch's own the comparisons are bitwise.
+"""
+from __future__ import annotations
+
+import copy
+import errno
+import os
+import warnings
+
+import pytest
+import torch
+
+import tierflow
+from tierflow import EngineFailedError, NonFiniteError, NvmeError
+
+from conftest import SMALL_UNITS, assert_state_bitwise, make_batches, make_tiny
+
+LR = 1e-2
+PLACEMENTS = ["device", "host", "nvme"]
+
+
+def _engine(model, placement, tmp_path, engines, **opt_kwargs):
+    engine = tierflow.offload(model, placement=placement, nvme=tmp_path / "spill", **SMALL_UNITS)
+    engines.append(engine)
+    return engine, tierflow.AdamW(engine, lr=LR, **opt_kwargs)
+
+
+def _step(module, opt, clip, ids, loss_factor=1.0):
+    loss = module(input_ids=ids, labels=ids).loss * loss_factor
+    loss.backward()
+    clip(1.0)
+    opt.step()
+    opt.zero_grad()
+
+
+@pytest.mark.parametrize("placement", PLACEMENTS)
+def test_nonfinite_gradients_skip_the_step_and_raise(tmp_path, engines, placement):
+    """An inf loss gives non-finite gradients: that step changes nothing, and the next step
+    (or save) raises NonFiniteError; the state and step counters are those of the step before."""
+    engine, opt = _engine(make_tiny("llama"), placement, tmp_path, engines)
+    b1, b2, b3 = make_batches(3)
+    _step(engine, opt, opt.clip_grad_norm_, b1)
+    good_state, good_steps = engine.state_dict(), engine.optimizer_steps
+    _step(engine, opt, opt.clip_grad_norm_, b2, loss_factor=float("inf"))
+    engine(input_ids=b3, labels=b3).loss.backward()
+    with pytest.raises(NonFiniteError, match="not finite"):
+        opt.step()
+    assert engine.skipped_steps == 1
+    assert engine.optimizer_steps == good_steps
+    opt.zero_grad()
+    assert_state_bitwise(good_state, engine.state_dict())
+
+
+@pytest.mark.parametrize("placement", PLACEMENTS)
+def test_skip_nonfinite_trains_on_like_torch_without_the_bad_step(tmp_path, engines, placement):
+    """AdamW(skip_nonfinite=True): the bad step is skipped (as torch.amp.GradScaler skips it),
+    so training equals torch trained on the good batches only, bit for bit."""
+    model = make_tiny("llama")
+    ref = copy.deepcopy(model)
+    engine, opt = _engine(model, placement, tmp_path, engines, skip_nonfinite=True)
+    batches = make_batches(4)
+    ref_opt = torch.optim.AdamW(ref.parameters(), lr=LR, fused=True)
+    ref_clip = lambda n: torch.nn.utils.clip_grad_norm_(ref.parameters(), n)
+    for i, ids in enumerate(batches):
+        if i != 1:
+            _step(ref, ref_opt, ref_clip, ids)
+    with pytest.warns(UserWarning, match="not finite"):
+        for i, ids in enumerate(batches):
+            _step(engine, opt, opt.clip_grad_norm_, ids, loss_factor=float("nan") if i == 1 else 1.0)
+    assert engine.skipped_steps == 1
+    assert set(engine.optimizer_steps.values()) == {3}
+    assert_state_bitwise(ref.state_dict(), engine.state_dict())
+
+
+def test_clipping_twice_gives_torchs_answer(tmp_path, engines):
+    """The second clip sees the already clipped gradients: its norm is ~max_norm and the
+    coefficient is not squared (it was: 6080, 6080 where torch returns 6080, 1.0)."""
+    model = make_tiny("llama")
+    ref = copy.deepcopy(model)
+    engine = tierflow.offload(model, placement="host", **SMALL_UNITS)
+    engines.append(engine)
+    # eps=1: the update is ~linear in the gradient (|g| << 1 after clipping), so a wrong
+    # coefficient shows in the weights, while last-bit differences stay last-bit (below).
+    opt = tierflow.AdamW(engine, lr=LR, eps=1.0)
+    ref_opt = torch.optim.AdamW(ref.parameters(), lr=LR, eps=1.0, fused=True)
+    for ids in make_batches(3):
+        ref(input_ids=ids, labels=ids).loss.mul(100).backward()
+        want = [torch.nn.utils.clip_grad_norm_(ref.parameters(), 1.0) for _ in range(2)]
+        engine(input_ids=ids, labels=ids).loss.mul(100).backward()
+        got = [opt.clip_grad_norm_(1.0) for _ in range(2)]
+        assert want[0] > 10 and abs(want[1].item() - 1.0) < 1e-5
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
+        ref_opt.step(), ref_opt.zero_grad(), opt.step(), opt.zero_grad()
+    # The second norm is norm(g) * c1 here and norm(g * c1) in torch, and torch multiplies the
+    # gradients twice: each gradient differs by a few ulps (|g| <= 1), so each of the 3 updates
+    # (lr * ~g with eps=1) by ~lr * 1e-7: within atol 1e-8. A squared coefficient is ~1e-4 off.
+    for key, value in ref.state_dict().items():
+        torch.testing.assert_close(engine.state_dict()[key], value, rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("fault", ["write", "read"])
+def test_a_failed_update_job_fails_the_engine_and_keeps_the_last_checkpoint(tmp_path, engines, monkeypatch, fault):
+    """EIO in the NVMe I/O of an update: the error surfaces, and from then on the engine refuses
+    to train or save (the step is half applied); the last good checkpoint is untouched and
+    still resumes; the failed job's device reservation is released."""
+    model = make_tiny("llama")
+    engine, opt = _engine(model, "nvme", tmp_path, engines)
+    b1, b2, b3 = make_batches(3)
+    _step(engine, opt, opt.clip_grad_norm_, b1)
+    good = engine.save(tmp_path / "ckpt")
+    saved = {p.name: p.read_bytes() for p in sorted(good.iterdir()) if p.is_file()}
+    engine(input_ids=b2, labels=b2).loss.backward()
+    real = os.pwritev if fault == "write" else os.preadv
+    calls = {"n": 0}
+
+    def failing(*args):
+        calls["n"] += 1
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    monkeypatch.setattr(os, "pwritev" if fault == "write" else "preadv", failing)
+    with pytest.raises((NvmeError, OSError)):
+        opt.step()
+        opt.zero_grad()
+        engine(input_ids=b3, labels=b3)  # the updates run in the fetches of this forward
+        engine.flush()
+    monkeypatch.setattr(os, "pwritev" if fault == "write" else "preadv", real)
+    assert calls["n"] > 0, "the fault was never injected"
+    with pytest.raises(EngineFailedError, match="resume"):
+        engine(input_ids=b3, labels=b3)
+    with pytest.raises(EngineFailedError):
+        opt.step()
+    with pytest.raises(EngineFailedError), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (gradients of the failed step are pending)
+        engine.save(tmp_path / "ckpt-after")
+    assert not (tmp_path / "ckpt-after").exists()
+    assert {p.name: p.read_bytes() for p in sorted(good.iterdir()) if p.is_file()} == saved
+    resumed, _opt = tierflow.resume(tmp_path / "ckpt", make_tiny("llama"), nvme=tmp_path / "spill2")
+    engines.append(resumed)
+    assert set(resumed.optimizer_steps.values()) == {1}
