@@ -25,3 +25,8 @@ class NvmeError(TierflowError, OSError):
 class CheckpointError(TierflowError):
     """A checkpoint or model file is missing, corrupt, truncated or does not match the model;
     or a checkpoint could not be written. The message names the file and what is wrong."""
+
+
+class NonFiniteLossError(TierflowError, ArithmeticError):
+    """Training produced a non-finite loss or gradient norm (it diverged); stopped before the
+    optimizer step, so nothing of that step was applied or saved."""
