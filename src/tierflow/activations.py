@@ -35,6 +35,7 @@ from torch.utils.checkpoint import checkpoint
 from .activation_store import SpillFile
 from .activation_policy import LayerStats, Policy, choose
 from .engine import BUDGET_WAIT_S
+from .config import format_size
 from .errors import BudgetError
 
 KEEP_WAIT_S = 2.0             # how long keeping an activation waits for device memory to free
@@ -146,6 +147,7 @@ class ActivationManager:
         self._dedupe: list[dict] = [{}]
         self._records: list = []      # weakrefs to Offloaded, in forward order
         self._live = [0]              # Offloaded records still referenced by autograd
+        self._back = [0]              # device bytes of offloaded records fetched back
         self._copy_seconds = 0.0
         self._copy_bytes = 0
         self._handles = []
@@ -299,6 +301,7 @@ class ActivationManager:
         seen = self._seen(key)
         if seen is not None:
             return seen
+        self._check_fits_back(nbytes)
         record = Offloaded(len(self._records), _meta(tensor), nbytes)
         self._dedupe[-1][key] = (weakref.ref(tensor), record)
         self._records.append(weakref.ref(record))
@@ -356,10 +359,13 @@ class ActivationManager:
 
     def _start_fetch(self, record: Offloaded, required: bool) -> bool:
         engine = self.engine
+        if not required and self._back[0] + record.nbytes > self._prefetch_room():
+            return False  # read-ahead must not take the room the next weights and gradients need
         if not engine._reserve_device(record.nbytes, "an offloaded activation", required):
             return False
         record.device_bytes = record.nbytes
-        weakref.finalize(record, engine.budgets["device"].release, record.nbytes)
+        self._back[0] += record.nbytes
+        weakref.finalize(record, self._returned, engine.budgets["device"], record.nbytes, self._back)
         record.fetch = engine._transfer.submit(self._copy_in, record)
         return True
 
@@ -397,6 +403,34 @@ class ActivationManager:
             if record.tensor is None and record.fetch is None:
                 if not self._start_fetch(record, required=False):
                     return
+
+    def _check_fits_back(self, nbytes: int) -> None:
+        """Fail in forward when backward could not bring this tensor back (it returns whole,
+        into the room the plan left for activations): waiting would only stall the step. Its
+        size depends on the batch, which `offload()` does not know: this is the earliest check."""
+        room = self._device_room()
+        if nbytes > room:
+            where = f"layer {self._stack[-1]}" if self._stack else "outside the layers"
+            raise BudgetError(
+                f"activations={self.mode!r}: a tensor of {format_size(nbytes)} saved for backward ({where}) "
+                f"does not fit the {format_size(max(0, room))} that device_memory="
+                f"{format_size(self.engine.budgets['device'].capacity)} leaves for activations after the "
+                f"working set and device-resident state ({format_size(nbytes - room)} short); raise "
+                f"device_memory by more than that (about half of the increase goes to activations), or "
+                f"use a smaller batch or sequence length")
+
+    @staticmethod
+    def _returned(budget, nbytes, back) -> None:
+        # A finalizer (no reference to the manager): a fetched-back activation is garbage.
+        back[0] -= nbytes
+        budget.release(nbytes)
+
+    def _prefetch_room(self) -> float:
+        """Device bytes that fetched-back activations may take ahead of need: the room the plan
+        left for activations, less what is kept. Only autograd's progress frees such bytes, so
+        read-ahead beyond it would leave the weights (and gradients) backward needs next
+        waiting for memory that cannot free: the step would stall, then fail."""
+        return self._device_room() - self.ledger.bytes
 
     @staticmethod
     def _freed(budgets, host_bytes, spill, records, live) -> None:

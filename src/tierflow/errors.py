@@ -28,8 +28,9 @@ class CheckpointError(TierflowError):
 
 
 class NonFiniteError(TierflowError, FloatingPointError):
-    """The gradients of an optimizer step were not finite (NaN or inf). The step was skipped:
-    weights and AdamW state are those of the step before."""
+    """Training diverged: the loss or the gradients of an optimizer step were not finite (NaN
+    or inf). Nothing of that step was applied: weights and AdamW state are those of the step
+    before (the engine skips it; `tierflow train` stops before saving)."""
 
 
 class EngineFailedError(TierflowError):

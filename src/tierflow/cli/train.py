@@ -244,7 +244,7 @@ def _loop(engine, opt, sched, batches, args: TrainArgs, device: str, console, do
         task = progress.add_task("train", total=args.steps, completed=done, info="")
         for step in range(done + 1, args.steps + 1):
             io_before, start = engine.io_stats(), time.perf_counter()
-            loss, step_tokens, norm = _step(engine, opt, batches, args, device)
+            loss, step_tokens, norm = _step(engine, opt, batches, args, device, step)
             sched.step()
             seconds.append(time.perf_counter() - start)
             losses.append(loss)
@@ -262,8 +262,9 @@ def _loop(engine, opt, sched, batches, args: TrainArgs, device: str, console, do
     return TrainResult(losses, seconds, tokens, per_step, dict(engine.budget_peaks()), done + 1)
 
 
-def _step(engine, opt, batches, args: TrainArgs, device: str) -> tuple[float, int, float]:
-    """One optimizer step over ``grad_accum`` micro-batches: (mean loss, tokens, grad norm)."""
+def _step(engine, opt, batches, args: TrainArgs, device: str, step: int) -> tuple[float, int, float]:
+    """One optimizer step over ``grad_accum`` micro-batches: (mean loss, tokens, grad norm).
+    A non-finite loss or gradient norm stops the run before the optimizer applies it."""
     loss_sum, tokens = 0.0, 0
     for _ in range(args.grad_accum):
         batch = {k: v.to(device) for k, v in next(batches).items()}
@@ -272,10 +273,39 @@ def _step(engine, opt, batches, args: TrainArgs, device: str) -> tuple[float, in
         loss_sum += float(_mean_over_ranks(engine, out.loss.detach()))
         tokens += int(batch["attention_mask"].sum())
     norm = opt.clip_grad_norm_(args.clip) if args.clip > 0 else float("nan")
-    opt.step()
+    _check_finite(step, loss_sum / args.grad_accum, float(norm) if args.clip > 0 else 0.0, args)
+    from tierflow.errors import NonFiniteError
+
+    try:
+        opt.step()
+    except NonFiniteError as exc:  # the engine skipped the last step: its gradients were not finite
+        _diverged(step - 1, f"its gradients were not finite ({exc})", args)
     opt.zero_grad()
     ranks = engine.dist.world if engine.dist is not None else 1  # tokens of the whole data-parallel step
     return loss_sum / args.grad_accum, tokens * ranks, float(norm)
+
+
+def _check_finite(step: int, loss: float, norm: float, args: TrainArgs) -> None:
+    """Raise NonFiniteError when the loss or the gradient norm is NaN or infinite. Called
+    before ``opt.step()``: a finite loss with a NaN gradient would make every weight NaN, and
+    the next checkpoint would save it. (The loss and norm are the same on every rank.)"""
+    if math.isfinite(loss) and math.isfinite(norm):
+        return
+    what = f"the loss is {loss}" if not math.isfinite(loss) else f"the gradient norm is {norm} (loss {loss:.4f})"
+    _diverged(step, what, args)
+
+
+def _diverged(step: int, what: str, args: TrainArgs) -> None:
+    """Stop with what diverged, what was kept, and what to change."""
+    from tierflow.errors import NonFiniteError
+
+    latest = Path(args.output) / checkpointing.LATEST if args.output else None
+    kept = (f"; the last checkpoint, {latest.parent / latest.read_text().strip()}, is untouched"
+            if latest is not None and latest.is_file() else "")
+    raise NonFiniteError(
+        f"training diverged at step {step}: {what}. Stopped before the optimizer step, so nothing of "
+        f"step {step} was applied or saved{kept}. Lower --lr (now {args.lr:g}) or warm up longer, check "
+        f"the data, or with --dtype bfloat16/float16 suspect an overflow (try float32)")
 
 
 def _mean_over_ranks(engine, loss):
