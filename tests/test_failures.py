@@ -139,3 +139,20 @@ def test_a_failed_update_job_fails_the_engine_and_keeps_the_last_checkpoint(tmp_
     resumed, _opt = tierflow.resume(tmp_path / "ckpt", make_tiny("llama"), nvme=tmp_path / "spill2")
     engines.append(resumed)
     assert set(resumed.optimizer_steps.values()) == {1}
+
+
+def test_an_unusable_activation_spill_directory_fails_before_the_model_moves(tmp_path):
+    """activations= with an NVMe directory that cannot be used, and budgets that put no state
+    there: a clear NvmeError up front, the model untouched (it used to be left with NaN
+    placeholders and hooks, the spill file being opened only after the state had moved)."""
+    model = make_tiny("gpt2")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    with pytest.raises(NvmeError):
+        tierflow.offload(model, activations="offload", nvme=blocker / "spill", **SMALL_UNITS)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    assert not model._forward_hooks and not model._forward_pre_hooks
+    ids = make_batches(1)[0]
+    assert torch.isfinite(model(input_ids=ids, labels=ids).loss)

@@ -203,6 +203,11 @@ class Engine:
 
     def _open_nvme(self) -> NvmeStore | None:
         if not self.plan.uses_nvme:
+            if self.cfg.activations is not None and self.cfg.nvme is not None:
+                # Activations may spill there: an unusable directory must fail now, before the
+                # model's parameters move into the tiers, not after (the model would be lost).
+                NvmeStore(self.cfg.nvme, io_threads=1, direct=self.cfg.direct_io,
+                          file_name=f"tierflow-probe-{os.getpid()}-{secrets.token_hex(4)}.bin").close()
             return None
         # One spill file per engine: engines sharing a directory never touch each other's state.
         name = f"tierflow-spill-{os.getpid()}-{secrets.token_hex(4)}.bin"
