@@ -13,7 +13,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from conftest import SMALL_UNITS, make_batches, make_tiny  # noqa: E402
 
 import tierflow  # noqa: E402
-from tierflow import distributed  # noqa: E402
+from tierflow.dist import ranks as distributed  # noqa: E402
 
 
 def main() -> None:

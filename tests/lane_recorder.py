@@ -1,4 +1,4 @@
-"""A stand-in for `tierflow.device.ComputeDevice` that takes the CUDA code paths on a CPU and
+"""A stand-in for `tierflow.memory.device.ComputeDevice` that takes the CUDA code paths on a CPU and
 records every lane operation, so the stream discipline (docs/engine.md) can be checked
 without a GPU: which lane allocated each device buffer, which events each lane waited for,
 which lane ran each AdamW update.
@@ -15,7 +15,7 @@ import threading
 
 import torch
 
-from tierflow.device import ComputeDevice
+from tierflow.memory.device import ComputeDevice
 
 
 class RecordedEvent:

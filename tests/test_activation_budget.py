@@ -41,11 +41,11 @@ def short_budget_wait(monkeypatch):
     """A stall used to cost the 120 s budget wait before it failed: with 10 s a regression fails
     fast. (Waits for copies in flight, which free memory on their own, take milliseconds; nothing
     asserted depends on the clock.)"""
-    import tierflow.activations
-    import tierflow.engine
+    import tierflow.runtime.activations
+    import tierflow.runtime.engine
 
-    monkeypatch.setattr(tierflow.engine, "BUDGET_WAIT_S", 10.0)
-    monkeypatch.setattr(tierflow.activations, "BUDGET_WAIT_S", 10.0)
+    monkeypatch.setattr(tierflow.runtime.engine, "BUDGET_WAIT_S", 10.0)
+    monkeypatch.setattr(tierflow.runtime.activations, "BUDGET_WAIT_S", 10.0)
 
 
 @pytest.mark.parametrize("mode", ["offload", "auto"])

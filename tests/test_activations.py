@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import tierflow
-from tierflow.activation_policy import LayerStats, choose
+from tierflow.core.activation_policy import LayerStats, choose
 from tierflow.errors import BudgetError, ConfigError  # noqa: F401
 
 from conftest import SMALL_UNITS, assert_bitwise, assert_state_bitwise, make_batches, make_tiny, torch_clip, train
@@ -54,7 +54,7 @@ def _buffer_bytes(model):
 
 
 def _cached(engine):
-    from tierflow.plan import working_bytes
+    from tierflow.core.plan import working_bytes
     cached = sum(working_bytes(engine.units[u], engine.compute_dtype) for u, r in enumerate(engine.residency)
                  if r.flat is not None and not engine._is_permanent(u))
     spares = sum(t.numel() * t.element_size() for group in engine._spare.values() for t in group)

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 import tierflow
-import tierflow.storage.nvme as nvme_module
+import tierflow.memory.nvme as nvme_module
 from tierflow.errors import BudgetError, ConfigError, NvmeError, TierflowError
 
 SMALL = dict(unit_bytes="8KiB", chunk_bytes="32KiB")

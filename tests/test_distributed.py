@@ -135,9 +135,9 @@ def test_plan_counts_one_rank_share_and_the_collective_traffic():
     from conftest import make_tiny
 
     from tierflow.config import OffloadConfig
-    from tierflow.cost import class_bytes, collective_bytes
-    from tierflow.layout import partition
-    from tierflow.plan import plan_placement
+    from tierflow.core.cost import class_bytes, collective_bytes
+    from tierflow.core.layout import partition
+    from tierflow.core.plan import plan_placement
 
     model = make_tiny("llama")
     cfg = OffloadConfig.create(host_memory="64MiB")

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import tierflow
-from tierflow.optim import HyperParams, PendingUpdate, adamw_
+from tierflow.runtime.updates import HyperParams, PendingUpdate, adamw_
 
 SIZES = (1, 7, 1001, 4099)      # odd sizes: vector tails and remainders of the kernels
 LRS = (1e-2, 3e-3, 0.0, 5e-2)   # changed between steps (0.0: weight decay and update vanish)

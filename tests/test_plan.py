@@ -10,13 +10,13 @@ import torch
 from torch import nn
 
 import tierflow
-from tierflow import calibrate
+from tierflow.bench import calibrate
 from tierflow.cli.main import main
 from tierflow.config import OffloadConfig
-from tierflow.calibrate import Calibration
-from tierflow.cost import Job, Workload, class_bytes, peak_bytes, predict, predict_step, simulate, update_job
-from tierflow.layout import partition
-from tierflow.plan import Placement, plan_placement
+from tierflow.core.figures import Calibration
+from tierflow.core.cost import Job, Workload, class_bytes, peak_bytes, predict, predict_step, simulate, update_job
+from tierflow.core.layout import partition
+from tierflow.core.plan import Placement, plan_placement
 
 from conftest import SMALL_UNITS, make_batches, make_tiny
 
@@ -217,7 +217,7 @@ def test_plan_placement_is_the_engines(tmp_path):
 # ---- timeline -------------------------------------------------------------------------------
 
 def test_timeline_png_from_a_tiny_run(tmp_path, engines):
-    from tierflow.timeline import lanes, record_phases, save_timeline
+    from tierflow.bench.timeline import lanes, record_phases, save_timeline
 
     engine = tierflow.offload(make_tiny("llama"), device_memory="200KiB", host_memory="768KiB",
                               nvme=tmp_path / "spill", **SMALL_UNITS)

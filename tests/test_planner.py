@@ -10,11 +10,11 @@ import torch
 from torch import nn
 
 import tierflow
-from tierflow import calibrate
+from tierflow.core import figures
 from tierflow.config import OffloadConfig
-from tierflow.cost import predict, workload
-from tierflow.plan import GREEDY, Variant, plan_placement
-from tierflow.planner import MIN_GAIN, VARIANTS, choose_placement, update_sites
+from tierflow.core.cost import predict, workload
+from tierflow.core.plan import GREEDY, Variant, plan_placement
+from tierflow.core.planner import MIN_GAIN, VARIANTS, choose_placement, update_sites
 
 from test_plan import G, fake_calibration, meta_mlp
 
@@ -70,7 +70,7 @@ def test_engine_plans_with_the_cached_calibration(tmp_path, monkeypatch, engines
     """The engine and `tierflow plan` (cost.predict) choose the same placement from the same
     calibration and batch shape; the model then trains on it."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    calibrate.save(fake_calibration(**SLOW_DISK), torch.float32)
+    figures.save(fake_calibration(**SLOW_DISK), torch.float32)
     torch.manual_seed(0)
     model = nn.Sequential(*[nn.Linear(WIDTH, WIDTH, bias=False) for _ in range(12)])
     options = dict(device_memory="4MiB", host_memory="8MiB", nvme=tmp_path / "spill",
@@ -95,8 +95,8 @@ def test_engine_plans_with_the_cached_calibration(tmp_path, monkeypatch, engines
 
 def test_without_a_calibration_the_engine_plans_with_nominal_figures(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    assert calibrate.for_planning("cpu", torch.float32) == calibrate.nominal("cpu", torch.float32)
-    assert calibrate.nominal("cuda", torch.bfloat16).device == "cuda"
+    assert figures.for_planning("cpu", torch.float32) == figures.nominal("cpu", torch.float32)
+    assert figures.nominal("cuda", torch.bfloat16).device == "cuda"
 
 
 def gpu_config(tmp_path, update_on="auto"):
@@ -140,5 +140,5 @@ def test_nominal_gpu_figures_run_adamw_of_host_state_on_the_gpu(tmp_path):
     faster on the H100 (docs/benchmarks.md: 0.137 vs 0.154 s per step)."""
     _model, units = meta_mlp(12, WIDTH)
     plan = plan_placement(units, mlp_config(tmp_path), torch.float32, 0)
-    sites = update_sites(units, plan, gpu_config(tmp_path), calibrate.nominal("cuda", torch.float32), torch.float32)
+    sites = update_sites(units, plan, gpu_config(tmp_path), figures.nominal("cuda", torch.float32), torch.float32)
     assert sites == tuple(h != "device" for h in plan.homes)

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from tierflow.errors import NvmeError, TierflowError
-from tierflow.storage import BufferPool, Extent, NvmeStore, aligned_empty
+from tierflow.memory.nvme import Extent, NvmeStore
+from tierflow.memory.pool import BufferPool, aligned_empty
 
 KIB, MIB = 1 << 10, 1 << 20
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import tierflow
-import tierflow.engine as engine_module
+import tierflow.runtime.engine as engine_module
 
 from conftest import SMALL_UNITS, assert_state_bitwise, make_batches, make_tiny
 from lane_recorder import RecordingDevice, recorded_updates

@@ -9,18 +9,18 @@ import os
 
 from torch import nn
 
-from .config import OffloadConfig, format_size, parse_size
-from .engine import Engine
-from .errors import BudgetError, ConfigError, EngineFailedError, NonFiniteError, NvmeError, TierflowError
-from .optim import AdamW
-from .plan import Variant
+from tierflow.config import OffloadConfig, format_size, parse_size
+from tierflow.runtime.engine import Engine
+from tierflow.errors import BudgetError, ConfigError, EngineFailedError, NonFiniteError, NvmeError, TierflowError
+from tierflow.runtime.updates import AdamW
+from tierflow.core.plan import Variant
 
 __all__ = ["offload", "Engine", "AdamW", "OffloadConfig", "Variant", "parse_size", "format_size",
            "TierflowError", "ConfigError", "BudgetError", "NvmeError", "NonFiniteError", "EngineFailedError",
            "resume", "load", "save_pretrained", "CheckpointError"]
 __version__ = "0.1.0"
 
-from .checkpoint import CheckpointError, load, resume, save, save_pretrained  # noqa: E402
+from tierflow.checkpoint import CheckpointError, load, resume, save, save_pretrained  # noqa: E402
 
 Engine.save = save                        # engine.save("ckpt/step-N", scheduler=..., extra=...)
 Engine.save_pretrained = save_pretrained  # engine.save_pretrained("out/"): Hugging Face format
@@ -29,7 +29,7 @@ Engine.last_generation = None             # the GenerationReport of the last eng
 
 def _generate(engine, *args, kv_cache: str = "auto", **kwargs):
     """transformers' generate over the tiered model, KV cache placed by the budgets (infer.py)."""
-    from .infer import generate  # imports transformers: only when generating
+    from tierflow.infer.generate import generate  # imports transformers: only when generating
 
     return generate(engine, *args, kv_cache=kv_cache, **kwargs)
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import ConfigError
+from tierflow.errors import ConfigError
 
 MODES = ("keep", "recompute", "offload", "auto")  # activation modes (activations.py)
 

@@ -31,9 +31,9 @@ import warnings
 import torch
 
 import tierflow
-from tierflow.activations import Ledger
+from tierflow.runtime.activations import Ledger
 from tierflow.bench.report import write_json
-from tierflow.budget import Budget
+from tierflow.memory.budget import Budget
 from tierflow.errors import BudgetError
 
 VOCAB = 320

@@ -36,7 +36,8 @@ from typing import Iterator
 
 import torch
 
-from tierflow.storage import BufferPool, NvmeStore
+from tierflow.memory.nvme import NvmeStore
+from tierflow.memory.pool import BufferPool
 
 __all__ = ["run_io_bench", "parse_size"]
 

@@ -5,9 +5,9 @@ gradient, two moments), one after another, in an order that rotates from round t
 so that machine noise hits all alike; figures are medians over `repeats` (each the mean
 of 3 rounds).
 
-* `tierflow`: the engine's own update code, `tierflow.optim.apply_updates`, over
+* `tierflow`: the engine's own update code, `tierflow.runtime.updates.apply_updates`, over
   host-resident state as the engine sets it up without an NVMe tier: one window per
-  parameter (here the whole array), each updated by `tierflow.optim.adamw_`;
+  parameter (here the whole array), each updated by `tierflow.runtime.updates.adamw_`;
 * `tierflow-8MiB`: the same over 8 MiB windows, as the engine splits the work when it
   has staging buffers (an NVMe tier; default chunk_bytes 8 MiB), host units included;
 * `torch-fused`: `torch.optim.AdamW(fused=True)` (foreach=True where fused is unsupported);
@@ -32,10 +32,10 @@ from types import SimpleNamespace
 import torch
 
 from tierflow.bench.report import print_row, row, write_json
-from tierflow.device import ComputeDevice
-from tierflow.optim import HyperParams, PendingUpdate, apply_updates
-from tierflow.storage import BufferPool
-from tierflow.tiers import StateIO, UnitState
+from tierflow.memory.device import ComputeDevice
+from tierflow.runtime.updates import HyperParams, PendingUpdate, apply_updates
+from tierflow.memory.pool import BufferPool
+from tierflow.memory.tiers import StateIO, UnitState
 
 __all__ = ["run_optim_bench"]
 
@@ -71,7 +71,7 @@ def _fused_supported() -> bool:
 # ---- contenders: each returns a function doing one optimizer step ---------------------------
 
 def _tierflow_step(state: dict, window_bytes: int | None, fused: bool, bf16: bool):
-    """One engine update of host-resident state: `tierflow.optim.apply_updates`, the engine's
+    """One engine update of host-resident state: `tierflow.runtime.updates.apply_updates`, the engine's
     own code, window by window (whole parameters without staging buffers, else windows of
     one staging buffer), then with `bf16` the write-out of each window into bf16 weights."""
     names = ["master", "grad", "exp_avg", "exp_avg_sq"] + (["weights"] if bf16 else [])

@@ -22,7 +22,7 @@ import tierflow
 from tierflow.bench.report import write_json
 from tierflow.bench.train import timed_step
 from tierflow.config import OffloadConfig, format_size
-from tierflow.plan import Variant
+from tierflow.core.plan import Variant
 
 MIB = 2**20
 # name -> (hidden, layers, intermediate, heads), byte vocabulary; llama-100m is tierflow train's default.
@@ -102,7 +102,7 @@ def measure(size: str, setting: str, cal, seq_len: int, steps: int, warmup: int,
             device: str = "cpu") -> Row:
     """Predict, then train `steps` steps and measure one configuration."""
     from tierflow.bench.probes import load_mark, others_load
-    from tierflow.cost import predict
+    from tierflow.core.cost import predict
 
     kwargs, placement = SETTINGS[setting]
     kwargs = dict(kwargs, nvme=spill_dir) if kwargs.get("nvme") else kwargs
@@ -190,7 +190,8 @@ def run_plan_accuracy_bench(sizes=None, settings=None, seq_len: int = 256, steps
     prediction and measurement see the machine in the same state (shared machines drift). A
     configuration measured while other processes used more than `max_load` cores is measured
     again (up to `attempts` times; the quietest attempt is kept)."""
-    from tierflow.calibrate import calibrate, describe, get_calibration
+    from tierflow.bench.calibrate import calibrate, get_calibration
+    from tierflow.core.figures import describe
 
     spill = nvme or tempfile.mkdtemp(prefix="tierflow-plan-accuracy-")
     try:

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from tierflow.optim import HyperParams, PendingUpdate, adamw_
+from tierflow.runtime.updates import HyperParams, PendingUpdate, adamw_
 
 MIB = 2**20
 SEQ_LEN = 256  # tokens of the reference model's batch (tierflow train's default)
@@ -88,8 +88,8 @@ def _step_times(device: torch.device, dtype: torch.dtype, width: int, layers: in
     counted as `cost.workload` counts them. Gradients are new tensors each time, as in the
     engine (which takes each away). Medians, as training steps are measured: the fastest of a
     few runs made the rate of a layer (a difference of two models' times) swing by 30 %."""
-    from tierflow.cost import workload
-    from tierflow.layout import partition
+    from tierflow.core.cost import workload
+    from tierflow.core.layout import partition
 
     model = reference_model(width, layers).to(device, dtype)
     units, _ = partition(model, 2**62)
@@ -157,7 +157,8 @@ def link_bps(device: torch.device, nbytes: int = 256 * MIB) -> tuple[float, floa
 
 def nvme_bps(directory, total: int = 256 * MIB, chunk: int = 8 * MIB) -> tuple[float, float]:
     """(read, write) bytes/s of NvmeStore, four `chunk` requests in flight at a time."""
-    from tierflow.storage import BufferPool, NvmeStore
+    from tierflow.memory.nvme import NvmeStore
+    from tierflow.memory.pool import BufferPool
 
     made = directory is None
     directory = Path(directory) if directory else _scratch_dir()
@@ -190,7 +191,7 @@ def nvme_bps(directory, total: int = 256 * MIB, chunk: int = 8 * MIB) -> tuple[f
 
 def _scratch_dir() -> Path:
     """A temporary directory under the user cache (a real disk, unlike a tmpfs /tmp)."""
-    from tierflow.calibrate import cache_path
+    from tierflow.core.figures import cache_path
 
     try:
         cache_path().parent.mkdir(parents=True, exist_ok=True)

@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 from tierflow.bench.report import print_row, row, write_json
-from tierflow.distributed import SINGLE_RANK_ENV as FORCE_ENV
+from tierflow.dist.ranks import SINGLE_RANK_ENV as FORCE_ENV
 
 
 def run_scale_bench(model: str = "llama-100m", ranks=(1, 2), steps: int = 6, warmup: int = 2,
@@ -90,7 +90,7 @@ def _worker(args) -> None:
 
     import tierflow
     from tierflow.bench.train import timed_step
-    from tierflow import distributed
+    from tierflow.dist import ranks as distributed
     from tierflow.models import build_model
 
     distributed.init_from_env(args.device)

@@ -4,7 +4,7 @@ Needs a CUDA device. Three comparisons, each measured in one run with the conten
 interleaved (medians of `repeats`):
 
 * `h2d` / `d2h`: `nbytes` copied chunk by chunk between the buffers of a pinned
-  `tierflow.storage.BufferPool` and the device, on the engine's side stream
+  `tierflow.memory.pool.BufferPool` and the device, on the engine's side stream
   (`ComputeDevice.side_stream()`), waiting for a buffer's previous copy before reusing
   it, as the engine does; against one plain `copy_` of a single large pinned tensor.
   Target: the pool reaches >= 85% of the plain copy's bandwidth.
@@ -38,8 +38,8 @@ def run_transfer_bench(nbytes: int = 1 << 30, json_path=None, chunk_bytes: int =
         print("tierflow bench transfer: no CUDA device: skipped")
         write_json([], json_path)
         return []
-    from tierflow.device import ComputeDevice
-    from tierflow.storage import BufferPool
+    from tierflow.memory.device import ComputeDevice
+    from tierflow.memory.pool import BufferPool
 
     device = ComputeDevice(torch.device("cuda"))
     pool = BufferPool(buffers, chunk_bytes, pin=True)

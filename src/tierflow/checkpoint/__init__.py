@@ -19,10 +19,10 @@ A checkpoint is a directory (format and guarantees: docs/checkpoints.md):
 Modules: `files` (streaming safetensors, fsync/rename helpers), `manifest` (what a
 checkpoint holds, verification), `state` (save / resume), `hf` (Hugging Face format).
 """
-from .files import CheckpointError
-from .hf import load, meta_parameters, save_pretrained
-from .manifest import checkpoint_dir, read_manifest, verify
-from .state import read_windows, resume, save
+from tierflow.checkpoint.files import CheckpointError
+from tierflow.checkpoint.hf import load, meta_parameters, save_pretrained
+from tierflow.checkpoint.manifest import checkpoint_dir, read_manifest, verify
+from tierflow.checkpoint.state import read_windows, resume, save
 
 __all__ = ["save", "resume", "read_manifest", "verify", "checkpoint_dir", "save_pretrained", "load",
            "meta_parameters", "read_windows", "CheckpointError"]

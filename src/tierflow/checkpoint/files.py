@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import CheckpointError, TierflowError  # noqa: F401  (CheckpointError re-exported)
+from tierflow.errors import CheckpointError, TierflowError  # noqa: F401  (CheckpointError re-exported)
 
 DTYPE_CODES = {
     torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",

@@ -20,11 +20,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..config import parse_dtype, parse_size
-from ..errors import ConfigError
-from .files import (CheckpointError, TensorFileReader, TensorFileWriter, fsync_dir, remove_stale_temporaries,
+from tierflow.config import parse_dtype, parse_size
+from tierflow.errors import ConfigError
+from tierflow.checkpoint.files import (CheckpointError, TensorFileReader, TensorFileWriter, fsync_dir, remove_stale_temporaries,
                     temporary_name, write_bytes_durably)
-from .state import os_reason, read_windows
+from tierflow.checkpoint.state import os_reason, read_windows
 
 INDEX = "model.safetensors.index.json"
 
@@ -85,7 +85,7 @@ def save_pretrained(engine, out_dir, max_shard_size="2GiB", dtype=None) -> Path:
 def _export_entries(engine) -> list:
     """(key, shape, source) per state_dict entry, tied duplicates once; source is the
     (unit, slot) of a parameter or the buffer tensor."""
-    from ..tiling import tile_target
+    from tierflow.core.tiling import tile_target
 
     slots = {id(slot.param): (unit, slot) for unit, slot in engine.named_slots()}
     entries, seen, tiles = [], set(), {}
@@ -214,7 +214,7 @@ def load(path, device="cpu", device_memory=None, host_memory=None, nvme=None, dt
     `transformers.AutoModelForCausalLM`. The model starts in eval mode, as `from_pretrained`
     leaves it (call `engine.train()` to train). `trainable=False` freezes every parameter
     (inference): only compute-dtype weights are stored, no gradient or AdamW state."""
-    from .. import offload
+    from tierflow import offload
 
     path = Path(path)
     if not path.is_dir():

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .files import TMP_MARK, CheckpointError, TensorFileReader, file_sha256, write_bytes_durably
+from tierflow.checkpoint.files import TMP_MARK, CheckpointError, TensorFileReader, file_sha256, write_bytes_durably
 
 FORMAT, VERSION = "tierflow-checkpoint", 1
 MANIFEST = "manifest.json"
@@ -32,7 +32,7 @@ TUNING = ("unit_bytes", "prefetch_bytes", "chunk_bytes", "staging_buffers", "io_
 
 def describe(engine, scheduler, extra) -> dict:
     """Everything but the files: computed before writing, so bad input fails first."""
-    from .. import __version__
+    from tierflow import __version__
 
     model = engine.module
     aliases: dict[int, list[str]] = {}
@@ -209,7 +209,7 @@ def verify(path, checksums: bool = True) -> dict:
     expected = expected_tensors(manifest)
     tensor_files = {FILES[key]: expected[key] for key in FILES}
     if "shards" in manifest:  # every rank's part instead of whole-array files (sharded.py)
-        from .sharded import expected_parts
+        from tierflow.checkpoint.sharded import expected_parts
 
         tensor_files = {FILES["buffers"]: expected["buffers"], **expected_parts(manifest)}
     for file_name, want in tensor_files.items():

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 
-from .files import CheckpointError, TensorFileReader, TensorFileWriter, fsync_dir, temporary_name
-from .manifest import FILES, MOMENTS, rng_state, write_manifest
+from tierflow.checkpoint.files import CheckpointError, TensorFileReader, TensorFileWriter, fsync_dir, temporary_name
+from tierflow.checkpoint.manifest import FILES, MOMENTS, rng_state, write_manifest
 
 ARRAYS = ("master",) + MOMENTS
 
@@ -79,7 +79,7 @@ def save_sharded(engine, path: Path, manifest: dict, prepare) -> Path:
 
 def _finish(tmp: Path, path: Path, manifest: dict, reports: list, failed: list) -> str | None:
     """Rank 0: write the manifest and install the directory; an error message, or None."""
-    from .state import _install
+    from tierflow.checkpoint.state import _install
 
     if failed:
         shutil.rmtree(tmp, ignore_errors=True)

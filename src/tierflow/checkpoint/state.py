@@ -22,11 +22,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..config import format_size, parse_size
-from ..errors import ConfigError
-from .files import (CheckpointError, TensorFileReader, TensorFileWriter, exchange_dirs, fsync_dir,
+from tierflow.config import format_size, parse_size
+from tierflow.errors import ConfigError
+from tierflow.checkpoint.files import (CheckpointError, TensorFileReader, TensorFileWriter, exchange_dirs, fsync_dir,
                     remove_stale_temporaries, temporary_name)
-from .manifest import (FILES, MANIFEST, MOMENTS, OLD_MARK, TMP_MARK, TUNING, checkpoint_dir, decode, describe,
+from tierflow.checkpoint.manifest import (FILES, MANIFEST, MOMENTS, OLD_MARK, TMP_MARK, TUNING, checkpoint_dir, decode, describe,
                        set_rng_state, verify, write_manifest)
 
 _SAVED = object()  # "as in the checkpoint"
@@ -53,7 +53,7 @@ def save(engine, path, scheduler=None, extra=None) -> Path:
     engine.flush()
     manifest = describe(engine, scheduler, extra)
     if engine.dist is not None:  # every rank writes its shard; rank 0 the rest (sharded.py)
-        from .sharded import save_sharded
+        from tierflow.checkpoint.sharded import save_sharded
 
         return save_sharded(engine, path, manifest, lambda: _prepare(path, _planned_bytes(
             [(s.name, (s.numel // engine.dist.world * 4,), torch.float32) for _, s in engine.named_slots()])))
@@ -205,7 +205,7 @@ def resume(path, model: nn.Module | None = None, *, device=None, device_memory=_
     none was attached when saving. Raises CheckpointError, before building anything, when
     the checkpoint is incomplete, corrupt or does not match `model`.
     """
-    from .. import offload
+    from tierflow import offload
 
     unknown = set(options) - set(TUNING) - {"activations", "batch_shape"}  # choices of this run, not saved
     if unknown:
@@ -243,7 +243,7 @@ def _open_readers(path: Path, manifest: dict) -> dict:
     """key -> reader of whole tensors: the files themselves, or every rank's parts."""
     if "shards" not in manifest:
         return {key: TensorFileReader(path / file) for key, file in FILES.items()}
-    from .sharded import ARRAYS, ShardedReader
+    from tierflow.checkpoint.sharded import ARRAYS, ShardedReader
 
     readers = {"buffers": TensorFileReader(path / FILES["buffers"])}
     try:
@@ -259,7 +259,7 @@ def _open_readers(path: Path, manifest: dict) -> dict:
 def _rng_of_this_rank(manifest: dict) -> dict:
     """A sharded checkpoint resumed at its own world size gives each rank its own RNG states
     (dropout differs per rank); otherwise every rank takes rank 0's."""
-    from .. import distributed
+    from tierflow.dist import ranks as distributed
 
     shards = manifest.get("shards")
     if shards and shards["world_size"] == distributed.world_size():
@@ -276,7 +276,7 @@ def _rebuild_model(manifest: dict, path: Path) -> nn.Module:
     model_cls = _transformers_class(info["class"], path)
     config_cls = _transformers_class(info["config_class"], path)
     config = config_cls.from_dict(info["config"])
-    from .hf import meta_parameters
+    from tierflow.checkpoint.hf import meta_parameters
 
     with meta_parameters():
         model = model_cls._from_config(config) if hasattr(model_cls, "_from_config") else model_cls(config)
@@ -371,7 +371,7 @@ def _restore_moments(engine, manifest: dict, saved_to_slot: dict, readers: dict)
 
 def _restore_optimizer(engine, manifest: dict, saved_to_slot: dict, path: Path):
     """A tierflow.AdamW with the saved param groups (members and every setting)."""
-    from ..optim import AdamW
+    from tierflow.runtime.updates import AdamW
 
     groups = manifest["optimizer"]["param_groups"]
     if groups is None:

@@ -123,7 +123,7 @@ def run(args) -> int:
         from tierflow.bench.transfer import run_transfer_bench
         run_transfer_bench(parse_size(args.size, what="--size"), args.json, repeats=args.repeats)
     elif args.bench == "calibrate":
-        from tierflow.calibrate import run_calibrate_bench
+        from tierflow.bench.calibrate import run_calibrate_bench
         run_calibrate_bench(args.device, args.dtype, args.dir, args.recalibrate, args.json)
     elif args.bench == "scale":
         from tierflow.bench.scale import run_scale_bench

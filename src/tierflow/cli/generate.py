@@ -43,7 +43,7 @@ def run(args) -> int:
     import tierflow
     from tierflow.data import load_tokenizer
     from tierflow.errors import ConfigError
-    from tierflow.infer import summary_lines
+    from tierflow.infer.generate import summary_lines
     from tierflow.models import is_builtin
 
     if args.max_new_tokens < 1:

@@ -48,9 +48,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """`tierflow plan`: 0 when it fits, 1 when it does not."""
-    from tierflow.calibrate import get_calibration
+    from tierflow.bench.calibrate import get_calibration
     from tierflow.config import OffloadConfig, parse_dtype, parse_size
-    from tierflow.cost import predict
+    from tierflow.core.cost import predict
     from tierflow.errors import BudgetError, ConfigError
 
     model = meta_model(args.model)
@@ -111,7 +111,7 @@ def shortfall(model, cfg, cal, args, message: str) -> str:
     from dataclasses import replace
 
     from tierflow.config import format_size
-    from tierflow.cost import predict
+    from tierflow.core.cost import predict
     from tierflow.errors import TierflowError
 
     if cfg.host_memory is None or cfg.nvme is not None or args.placement in ("device", "nvme"):
@@ -195,7 +195,7 @@ def print_report(pred, cfg, args, n_params: int, cached: bool = True) -> None:
 def describe_choice(plan) -> str:
     """One line on how the planner spent the budgets (planner.py)."""
     from tierflow.config import format_size
-    from tierflow.plan import GREEDY
+    from tierflow.core.plan import GREEDY
 
     variant = plan.variant
     how = "nearest tier first, in model order" if variant == GREEDY else (
@@ -208,7 +208,7 @@ def describe_choice(plan) -> str:
 
 
 def _budgets(cfg) -> dict:
-    from tierflow.plan import device_capacity
+    from tierflow.core.plan import device_capacity
 
     return {"device": device_capacity(cfg), "host": cfg.host_memory,
             "nvme": str(cfg.nvme) if cfg.nvme is not None else None}

@@ -138,7 +138,7 @@ def train(args: TrainArgs, console=None) -> TrainResult:
     from rich.console import Console
 
     import tierflow
-    from tierflow import distributed
+    from tierflow.dist import ranks as distributed
     from tierflow.data import load_tokenizer, text_batches
     from tierflow.errors import TierflowError
     from tierflow.models import is_builtin, parameter_count
@@ -179,7 +179,7 @@ def train(args: TrainArgs, console=None) -> TrainResult:
         console.print(f"NVMe tier: {nvme_dir or 'off'}{mode if nvme_dir else ''}", soft_wrap=True, highlight=False)
         if start < args.steps:
             if args.timeline:  # record from the first step on
-                from tierflow.timeline import record_phases, save_timeline
+                from tierflow.bench.timeline import record_phases, save_timeline
                 engine.events.enable()
                 record_phases(engine)
             result = _loop(engine, opt, sched, _prepend(first_batch, batches), args, device, console, start)

@@ -31,22 +31,27 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from . import calibrate, distributed, hooks
-from .budget import Budget
-from .config import OffloadConfig
-from .device import ComputeDevice
-from .errors import BudgetError, ConfigError, EngineFailedError, NonFiniteError, TierflowError
-from .events import EventLog, Span
-from .gradients import GradientSink
-from .layout import Slot, Unit, partition
-from .optim import PendingUpdate, apply_updates
-from .cost import DEFAULT_BATCH_SHAPE, workload
-from .plan import DRAIN_BUFFERS, Placement, device_capacity, working_bytes
-from .planner import choose_placement
-from .schedule import eviction_order, prefetch_window
-from .storage import BufferPool, NvmeStore
-from .tiers import ARRAY_CLASS, FP32, StateIO, UnitState
-from .trace import Trace
+from tierflow.core import figures
+
+from tierflow.dist import ranks as distributed
+
+from tierflow.runtime import hooks
+from tierflow.memory.budget import Budget
+from tierflow.config import OffloadConfig
+from tierflow.memory.device import ComputeDevice
+from tierflow.errors import BudgetError, ConfigError, EngineFailedError, NonFiniteError, TierflowError
+from tierflow.runtime.events import EventLog, Span
+from tierflow.runtime.gradients import GradientSink
+from tierflow.core.layout import Slot, Unit, partition
+from tierflow.runtime.updates import PendingUpdate, apply_updates
+from tierflow.core.cost import DEFAULT_BATCH_SHAPE, workload
+from tierflow.core.plan import DRAIN_BUFFERS, Placement, device_capacity, working_bytes
+from tierflow.core.planner import choose_placement
+from tierflow.core.schedule import eviction_order, prefetch_window
+from tierflow.memory.nvme import NvmeStore
+from tierflow.memory.pool import BufferPool
+from tierflow.memory.tiers import ARRAY_CLASS, FP32, StateIO, UnitState
+from tierflow.core.trace import Trace
 
 SCRATCH_ELEMENTS = 1 << 22  # per device buffer of a GPU-side AdamW of host/NVMe state (4 x 16 MiB)
 SCRATCH_BUFFERS = 4         # master, gradient and both moments, fp32
@@ -159,7 +164,7 @@ class Engine:
         self._handles = hooks.install(self, model, hooked)
         self.activations = None  # an ActivationManager when cfg.activations asks for one
         if self.cfg.activations is not None:
-            from .activations import ActivationManager
+            from tierflow.runtime.activations import ActivationManager
             self.activations = ActivationManager(self, model, hooked, self.cfg.activations)
 
     # ---- construction -----------------------------------------------------------------
@@ -183,7 +188,7 @@ class Engine:
         self.plan: Placement = choose_placement(
             self.units, self.cfg, self.compute_dtype, buffer_bytes,
             workload(model, self.units, *(self.cfg.batch_shape or DEFAULT_BATCH_SHAPE), self.compute_dtype),
-            calibrate.for_planning(self.cfg.device.type, self.compute_dtype), placement, world)[0]
+            figures.for_planning(self.cfg.device.type, self.compute_dtype), placement, world)[0]
         return hooked
 
     def _tile_oversized(self, model, unit_bytes: int, source) -> bool:
@@ -191,7 +196,7 @@ class Engine:
         cap = device_capacity(self.cfg)
         if cap is None or source is not None:  # `source` reads parameters by their names
             return False
-        from .tiling import tile_oversized
+        from tierflow.core.tiling import tile_oversized
         self.tiled, self._untile = tile_oversized(model, cap // 4, unit_bytes, self.compute_dtype)
         return bool(self.tiled)
 
@@ -888,7 +893,7 @@ class Engine:
             else:
                 result[key] = value.detach().clone()
         if self.tiled:
-            from .tiling import merge
+            from tierflow.core.tiling import merge
             result = merge(result, self.tiled)
         return result
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from .events import EventLog, Span
+from tierflow.runtime.events import EventLog, Span
 
 LANES = ("compute", "transfer", "update", "drain")
 LANE_OF = {"forward": "compute", "backward": "compute", "fetch": "transfer", "update": "update",

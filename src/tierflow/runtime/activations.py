@@ -32,11 +32,11 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .activation_store import SpillFile
-from .activation_policy import LayerStats, Policy, choose
-from .engine import BUDGET_WAIT_S
-from .config import format_size
-from .errors import BudgetError
+from tierflow.memory.spill import SpillFile
+from tierflow.core.activation_policy import LayerStats, Policy, choose
+from tierflow.runtime.engine import BUDGET_WAIT_S
+from tierflow.config import format_size
+from tierflow.errors import BudgetError
 
 KEEP_WAIT_S = 2.0             # how long keeping an activation waits for device memory to free
 MIN_OFFLOAD_BYTES = 1024      # smaller saved tensors are kept: a copy costs more than it saves

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import ConfigError
-from .tiers import wait_all
+from tierflow.errors import ConfigError
+from tierflow.memory.tiers import wait_all
 
 
 @dataclass(frozen=True)

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import threading
 
-from .config import format_size
-from .errors import BudgetError
+from tierflow.config import format_size
+from tierflow.errors import BudgetError
 
 
 class Budget:

@@ -22,9 +22,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .config import format_size
-from .errors import BudgetError, ConfigError
-from .kvcache import KV_TIERS, TieredCache, kv_bytes
+from tierflow.config import format_size
+from tierflow.errors import BudgetError, ConfigError
+from tierflow.infer.kvcache import KV_TIERS, TieredCache, kv_bytes
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,6 @@
-"""`tierflow bench calibrate`: measure the machine figures the cost model needs (~10-30 s).
+"""The machine figures the cost model plans with: what they are, their cache, nominal values.
+
+They are measured by `tierflow bench calibrate` (tierflow/bench/calibrate.py):
 
 * compute: FLOP/s of a large square matmul, and of the forward and backward of a small
   reference Llama (2 layers) at a few widths, in the compute dtype on the device, with
@@ -7,7 +9,7 @@
   pinned memory; CPU: a copy into a newly allocated buffer, which is what a fetch does);
 * NVMe: read and write bandwidth of tierflow's NvmeStore (O_DIRECT where possible) with
   the engine's request pattern (four 8 MiB arrays per window);
-* optimizer: CPU AdamW parameters/s with `tierflow.optim.adamw_` (and on the device);
+* optimizer: CPU AdamW parameters/s with `tierflow.runtime.updates.adamw_` (and on the device);
 * contention (CPU device): the share of speed compute and AdamW each lose while they run
   together on the same cores.
 
@@ -160,56 +162,6 @@ def for_planning(device: str = "cpu", dtype: torch.dtype = torch.float32) -> Cal
     return load_cached(device, dtype) or nominal(device, dtype)
 
 
-def get_calibration(device: str = "cpu", dtype: torch.dtype = torch.float32, nvme_dir=None,
-                    recalibrate: bool = False, path: Path | None = None, log=None) -> tuple[Calibration, bool]:
-    """(calibration, whether it came from the cache); measures and caches when needed."""
-    if not recalibrate:
-        cached = load_cached(device, dtype, path)
-        if cached is not None:
-            return cached, True
-    cal = calibrate(device, dtype, nvme_dir, log=log)
-    save(cal, dtype, path)
-    return cal, False
-
-
-def calibrate(device: str = "cpu", dtype: torch.dtype = torch.float32, nvme_dir=None, log=None) -> Calibration:
-    """Measure every figure of `Calibration` on this machine (~10-30 s)."""
-    from .bench import probes
-    from .device import return_freed_memory_to_os
-
-    log = log or (lambda text: None)
-    mark = probes.load_mark()
-    return_freed_memory_to_os()  # allocate as the engine does (fresh pages for large tensors)
-    dev = torch.device(device)
-    if dev.type == "cuda" and dev.index is None:
-        dev = torch.device("cuda", torch.cuda.current_device())
-    log("compute ...")
-    flops = probes.matmul_flops(dev, dtype)
-    with probes.engine_threads():
-        widths = (1024, 2048, 4096) if dev.type == "cuda" else (256, 512, 768, 1024)
-        blocks = tuple(probes.block_flops(dev, dtype, w) for w in widths)
-        log("memory ...")
-        memcpy, drain = probes.memcpy_bps(), probes.drain_bps()
-        h2d = d2h = memcpy  # a CPU fetch copies into a reused buffer of an evicted unit (engine._spare)
-        device_adamw = None
-        if dev.type == "cuda":
-            h2d, d2h = probes.link_bps(dev)
-            device_adamw = probes.adamw_params_per_s(dev)
-        log("NVMe ...")
-        (nvme_read, nvme_write), io_lost = probes.nvme_bps(nvme_dir), probes.io_beside_compute(dev, nvme_dir)
-        log("optimizer ...")
-        adamw = probes.adamw_params_per_s()
-        share = probes.contention() if dev.type == "cpu" else (0.0, 0.0)
-    log("engine overhead ...")
-    overhead = probes.unit_overhead(dev)
-    return Calibration(
-        device=dev.type, dtype=str(dtype).removeprefix("torch."), matmul_flops=flops, block_flops=blocks,
-        memcpy_bps=memcpy, drain_bps=drain, h2d_bps=h2d, d2h_bps=d2h, nvme_read_bps=nvme_read,
-        nvme_write_bps=nvme_write, adamw_params_per_s=adamw, device_adamw_params_per_s=device_adamw or adamw,
-        contention=share + (io_lost,), unit_overhead_s=overhead, cores=torch.get_num_threads(),
-        host=socket.gethostname(), created=time.time(), others_load=probes.others_load(mark))
-
-
 # ---- report -----------------------------------------------------------------------------
 
 def describe(cal: Calibration) -> list[str]:
@@ -234,25 +186,3 @@ def describe(cal: Calibration) -> list[str]:
               f"engine bookkeeping    {cal.unit_overhead_s[0] * 1e3:8.2f} ms per device-resident unit and step, "
               f"{cal.unit_overhead_s[1] * 1e3:.2f} ms per streamed unit"]
     return lines
-
-
-def run_calibrate_bench(device: str = "cpu", dtype: str | None = None, nvme_dir=None,
-                        recalibrate: bool = False, json_path=None) -> Calibration:
-    """`tierflow bench calibrate`: print (and cache) this machine's figures."""
-    from .config import parse_device, parse_dtype
-
-    dev = parse_device(device)
-    torch_dtype = parse_dtype(dtype) or torch.float32
-    start = time.perf_counter()
-    cal, cached = get_calibration(str(dev), torch_dtype, nvme_dir, recalibrate,
-                                  log=lambda text: print(f"calibrating {text}", flush=True))
-    where = cache_path()
-    print(f"calibration {'from cache' if cached else f'measured in {time.perf_counter() - start:.1f} s'}: {where}")
-    for line in describe(cal):
-        print("  " + line)
-    if cal.others_load > 0.25:
-        print(f"warning: other processes used {cal.others_load:.1f} cores during the calibration, so these "
-              f"figures are low; run `tierflow bench calibrate --recalibrate` on an idle machine")
-    if json_path:
-        Path(json_path).write_text(json.dumps(cal.to_dict(), indent=2) + "\n")
-    return cal

@@ -35,10 +35,10 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from .calibrate import Calibration
-from .layout import Unit
-from .plan import TIERS, Placement, working_bytes
-from .tiers import ALIGN, ARRAY_CLASS, array_specs
+from tierflow.core.figures import Calibration
+from tierflow.core.layout import Unit
+from tierflow.core.plan import TIERS, Placement, working_bytes
+from tierflow.memory.tiers import ALIGN, ARRAY_CLASS, array_specs
 
 CLASSES = ("weights", "master", "grads", "moments", "activations", "buffers", "working", "staging")
 ADAMW_READ, ADAMW_WRITE = 16, 12  # fp32 bytes per parameter an AdamW step reads / writes
@@ -443,10 +443,10 @@ def predict(model: torch.nn.Module, cfg, cal: Calibration, batch_size: int = 1, 
     (of one of `world_size` data-parallel ranks, `batch_size` sequences each).
 
     Raises BudgetError / ConfigError when it does not fit, as `tierflow.offload` would."""
-    from .engine import _default_unit_bytes, _model_dtype
-    from .layout import partition
-    from .plan import device_capacity
-    from .planner import choose_placement
+    from tierflow.runtime.engine import _default_unit_bytes, _model_dtype
+    from tierflow.core.layout import partition
+    from tierflow.core.plan import device_capacity
+    from tierflow.core.planner import choose_placement
 
     dtype = cfg.dtype or _model_dtype(model)
     units, _ = partition(model, cfg.unit_bytes or _default_unit_bytes(cfg, model), allow_meta=True,

@@ -19,11 +19,11 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
-from .budget import Budget
-from .errors import ConfigError
-from .layout import Slot
-from .optim import StepGate
-from .tiers import FP32, StateIO, UnitState
+from tierflow.memory.budget import Budget
+from tierflow.errors import ConfigError
+from tierflow.core.layout import Slot
+from tierflow.runtime.updates import StepGate
+from tierflow.memory.tiers import FP32, StateIO, UnitState
 
 
 class GradientSink:

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
-from .errors import ConfigError
+from tierflow.errors import ConfigError
 
 KV_TIERS = ("device", "host", "nvme")
 

@@ -26,10 +26,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .budget import Budget
-from .device import ComputeDevice
-from .layout import Unit
-from .storage import BufferPool, Extent, NvmeStore
+from tierflow.memory.budget import Budget
+from tierflow.memory.device import ComputeDevice
+from tierflow.core.layout import Unit
+from tierflow.memory.nvme import Extent, NvmeStore
+from tierflow.memory.pool import BufferPool
 
 FP32 = torch.float32
 ALIGN = 4096

@@ -22,11 +22,11 @@ from dataclasses import replace
 
 import torch
 
-from .calibrate import Calibration
-from .cost import StepPrediction, Workload, predict_step, update_job
-from .errors import BudgetError
-from .layout import Unit
-from .plan import GREEDY, Placement, Variant, device_capacity, plan_placement
+from tierflow.core.figures import Calibration
+from tierflow.core.cost import StepPrediction, Workload, predict_step, update_job
+from tierflow.errors import BudgetError
+from tierflow.core.layout import Unit
+from tierflow.core.plan import GREEDY, Placement, Variant, device_capacity, plan_placement
 
 VARIANTS = tuple(Variant(order, share, scale) for order in ("front", "dense", "spread")
                  for share in (1.0, 0.5) for scale in (1.0, 2.0, 4.0))

@@ -20,10 +20,10 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import OffloadConfig, format_size
-from .errors import BudgetError, ConfigError
-from .layout import Unit
-from .tiers import array_specs
+from tierflow.config import OffloadConfig, format_size
+from tierflow.errors import BudgetError, ConfigError
+from tierflow.core.layout import Unit
+from tierflow.memory.tiers import array_specs
 
 TIERS = ("device", "host", "nvme")
 PLACEMENTS = ("auto", "greedy") + TIERS  # "auto": searched by the planner; a tier: everything there

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from .errors import TierflowError
+from tierflow.errors import TierflowError
 
 TIMEOUT_ENV = "TIERFLOW_DIST_TIMEOUT"  # seconds a collective may wait for the other ranks
 DEFAULT_TIMEOUT_S = 300.0

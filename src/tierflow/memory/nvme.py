@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from tierflow.errors import NvmeError
-from tierflow.storage.pool import aligned_empty
+from tierflow.memory.pool import aligned_empty
 
 __all__ = ["Extent", "NvmeStore"]
 
@@ -348,7 +348,7 @@ class NvmeStore:
             raise ValueError(
                 f"O_DIRECT I/O needs buffer address, start and length to be multiples of "
                 f"{self.alignment} (got address {tensor.data_ptr():#x}, start {start}, "
-                f"length {n}): use tierflow.storage.aligned_empty/BufferPool buffers and "
+                f"length {n}): use tierflow.memory.pool.aligned_empty/BufferPool buffers and "
                 "round the length up to the alignment"
             )
         return view

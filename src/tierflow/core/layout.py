@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .errors import ConfigError
+from tierflow.errors import ConfigError
 
 SEGMENT_ALIGN = 2048  # elements: 4 KiB of bf16, 8 KiB of fp32 (O_DIRECT alignment)
 
