@@ -57,16 +57,14 @@ def main() -> None:
             loss = engine(input_ids=mine, labels=mine).loss
             loss.backward()
         else:
+            # The gradient the ranks average: g_0/split + g_1/split + ... (exact halving for 2).
             parts = []
             for r in range(split):
                 mine = ids[r * per_rank:(r + 1) * per_rank]
                 part = engine(input_ids=mine, labels=mine).loss
-                (part / split).backward() if split > 1 else part.backward()
+                (part / split).backward()
                 parts.append(part.detach())
-            loss = parts[0]
-            for part in parts[1:]:
-                loss = loss + part
-            loss = loss / split
+            loss = torch.stack(parts).sum() / split  # as the ranks' all-reduced mean below
         norms.append(float(opt.clip_grad_norm_(args.clip)))
         opt.step()
         opt.zero_grad()
