@@ -27,6 +27,10 @@ def main() -> None:
     ap.add_argument("--resume", default=None, help="resume from this checkpoint first")
     ap.add_argument("--arch", default="llama", help="tiny model: llama, or gpt2 (tied embeddings)")
     ap.add_argument("--die-at-step", type=int, default=None, help="rank 1 exits abruptly at this step")
+    ap.add_argument("--clip", type=float, default=0.5, help="max_norm of clip_grad_norm_")
+    ap.add_argument("--as-ranks", type=int, default=1,
+                    help="one process only: run the batch as this many micro-batches, the rows each "
+                         "rank would get, each loss divided by their number (gradient accumulation)")
     args = ap.parse_args()
 
     distributed.init_from_env("cpu")
@@ -41,15 +45,27 @@ def main() -> None:
         opt = tierflow.AdamW(engine, lr=1e-2, weight_decay=0.1)
     engine.eval()  # no dropout: ranks and the whole batch draw different masks
     batches = make_batches(args.steps, batch=args.batch, seed=7 if args.resume else 1)
-    per_rank = args.batch // world
+    assert world == 1 or args.as_ranks == 1, "--as-ranks is the one-process reference"
+    split = max(world, args.as_ranks)
+    per_rank = args.batch // split
     losses, norms = [], []
     for step, ids in enumerate(batches):
         if args.die_at_step == step and rank == 1:
             os._exit(3)  # a crash: no cleanup, no goodbye to the other ranks
-        mine = ids[rank * per_rank:(rank + 1) * per_rank]
-        loss = engine(input_ids=mine, labels=mine).loss
-        loss.backward()
-        norms.append(float(opt.clip_grad_norm_(0.5)))
+        if world > 1:
+            mine = ids[rank * per_rank:(rank + 1) * per_rank]
+            loss = engine(input_ids=mine, labels=mine).loss
+            loss.backward()
+        else:
+            # The gradient the ranks average: g_0/split + g_1/split + ... (exact halving for 2).
+            parts = []
+            for r in range(split):
+                mine = ids[r * per_rank:(r + 1) * per_rank]
+                part = engine(input_ids=mine, labels=mine).loss
+                (part / split).backward()
+                parts.append(part.detach())
+            loss = torch.stack(parts).sum() / split  # as the ranks' all-reduced mean below
+        norms.append(float(opt.clip_grad_norm_(args.clip)))
         opt.step()
         opt.zero_grad()
         total = loss.detach().clone()

@@ -184,6 +184,25 @@ def test_plan_does_not_fit_names_what_is_short(tmp_path, cached_calibration, cap
 @pytest.mark.parametrize("budgets", [dict(placement="device"),
                                      dict(device_memory="200KiB", host_memory="768KiB", nvme=True)])
 def test_predicted_peaks_match_the_engine(tmp_path, budgets, engines, cached_calibration):
+    """The predicted device peak assumes the drain thread keeps up (one gradient, the largest,
+    waits on the device: `cost.grads_in_flight`). The measured peak depends on thread timing, so
+    the test checks the bounds the design implies, not a percentage:
+
+    - no device budget, everything device-resident (CPU: nothing is fetched, cached, spared or
+      prefetched): the device holds the buffers and state for good plus the gradients that
+      autograd has handed over and the drain thread has not yet written out. At least the
+      largest one is reserved on its own: the prediction is the lowest possible peak. At most
+      every gradient of one backward is (a drain thread that never ran before opt.step() waits
+      for it; measured under load: 852,640 B = that bound, 11 % above the prediction).
+    - a device budget that the resident state plus the streamed weights exceed: the prediction
+      is the capacity, which no reservation ever exceeds; since the cached weights do not fit,
+      some reservation of n bytes failed (forward fetches every streamed unit and frees nothing
+      until one does not fit), so the budget once held more than capacity - n, n at most the
+      largest unit's weights or gradient.
+    """
+    from tierflow.cost import grads_in_flight, streamed_bytes
+    from tierflow.plan import grad_bytes, working_bytes
+
     options = dict(SMALL_UNITS, **budgets)
     if options.get("nvme"):
         options["nvme"] = str(tmp_path / "spill")
@@ -201,7 +220,22 @@ def test_predicted_peaks_match_the_engine(tmp_path, budgets, engines, cached_cal
         opt.zero_grad()
     peaks = engine.budget_peaks()
     assert peaks["host"][0] == pred.peaks["host"]
-    assert abs(peaks["device"][0] - pred.peaks["device"]) <= 0.1 * peaks["device"][0]
+
+    measured, capacity = peaks["device"]
+    units, dtype = pred.units, pred.compute_dtype
+    buffers = sum(b.numel() * b.element_size() for b in model.buffers())
+    resident = buffers + pred.placement.tier_bytes["device"]
+    streamed = streamed_bytes(units, pred.placement, dtype)
+    largest_grad = grads_in_flight(units, dtype)
+    if capacity is None:
+        assert streamed == 0 and set(pred.placement.homes) == {"device"}
+        assert pred.peaks["device"] == resident + largest_grad
+        every_grad = sum(grad_bytes(u, dtype) for u in units)
+        assert pred.peaks["device"] <= measured <= resident + every_grad
+    else:
+        assert resident + streamed > capacity and pred.peaks["device"] == capacity
+        largest_reservation = max(largest_grad, max(working_bytes(u, dtype) for u in units))
+        assert capacity - largest_reservation < measured <= capacity
 
 
 def test_plan_placement_is_the_engines(tmp_path):
