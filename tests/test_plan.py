@@ -200,8 +200,8 @@ def test_predicted_peaks_match_the_engine(tmp_path, budgets, engines, cached_cal
       until one does not fit), so the budget once held more than capacity - n, n at most the
       largest unit's weights or gradient.
     """
-    from tierflow.cost import grads_in_flight, streamed_bytes
-    from tierflow.plan import grad_bytes, working_bytes
+    from tierflow.core.cost import grads_in_flight, streamed_bytes
+    from tierflow.core.plan import grad_bytes, working_bytes
 
     options = dict(SMALL_UNITS, **budgets)
     if options.get("nvme"):
