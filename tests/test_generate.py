@@ -79,7 +79,7 @@ def test_kv_cache_tiers_give_the_same_tokens(tmp_path, engines, arch, kv):
 
 
 def test_kv_cache_goes_to_host_then_nvme_when_the_device_budget_is_short(tmp_path, engines):
-    from tierflow.infer.generate.generate import choose_kv_tier
+    from tierflow.infer.generate import choose_kv_tier
 
     path, _ = saved(tmp_path, "llama")
     engine = load(path, tmp_path, engines, "nvme", host_memory="1MiB")
@@ -155,7 +155,7 @@ def test_trainable_load_still_keeps_training_state(tmp_path, engines):
 
 _RSS_CHILD = textwrap.dedent("""
     import json, sys, torch
-    import tierflow, transformers, tierflow.infer.generate.generate
+    import tierflow, transformers, tierflow.infer.generate
     torch.set_num_threads(1)
     path, spill = sys.argv[1], sys.argv[2]
     # Warm up: imports of the model code and of generate are not the model's memory.
