@@ -42,9 +42,9 @@ def short_budget_wait(monkeypatch):
     fast. (Waits for copies in flight, which free memory on their own, take milliseconds; nothing
     asserted depends on the clock.)"""
     import tierflow.runtime.activations
-    import tierflow.runtime.engine
+    import tierflow.runtime.residency
 
-    monkeypatch.setattr(tierflow.runtime.engine, "BUDGET_WAIT_S", 10.0)
+    monkeypatch.setattr(tierflow.runtime.residency, "BUDGET_WAIT_S", 10.0)
     monkeypatch.setattr(tierflow.runtime.activations, "BUDGET_WAIT_S", 10.0)
 
 

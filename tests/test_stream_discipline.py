@@ -11,6 +11,7 @@ import torch
 
 import tierflow
 import tierflow.runtime.engine as engine_module
+import tierflow.runtime.residency as residency_module
 
 from conftest import SMALL_UNITS, assert_state_bitwise, make_batches, make_tiny
 from lane_recorder import RecordingDevice, recorded_updates
@@ -33,8 +34,8 @@ def recording(monkeypatch):
         return made[-1]
 
     monkeypatch.setattr(engine_module, "ComputeDevice", make_device)
-    monkeypatch.setattr(engine_module, "apply_updates",
-                        recorded_updates(engine_module.apply_updates, lambda: made[-1]))
+    monkeypatch.setattr(residency_module, "apply_updates",
+                        recorded_updates(residency_module.apply_updates, lambda: made[-1]))
     return made
 
 

@@ -443,13 +443,13 @@ def predict(model: torch.nn.Module, cfg, cal: Calibration, batch_size: int = 1, 
     (of one of `world_size` data-parallel ranks, `batch_size` sequences each).
 
     Raises BudgetError / ConfigError when it does not fit, as `tierflow.offload` would."""
-    from tierflow.runtime.engine import _default_unit_bytes, _model_dtype
+    from tierflow.core.layout import default_unit_bytes, model_dtype
     from tierflow.core.layout import partition
     from tierflow.core.plan import device_capacity
     from tierflow.core.planner import choose_placement
 
-    dtype = cfg.dtype or _model_dtype(model)
-    units, _ = partition(model, cfg.unit_bytes or _default_unit_bytes(cfg, model), allow_meta=True,
+    dtype = cfg.dtype or model_dtype(model)
+    units, _ = partition(model, cfg.unit_bytes or default_unit_bytes(cfg, model), allow_meta=True,
                          world_size=world_size)
     buffers = sum(b.numel() * b.element_size() for b in model.buffers())
     work = workload(model, units, batch_size, seq_len, dtype)

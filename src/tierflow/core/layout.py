@@ -150,3 +150,32 @@ def _check_params(model: nn.Module, allow_meta: bool = False) -> None:
             raise ConfigError(f"parameter {name} is not a dense strided tensor: unsupported")
     if not any(True for _ in model.parameters()):
         raise ConfigError("the model has no parameters: nothing to offload")
+
+
+def model_dtype(model: nn.Module) -> torch.dtype:
+    """The one floating dtype of a model's parameters (float32 if it has none)."""
+    dtypes = {p.dtype for p in model.parameters() if p.dtype.is_floating_point}
+    if len(dtypes) > 1:
+        raise ConfigError(f"the model mixes parameter dtypes {sorted(map(str, dtypes))}: cast it to one "
+                          f"dtype first (e.g. model.float())")
+    return dtypes.pop() if dtypes else torch.float32
+
+
+def default_unit_bytes(cfg, model: nn.Module | None = None) -> int:
+    """About an eighth of the device budget, so several units fit in flight; 256 MiB at most."""
+    if cfg.device_memory is None:
+        return 256 * 2**20
+    return max(1, min(256 * 2**20, cfg.device_memory // 8))
+
+
+def checked_source(value: torch.Tensor, slot: Slot) -> torch.Tensor:
+    """A source tensor for `slot`, verified to have its shape and a floating dtype."""
+    if not isinstance(value, torch.Tensor):
+        raise ConfigError(f"the value given for {slot.name} is not a tensor ({type(value).__name__})")
+    if tuple(value.shape) != tuple(slot.shape):
+        raise ConfigError(f"the value given for {slot.name} has shape {tuple(value.shape)}, but the model "
+                          f"expects {tuple(slot.shape)}")
+    if not value.dtype.is_floating_point:
+        raise ConfigError(f"the value given for {slot.name} has dtype {value.dtype}; a floating-point "
+                          f"dtype is needed")
+    return value.detach()

@@ -34,7 +34,7 @@ from torch.utils.checkpoint import checkpoint
 
 from tierflow.memory.spill import SpillFile
 from tierflow.core.activation_policy import LayerStats, Policy, choose
-from tierflow.runtime.engine import BUDGET_WAIT_S
+from tierflow.runtime.residency import BUDGET_WAIT_S
 from tierflow.config import format_size
 from tierflow.errors import BudgetError
 
@@ -236,7 +236,7 @@ class ActivationManager:
         if "use_cache" in kwargs:
             kwargs["use_cache"] = False
         lease = Lease()
-        with self.engine._engine_code():
+        with self.engine.bookkeeping():
             self.ledger.hold(inputs, lease)
         return checkpoint(self._replay, i, forward, lease, *args, use_reentrant=False,
                           preserve_rng_state=True, **kwargs)
@@ -252,12 +252,12 @@ class ActivationManager:
         self.recomputing += 1
         try:
             if uids:
-                self.engine.enter_module(uids)
+                self.engine.passes.enter_module(uids)
             try:
                 return forward(*args, **kwargs)
             finally:
                 if uids:
-                    self.engine.exit_module(uids)
+                    self.engine.passes.exit_module(uids)
         finally:
             self.recomputing -= 1
 
@@ -275,7 +275,7 @@ class ActivationManager:
         if mode == "offload" and nbytes >= MIN_OFFLOAD_BYTES and _dense(tensor):
             return self._offload(tensor, nbytes)
         kept = Kept(tensor)
-        with self.engine._engine_code():
+        with self.engine.bookkeeping():
             self.ledger.hold([tensor], kept)
         return kept
 
@@ -306,19 +306,19 @@ class ActivationManager:
         self._dedupe[-1][key] = (weakref.ref(tensor), record)
         self._records.append(weakref.ref(record))
         engine = self.engine
-        with engine._engine_code():  # the copies in flight release their bytes: wait for them
+        with engine.bookkeeping():  # the copies in flight release their bytes: wait for them
             self._reserve_device(nbytes, "an activation being offloaded", wait=BUDGET_WAIT_S)
         if engine.budgets["host"].try_reserve(nbytes):
             record.host_bytes = nbytes
         elif self.spill is None:  # nowhere to put it: it stays on the device
             engine.budgets["device"].release(nbytes)
             kept = Kept(tensor)
-            with engine._engine_code():
+            with engine.bookkeeping():
                 self.ledger.hold([tensor], kept)
             self._dedupe[-1][key] = (weakref.ref(tensor), kept)
             return kept
         event = engine.device.record_event()
-        record.copy_out = engine._transfer.submit(self._copy_out, record, tensor, event)
+        record.copy_out = engine.residency.transfer.submit(self._copy_out, record, tensor, event)
         self._live[0] += 1
         weakref.finalize(record, self._freed, engine.budgets, record.host_bytes, self.spill,
                          self._records, self._live)
@@ -339,14 +339,14 @@ class ActivationManager:
                 record.host = host
             else:
                 record.extent = self.spill.write(host)
-            engine._count("device_to_host", record.nbytes)
+            engine.count("device_to_host", record.nbytes)
         finally:
             engine.budgets["device"].release(record.nbytes)
         self._copy_seconds += time.perf_counter() - start
         self._copy_bytes += record.nbytes
 
     def _bring_back(self, record: Offloaded) -> torch.Tensor:
-        with self.engine._engine_code():
+        with self.engine.bookkeeping():
             if record.tensor is None and record.fetch is None:
                 self._start_fetch(record, required=True)
             self._prefetch_before(record.index)
@@ -361,12 +361,12 @@ class ActivationManager:
         engine = self.engine
         if not required and self._back[0] + record.nbytes > self._prefetch_room():
             return False  # read-ahead must not take the room the next weights and gradients need
-        if not engine._reserve_device(record.nbytes, "an offloaded activation", required):
+        if not engine.residency.reserve_device(record.nbytes, "an offloaded activation", required):
             return False
         record.device_bytes = record.nbytes
         self._back[0] += record.nbytes
         weakref.finalize(record, self._returned, engine.budgets["device"], record.nbytes, self._back)
-        record.fetch = engine._transfer.submit(self._copy_in, record)
+        record.fetch = engine.residency.transfer.submit(self._copy_in, record)
         return True
 
     def _copy_in(self, record: Offloaded) -> None:
@@ -386,7 +386,7 @@ class ActivationManager:
                 out.copy_(host, non_blocking=True)
                 engine.device.synchronize_lane()
         record.tensor = out
-        engine._count("host_to_device", record.nbytes)
+        engine.count("host_to_device", record.nbytes)
 
     def _prefetch_before(self, index: int) -> None:
         """Start copying back the activations saved just before `index` (backward runs in reverse)."""
@@ -449,7 +449,7 @@ class ActivationManager:
         copies and gradient drains to free memory (not the engine's long wait: kept
         activations that do not fit should fail fast)."""
         try:
-            if not self.engine._reserve_device(nbytes, what, required=False):
+            if not self.engine.residency.reserve_device(nbytes, what, required=False):
                 self.engine.budgets["device"].reserve(nbytes, what, wait=wait)
         except BudgetError as exc:
             hint = "" if self.mode == "auto" else "; activations='auto' (or 'recompute' / 'offload') may fit"

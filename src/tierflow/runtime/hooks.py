@@ -35,25 +35,25 @@ class SavedUnitView:
 class OnDemandFetch(TorchFunctionMode):
     """Fetches parameters whose data is not on the device when an op receives them."""
 
-    def __init__(self, engine):
+    def __init__(self, engine, passes):
         super().__init__()
-        self.engine = engine
+        self.engine, self.passes = engine, passes
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if self.engine._busy:
+        if self.engine.busy:
             return func(*args, **kwargs)
         owner = self.engine.param_owner
         for arg in args:
             if isinstance(arg, nn.Parameter) and id(arg) in owner:
-                self.engine.ensure_resident(owner[id(arg)])
+                self.passes.ensure_resident(owner[id(arg)])
             elif isinstance(arg, (list, tuple)):
                 for item in arg:
                     if isinstance(item, nn.Parameter) and id(item) in owner:
-                        self.engine.ensure_resident(owner[id(item)])
+                        self.passes.ensure_resident(owner[id(item)])
         for value in kwargs.values():
             if isinstance(value, nn.Parameter) and id(value) in owner:
-                self.engine.ensure_resident(owner[id(value)])
+                self.passes.ensure_resident(owner[id(value)])
         return func(*args, **kwargs)
 
 
@@ -61,13 +61,13 @@ class ForwardContext:
     """Entered by the root module's pre-hook, left by its post-hook: the contexts that
     must surround the whole forward pass (saved-tensor hooks, on-demand fetching)."""
 
-    def __init__(self, engine):
-        self.engine = engine
+    def __init__(self, engine, passes):
+        self.engine, self.passes = engine, passes
         self._stack = []
 
     def enter(self) -> None:
-        saved = torch.autograd.graph.saved_tensors_hooks(self.engine.pack_saved, self.engine.unpack_saved)
-        mode = OnDemandFetch(self.engine) if self.engine.fetches_on_demand else contextlib.nullcontext()
+        saved = torch.autograd.graph.saved_tensors_hooks(self.passes.pack_saved, self.passes.unpack_saved)
+        mode = OnDemandFetch(self.engine, self.passes) if self.engine.fetches_on_demand else contextlib.nullcontext()
         saved.__enter__()
         mode.__enter__()
         self._stack.append((saved, mode))
@@ -78,18 +78,18 @@ class ForwardContext:
         saved.__exit__(None, None, None)
 
 
-def install(engine, model: nn.Module, hooked: dict[nn.Module, set[int]]) -> list:
-    """Register every hook; returns the handles (to remove them on close)."""
+def install(engine, passes, model: nn.Module, hooked: dict[nn.Module, set[int]]) -> list:
+    """Register every hook, calling `passes` (passes.py); returns the handles (to remove on close)."""
     handles = []
-    context = ForwardContext(engine)
+    context = ForwardContext(engine, passes)
 
     def root_pre(module, args):
         context.enter()
-        engine.begin_forward()
+        passes.begin_forward()
 
     def root_post(module, args, output):
         try:
-            engine.end_forward()
+            passes.end_forward()
         finally:
             context.exit()
 
@@ -99,10 +99,10 @@ def install(engine, model: nn.Module, hooked: dict[nn.Module, set[int]]) -> list
         ordered = sorted(uids)
 
         def pre(module, args, _uids=ordered):
-            engine.enter_module(_uids)
+            passes.enter_module(_uids)
 
         def post(module, args, output, _uids=ordered):
-            engine.exit_module(_uids)
+            passes.exit_module(_uids)
 
         handles.append(module.register_forward_pre_hook(pre))
         handles.append(module.register_forward_hook(post, always_call=True))
@@ -112,5 +112,5 @@ def install(engine, model: nn.Module, hooked: dict[nn.Module, set[int]]) -> list
         for slot in unit.slots:
             if slot.trainable:
                 handles.append(slot.param.register_post_accumulate_grad_hook(
-                    lambda param, _unit=unit, _slot=slot: engine.on_grad(_unit, _slot, param)))
+                    lambda param, _unit=unit, _slot=slot: passes.on_grad(_unit, _slot, param)))
     return handles
