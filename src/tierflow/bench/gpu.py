@@ -325,8 +325,9 @@ def weight_mismatches(ref: dict, got: dict, rtol: float, atol: float, outlier_fr
     each tensor's elements, and those few stay within `outlier_bound`: AdamW's first update is
     about lr * sign(gradient), so a gradient within rounding noise of zero (GPU atomics, other
     GEMM kernels) moves its weight by up to 2 lr the other way, legitimately. A real ordering
-    bug (stale weights, a lost update) moves whole tensors, far beyond both limits; the
-    per-tensor relative norm catches it as well.
+    bug (stale weights, a lost update) moves whole tensors, far beyond both limits. (A
+    relative-norm limit would not do: a handful of legitimate 2 lr flips in a 1024x1024
+    tensor already give a relative norm of ~1e-3.)
     """
     problems = []
     for key, r in ref.items():
@@ -341,10 +342,9 @@ def weight_mismatches(ref: dict, got: dict, rtol: float, atol: float, outlier_fr
             continue
         outside = diff > atol + rtol * r64.abs()
         fraction = outside.float().mean().item()
-        norm_rel = (diff.norm() / r64.norm().clamp_min(1e-12)).item()
-        if fraction > outlier_fraction or diff.max().item() > outlier_bound or norm_rel > rtol:
-            problems.append(f"{key}: {fraction:.2e} of elements off, max diff {diff.max().item():.3g}, "
-                            f"relative norm {norm_rel:.3g}")
+        if fraction > outlier_fraction or diff.max().item() > outlier_bound:
+            problems.append(f"{key}: {fraction:.2e} of elements off (limit {outlier_fraction:g}), max diff "
+                            f"{diff.max().item():.3g} (limit {outlier_bound:g})")
     return problems
 
 
