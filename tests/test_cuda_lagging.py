@@ -12,9 +12,9 @@ repeated, so the loss falls and wrong weights show in it):
 * fp32, TF32 off: losses rtol 1e-4; final weights rtol 1e-4 / atol 1e-5 element-wise, a few
   elements excepted (`weight_mismatches`: AdamW's first update is ~lr*sign(grad), and a
   gradient within rounding noise of zero -- embedding backward uses atomics, the engine's
-  flat weight buffers may pick other GEMM kernels -- flips it), and a relative norm <= 1e-4
-  per tensor. atol 1e-5 is 1/100 of one step's update (lr 1e-3) and 1/2000 of the init
-  scale (0.02): far below what a stale weight or a lost update does.
+  flat weight buffers may pick other GEMM kernels -- flips it: at most 1e-4 of a tensor's
+  elements, each within 4 lr x steps). atol 1e-5 is 1/100 of one step's update (lr 1e-3) and
+  1/2000 of the init scale (0.02): far below what a stale weight or a lost update does.
 * bf16: tierflow's bf16 weights against torch autocast (fp32 master weights, fused AdamW);
   the arithmetic differs (bf16 residual stream), so losses within 1e-2 relative, weights
   only finite.
