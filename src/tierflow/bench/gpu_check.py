@@ -82,6 +82,9 @@ def _attempt(name: str, report: dict, fn) -> gpu.RunResult | None:
     print(f"[{time.strftime('%H:%M:%S')}] running {name} ...", flush=True)
     try:
         result = fn()
+    except KeyboardInterrupt:  # the script's time limit (SIGINT): record it, stop the run
+        report["runs"][name] = {"name": name, "error": "interrupted (time limit or Ctrl-C)"}
+        raise
     except Exception as exc:  # noqa: BLE001 -- recorded as a FAIL, the other contenders still run
         traceback.print_exc()
         report["runs"][name] = {"name": name, "error": f"{type(exc).__name__}: {exc}"}
@@ -128,6 +131,8 @@ def run_gpu_check(preset: str = "1b", shape: gpu.ModelShape | None = None, batch
             _attempt(name, report, lambda: gpu.run_tierflow(name, initial, batches, device, DTYPES[dtype], lr, kwargs,
                                                             lag_ms=lag_ms, fault=fault))
             save()
+    except KeyboardInterrupt:  # the contenders not run yet FAIL as "ran"; the table still prints
+        report["interrupted"] = True
     finally:
         save()
         if own_nvme:
@@ -144,6 +149,10 @@ def _fmt(x, digits=4) -> str:
     if x is None:
         return "-"
     return f"{x:.{digits}g}" if isinstance(x, float) else str(x)
+
+
+def _gib(nbytes) -> str:
+    return "-" if nbytes is None else f"{nbytes / 2**30:.3g}"
 
 
 def _loss(run: dict, step: int):
@@ -163,14 +172,16 @@ def format_report(report: dict) -> str:
         cells = [_fmt(_loss(runs.get(n, {}), i), 7) for n in names]
         lines.append(f"{i:>4}  " + "  ".join(f"{c:>14}" for c in cells))
     lines += ["", f"{'contender':<16}{'median step s':>14}{'total s':>9}{'peak GPU GiB':>13}"
-                  f"{'max rel diff':>13}  homes / error"]
+                  f"{'budget GiB':>11}{'max rel diff':>13}  homes / error"]
     for n in names:
         run = runs.get(n, {})
-        peak = run.get("peak_device_bytes")
         detail = run.get("error") or run.get("info", {}).get("homes", "")
+        budget_peak = run.get("info", {}).get("budget_peaks", {}).get("device", [None])[0]
         lines.append(f"{n:<16}{_fmt(run.get('median_step_s')):>14}{_fmt(run.get('total_s'), 3):>9}"
-                     f"{_fmt(None if peak is None else peak / 2**30, 3):>13}{_fmt(run.get('max_rel_loss_diff'), 3):>13}"
-                     f"  {detail}")
+                     f"{_gib(run.get('peak_device_bytes')):>13}{_gib(budget_peak):>11}"
+                     f"{_fmt(run.get('max_rel_loss_diff'), 3):>13}  {detail}")
+    if report.get("interrupted"):
+        lines.append("INTERRUPTED: the contenders without figures did not run")
     lines.append("")
     for c in report["criteria"]:
         lines.append(f"{'PASS' if c['passed'] else 'FAIL'}  {c['name']} (value {_fmt(c['value'], 3)}, "
