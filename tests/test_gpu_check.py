@@ -120,3 +120,9 @@ def test_lagging_test_path_on_the_cpu(tmp_path):
     assert gpu.weight_mismatches(ref.state, got.state, rtol=1e-4, atol=1e-5, outlier_fraction=0,
                                  outlier_bound=0) == []
     assert got.info["homes"]["host"] > 1 and got.info["io_per_step"]["host_to_device"] > 0
+
+
+def test_a_model_that_cannot_be_built_fails_the_check(tmp_path):
+    report = smoke(tmp_path, shape=gpu.ModelShape(hidden=64, layers=2, intermediate=128, heads=5, vocab=96))
+    assert not report["passed"] and "model and batches built" in failed(report)
+    assert "OVERALL: FAIL" in gpu_check.format_report(report)

@@ -61,12 +61,20 @@ def build_initial_model(shape: ModelShape, seed: int, device: str, max_positions
     """
     import transformers
 
-    torch.manual_seed(seed)
-    init_device = torch.device(device)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        with init_device:
-            model = transformers.AutoModelForCausalLM.from_config(shape.config(max_positions))
+    def build(init_device):
+        torch.manual_seed(seed)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with torch.device(init_device):
+                return transformers.AutoModelForCausalLM.from_config(shape.config(max_positions))
+
+    try:
+        model = build(device)
+    except Exception as exc:  # noqa: BLE001 -- an init the GPU refuses still has the CPU's (slower)
+        if torch.device(device).type == "cpu":
+            raise
+        print(f"building the model on {device} failed ({type(exc).__name__}: {exc}); building it on the CPU")
+        model = build("cpu")
     return model.to("cpu", torch.float32)
 
 

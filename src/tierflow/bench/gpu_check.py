@@ -63,7 +63,8 @@ def judge(report: dict, rtol: float) -> list[dict]:
     """PASS/FAIL per criterion from the runs recorded so far."""
     runs = report["runs"]
     ref = runs.get("torch")
-    checks = [criterion("torch: reference ran, losses finite", None if ref is None else ref["nonfinite_losses"], 0,
+    checks = [criterion("model and batches built", report["error"], "no error", False)] if "error" in report else []
+    checks += [criterion("torch: reference ran, losses finite", None if ref is None else ref["nonfinite_losses"], 0,
                         ref is not None and "error" not in ref and ref["nonfinite_losses"] == 0)]
     for name in report["config"]["contenders"]:
         run = runs.get(name)
@@ -133,6 +134,9 @@ def run_gpu_check(preset: str = "1b", shape: gpu.ModelShape | None = None, batch
             save()
     except KeyboardInterrupt:  # the contenders not run yet FAIL as "ran"; the table still prints
         report["interrupted"] = True
+    except Exception as exc:  # noqa: BLE001 -- building failed: FAIL with the reason, table still prints
+        traceback.print_exc()
+        report["error"] = f"{type(exc).__name__}: {exc}"
     finally:
         save()
         if own_nvme:
