@@ -21,7 +21,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="src${PYTHONPATH:+:$PYTHONPATH}"
-PY=${PYTHON:-python}
+PY=${PYTHON:-$(command -v python || command -v python3)}
 SMOKE=${GPU_CHECK_CPU_SMOKE:-0}
 [[ "${1:-}" == "--cpu-smoke" ]] && SMOKE=1
 LOGS=${OUT:-$(mktemp -d /tmp/tierflow-gpu-check-XXXXXX)}

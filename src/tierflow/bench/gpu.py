@@ -16,6 +16,7 @@ which is how the CPU tests exercise it.
 """
 from __future__ import annotations
 
+import copy
 import gc
 import math
 import statistics
@@ -260,8 +261,6 @@ def _timed_training(name, model, opt, clip, batches, device, autocast_dtype, lag
 def run_torch(initial: nn.Module, batches, device: str, dtype: torch.dtype, lr: float, lag_ms: float = 0.0,
               keep_state: bool = False) -> RunResult:
     """Plain PyTorch: fp32 weights on the device, autocast for bf16, fused AdamW, torch's clip."""
-    import copy
-
     _reset_peak(device)
     model = copy.deepcopy(initial).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, fused=True)
@@ -282,8 +281,6 @@ def run_tierflow(name: str, initial: nn.Module, batches, device: str, dtype: tor
                  keep_state: bool = False) -> RunResult:
     """tierflow: the engine in `dtype` (master weights and moments fp32), tierflow.AdamW with
     its exact global-norm clip; `fault` corrupts this contender on purpose (checker tests)."""
-    import copy
-
     _reset_peak(device)
     model = copy.deepcopy(initial)
     engine = tierflow.offload(model, device=device, dtype=None if dtype == torch.float32 else dtype,
