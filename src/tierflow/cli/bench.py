@@ -9,6 +9,7 @@
     tierflow bench scale  step time and per-rank memory of 1 and 2 data-parallel ranks (torchrun)
     tierflow bench generate  generation beyond memory vs accelerate's disk offload (and fio)
     tierflow bench activations  longest trainable sequence in a device budget vs PyTorch and HF checkpointing
+    tierflow bench gpu  the 1 B bf16 run of the NaN report: tierflow vs plain PyTorch losses, PASS/FAIL (CUDA)
 """
 from __future__ import annotations
 
@@ -104,6 +105,33 @@ def add_arguments(parser) -> None:
     acts.add_argument("--steps", type=int, default=3, help="timed steps (median), after 2 warm-up steps")
     acts.add_argument("--nvme", default=None, help="spill directory for tierflow (default: none)")
     acts.add_argument("--json", default=None)
+    add_gpu_arguments(sub)
+
+
+def add_gpu_arguments(sub) -> None:
+    gpu = sub.add_parser("gpu", help="1 B Llama, bf16: tierflow (host, NVMe) vs plain PyTorch losses, PASS/FAIL; "
+                         "exit status 1 if a criterion fails")
+    gpu.add_argument("--cpu-smoke", action="store_true",
+                     help="tiny model on the CPU (seconds): checks the checker, not the GPU")
+    gpu.add_argument("--device", default=None, help="compute device (default: cuda; cpu with --cpu-smoke)")
+    gpu.add_argument("--steps", type=int, default=None, help="optimizer steps (default 20)")
+    gpu.add_argument("--batch-size", type=int, default=None, help="sequences per step (default 4)")
+    gpu.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default 1024)")
+    for name, default in (("hidden", 2048), ("layers", 16), ("intermediate", 5504), ("heads", 32), ("vocab", 32000)):
+        gpu.add_argument(f"--{name}", type=int, default=None, help=f"model size (default {default})")
+    gpu.add_argument("--dtype", default="bf16", choices=("bf16", "fp32"),
+                     help="bf16: losses within 1e-2 of torch autocast; fp32: within 1e-4")
+    gpu.add_argument("--lr", type=float, default=1e-4)
+    gpu.add_argument("--seed", type=int, default=0)
+    gpu.add_argument("--lag-ms", type=float, default=0.0,
+                     help="sleep queued on the GPU at each block's forward and before clipping (default 0)")
+    gpu.add_argument("--contenders", nargs="+", default=["tierflow-host", "tierflow-nvme"],
+                     choices=("tierflow-host", "tierflow-nvme"))
+    gpu.add_argument("--nvme", default=None, help="spill directory (default: a new one under /tmp, removed after)")
+    gpu.add_argument("--fault", default="none", choices=("none", "nan", "diverge"),
+                     help="corrupt tierflow's logits on purpose: the check must then FAIL")
+    gpu.add_argument("--json", default=None, help="write the report here (rewritten after every contender)")
+    gpu.add_argument("--summary", default=None, help="also write the printed table to this file")
 
 
 def run(args) -> int:
@@ -143,4 +171,7 @@ def run(args) -> int:
         from tierflow.bench.activations import run_activations_bench
         run_activations_bench(args.layers, args.hidden, args.device_memory, args.host_memory, args.grain,
                               args.limit, args.steps, args.nvme, args.json)
+    elif args.bench == "gpu":
+        from tierflow.bench.gpu_check import run_gpu_bench
+        return run_gpu_bench(args)
     return 0
