@@ -14,7 +14,8 @@ from tierflow.bench import calibrate
 from tierflow.cli.main import main
 from tierflow.config import OffloadConfig
 from tierflow.core.figures import Calibration
-from tierflow.core.cost import Job, Workload, class_bytes, peak_bytes, predict, predict_step, simulate, update_job
+from tierflow.core.cost import Job, Workload, class_bytes, peak_bytes, predict_step, simulate, update_job
+from tierflow.core.planner import predict
 from tierflow.core.layout import partition
 from tierflow.core.plan import Placement, plan_placement
 

@@ -12,7 +12,8 @@ from torch import nn
 import tierflow
 from tierflow.core import figures
 from tierflow.config import OffloadConfig
-from tierflow.core.cost import predict, workload
+from tierflow.core.cost import workload
+from tierflow.core.planner import predict
 from tierflow.core.plan import GREEDY, Variant, plan_placement
 from tierflow.core.planner import MIN_GAIN, VARIANTS, choose_placement, update_sites
 

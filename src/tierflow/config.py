@@ -150,6 +150,14 @@ class OffloadConfig:
     activations: str | None = None
     batch_shape: tuple[int, int] | None = None
 
+    def device_capacity(self) -> int | None:
+        """The device budget: device_memory, or on CUDA without one, 80% of what is free now
+        (the rest left for activations and the allocator's slack)."""
+        if self.device_memory is not None or self.device.type == "cpu":
+            return self.device_memory
+        free, _total = torch.cuda.mem_get_info(self.device)
+        return int(free * 0.8)
+
     @classmethod
     def create(cls, device="cpu", device_memory=None, host_memory=None, nvme=None, dtype=None,
                unit_bytes=None, prefetch_bytes=None, chunk_bytes=None, staging_buffers=8,

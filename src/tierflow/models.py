@@ -109,7 +109,7 @@ def build_model(name_or_path: str | os.PathLike = DEFAULT_MODEL, dtype: torch.dt
             torch.manual_seed(seed)
             model = AutoModelForCausalLM.from_config(config)
         return model.to(dtype) if dtype is not None else model
-    path = _model_dir(name_or_path)
+    path = model_dir(name_or_path)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     kwargs = {_dtype_kwarg(): dtype} if dtype is not None else {}
     try:
@@ -120,7 +120,7 @@ def build_model(name_or_path: str | os.PathLike = DEFAULT_MODEL, dtype: torch.dt
     return model
 
 
-def _model_dir(name_or_path: str | os.PathLike) -> Path:
+def model_dir(name_or_path: str | os.PathLike) -> Path:
     """The model directory ``name_or_path`` names, or a ConfigError."""
     path = Path(name_or_path)
     if not path.exists():

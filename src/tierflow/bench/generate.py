@@ -28,7 +28,7 @@ import sys
 import time
 from pathlib import Path
 
-from tierflow.bench.io import GB, FioJob, _fio_gbps, drop_caches, find_fio
+from tierflow.bench.io import GB, FioJob, fio_gbps, drop_caches, find_fio
 from tierflow.bench.report import print_row, row, write_json
 
 # The child joins the cgroup first thing, before torch is imported, so that everything it
@@ -262,7 +262,7 @@ def _fio_read(spill: Path) -> float | None:
     best = 0.0
     for job in (FioJob("", "psync", 8 * MiB, 4, 1, "malloc"), FioJob("", "libaio", MiB, 1, 32, "malloc")):
         try:
-            best = max(best, _fio_gbps(fio, job, spill, size, write=False, direct=True))
+            best = max(best, fio_gbps(fio, job, spill, size, write=False, direct=True))
         except (subprocess.CalledProcessError, ValueError, KeyError) as exc:
             print(f"WARNING: fio failed: {exc}", flush=True)
     (spill / "fio-bench.bin").unlink(missing_ok=True)

@@ -107,7 +107,7 @@ def _tierflow_gbps(store: NvmeStore, extent, pool: BufferPool, write: bool) -> f
     t0 = time.perf_counter()
     _stream(store, extent, pool, write)
     if write and not store.direct:
-        os.fsync(store._fd)  # buffered: count the time to reach the disk
+        store.sync()  # buffered: count the time to reach the disk
     return extent.nbytes / (time.perf_counter() - t0) / GB
 
 
@@ -148,7 +148,7 @@ def fio_jobs(chunk: int, io_threads: int, huge_pages: bool) -> list[FioJob]:
     return jobs
 
 
-def _fio_gbps(fio: str, job: FioJob, directory: Path, size: int, write: bool,
+def fio_gbps(fio: str, job: FioJob, directory: Path, size: int, write: bool,
               direct: bool) -> float:
     if not write:
         drop_caches()
@@ -324,7 +324,7 @@ def _throughput_rows(store, extent, pool, fio, jobs, directory, size, repeats) -
             ours[write].append(_tierflow_gbps(store, extent, pool, write))
             for job in jobs:
                 theirs[job, write].append(
-                    _fio_gbps(fio, job, directory, size, write, store.direct))
+                    fio_gbps(fio, job, directory, size, write, store.direct))
     rows = []
     for write, label in ((True, "seq_write"), (False, "seq_read")):
         mine = statistics.median(ours[write])

@@ -102,7 +102,7 @@ def measure(size: str, setting: str, cal, seq_len: int, steps: int, warmup: int,
             device: str = "cpu") -> Row:
     """Predict, then train `steps` steps and measure one configuration."""
     from tierflow.bench.probes import load_mark, others_load
-    from tierflow.core.cost import predict
+    from tierflow.core.planner import predict
 
     kwargs, placement = SETTINGS[setting]
     kwargs = dict(kwargs, nvme=spill_dir) if kwargs.get("nvme") else kwargs

@@ -22,7 +22,8 @@ checkpoint holds, verification), `state` (save / resume), `hf` (Hugging Face for
 from tierflow.checkpoint.files import CheckpointError
 from tierflow.checkpoint.hf import load, meta_parameters, save_pretrained
 from tierflow.checkpoint.manifest import checkpoint_dir, read_manifest, verify
-from tierflow.checkpoint.state import read_windows, resume, save
+from tierflow.checkpoint.files import read_windows
+from tierflow.checkpoint.state import resume, save
 
 __all__ = ["save", "resume", "read_manifest", "verify", "checkpoint_dir", "save_pretrained", "load",
            "meta_parameters", "read_windows", "CheckpointError"]

@@ -42,6 +42,7 @@ for _name, _code in (("float8_e4m3fn", "F8_E4M3"), ("float8_e5m2", "F8_E5M2")):
         DTYPE_CODES[getattr(torch, _name)] = _code
         CODE_DTYPES[_code] = getattr(torch, _name)
 
+OLD_MARK = ".old-"  # an older checkpoint being replaced: NAME.old-<pid>-<8 hex digits>
 TMP_MARK = ".tmp-"  # temporaries are named NAME.tmp-<pid>-<8 hex digits>
 _TEMPORARY = re.compile(r"^.+\.tmp-(?P<pid>\d+)-[0-9a-f]{8}$")
 HASH_CHUNK = 8 * 2**20
@@ -365,3 +366,33 @@ def exchange_dirs(a: Path, b: Path) -> bool:
     if err in (errno.EINVAL, errno.ENOSYS, errno.EPERM, errno.ENOTSUP):
         return False
     raise OSError(err, os.strerror(err), str(a))
+
+
+def os_reason(exc: OSError) -> str:
+    where = f" ({exc.filename})" if exc.filename else ""
+    if exc.errno == errno.ENOSPC:
+        return f"the disk is full{where}"
+    return f"{exc.strerror or exc}{where}"
+
+
+def read_windows(engine, unit, slot, names):
+    """One parameter's arrays, window by window (see Engine.iter_windows)."""
+    return engine.iter_windows(unit, slot, names)
+
+
+def install_directory(tmp: Path, path: Path) -> None:
+    """Move the complete checkpoint `tmp` to `path`, replacing an older one atomically."""
+    parent = path.parent
+    if not path.exists():
+        os.rename(tmp, path)
+        fsync_dir(parent)
+        return
+    if exchange_dirs(tmp, path):  # tmp now holds the old checkpoint
+        fsync_dir(parent)
+        shutil.rmtree(tmp, ignore_errors=True)
+        return
+    old = parent / f"{path.name}{OLD_MARK}{os.getpid()}-{os.urandom(4).hex()}"
+    os.rename(path, old)  # a crash here leaves the old one at `old` (named in resume's error)
+    os.rename(tmp, path)
+    fsync_dir(parent)
+    shutil.rmtree(old, ignore_errors=True)

@@ -22,9 +22,8 @@ from torch import nn
 
 from tierflow.config import parse_dtype, parse_size
 from tierflow.errors import ConfigError
-from tierflow.checkpoint.files import (CheckpointError, TensorFileReader, TensorFileWriter, fsync_dir, remove_stale_temporaries,
-                    temporary_name, write_bytes_durably)
-from tierflow.checkpoint.state import os_reason, read_windows
+from tierflow.checkpoint.files import (CheckpointError, TensorFileReader, TensorFileWriter, fsync_dir, os_reason,
+                                       read_windows, remove_stale_temporaries, temporary_name, write_bytes_durably)
 
 INDEX = "model.safetensors.index.json"
 
@@ -207,15 +206,14 @@ def _publish(tmp: Path, out: Path, files: list[str]) -> None:
 
 # ==== import =================================================================================
 def load(path, device="cpu", device_memory=None, host_memory=None, nvme=None, dtype=None,
-         placement: str = "auto", model_class=None, trainable: bool = True, **options):
+         placement: str = "auto", model_class=None, trainable: bool = True, *, make_engine, **options):
     """An engine over the Hugging Face model in directory `path` (config.json + safetensors),
     built without materialising the model: each tensor is read from its shard and placed
     into its tier one at a time. Arguments as `tierflow.offload`; `model_class` defaults to
     `transformers.AutoModelForCausalLM`. The model starts in eval mode, as `from_pretrained`
     leaves it (call `engine.train()` to train). `trainable=False` freezes every parameter
-    (inference): only compute-dtype weights are stored, no gradient or AdamW state."""
-    from tierflow import offload
-
+    (inference): only compute-dtype weights are stored, no gradient or AdamW state.
+    `make_engine`: `tierflow.offload` (passed in by the API, which this layer lies below)."""
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"{path} is not a directory (a Hugging Face model directory is needed)")
@@ -236,7 +234,7 @@ def load(path, device="cpu", device_memory=None, host_memory=None, nvme=None, dt
     try:
         keys = _match_keys(model, readers, path)
         _load_buffers(model, readers)
-        return offload(model, device=device, device_memory=device_memory, host_memory=host_memory, nvme=nvme,
+        return make_engine(model, device=device, device_memory=device_memory, host_memory=host_memory, nvme=nvme,
                        dtype=dtype, placement=placement, source=lambda name: keys[name][0].read(keys[name][1]),
                        **options)
     finally:

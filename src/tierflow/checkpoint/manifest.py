@@ -19,20 +19,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tierflow.checkpoint.files import TMP_MARK, CheckpointError, TensorFileReader, file_sha256, write_bytes_durably
+from tierflow.checkpoint.files import OLD_MARK, TMP_MARK, CheckpointError, TensorFileReader, file_sha256, write_bytes_durably
 
 FORMAT, VERSION = "tierflow-checkpoint", 1
 MANIFEST = "manifest.json"
 FILES = {"master": "master.safetensors", "exp_avg": "exp_avg.safetensors",
          "exp_avg_sq": "exp_avg_sq.safetensors", "buffers": "buffers.safetensors"}
 MOMENTS = ("exp_avg", "exp_avg_sq")
-OLD_MARK = ".old-"
 TUNING = ("unit_bytes", "prefetch_bytes", "chunk_bytes", "staging_buffers", "io_threads", "direct_io")
 
 
 def describe(engine, scheduler, extra) -> dict:
     """Everything but the files: computed before writing, so bad input fails first."""
-    from tierflow import __version__
+    from tierflow.version import __version__
 
     model = engine.module
     aliases: dict[int, list[str]] = {}
@@ -209,7 +208,6 @@ def verify(path, checksums: bool = True) -> dict:
     expected = expected_tensors(manifest)
     tensor_files = {FILES[key]: expected[key] for key in FILES}
     if "shards" in manifest:  # every rank's part instead of whole-array files (sharded.py)
-        from tierflow.checkpoint.sharded import expected_parts
 
         tensor_files = {FILES["buffers"]: expected["buffers"], **expected_parts(manifest)}
     for file_name, want in tensor_files.items():
@@ -240,3 +238,22 @@ def expected_tensors(manifest: dict) -> dict:
     return expected
 
 
+ARRAYS = ("master",) + MOMENTS  # what each rank of a sharded checkpoint writes
+
+
+def part_name(key: str, rank: int, world: int) -> str:
+    return f"{key}.rank{rank:05d}-of-{world:05d}.safetensors"
+
+
+def expected_parts(manifest: dict) -> dict:
+    """Part file name -> {tensor name: ([count], float32)} as the manifest describes them."""
+    shards = manifest["shards"]
+    world = shards["world_size"]
+    trainable = {p["name"]: p["trainable"] for p in manifest["params"]}
+    expected = {}
+    for rank, runs in enumerate(shards["runs"]):
+        for key in ARRAYS:
+            expected[part_name(key, rank, world)] = {
+                name: ([count], torch.float32) for name, (_, count) in runs.items()
+                if key == "master" or trainable[name]}
+    return expected

@@ -20,14 +20,11 @@ from pathlib import Path
 
 import torch
 
-from tierflow.checkpoint.files import CheckpointError, TensorFileReader, TensorFileWriter, fsync_dir, temporary_name
-from tierflow.checkpoint.manifest import FILES, MOMENTS, rng_state, write_manifest
+from tierflow.checkpoint.files import (CheckpointError, TensorFileReader, TensorFileWriter, fsync_dir,
+                                       install_directory, temporary_name)
+from tierflow.checkpoint.manifest import ARRAYS, FILES, part_name, rng_state, write_manifest
 
-ARRAYS = ("master",) + MOMENTS
 
-
-def part_name(key: str, rank: int, world: int) -> str:
-    return f"{key}.rank{rank:05d}-of-{world:05d}.safetensors"
 
 
 def local_runs(engine) -> dict[str, list[int]]:
@@ -79,7 +76,6 @@ def save_sharded(engine, path: Path, manifest: dict, prepare) -> Path:
 
 def _finish(tmp: Path, path: Path, manifest: dict, reports: list, failed: list) -> str | None:
     """Rank 0: write the manifest and install the directory; an error message, or None."""
-    from tierflow.checkpoint.state import _install
 
     if failed:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -90,7 +86,7 @@ def _finish(tmp: Path, path: Path, manifest: dict, reports: list, failed: list) 
                               "rng": [r["rng"] for r in reports]}
         write_manifest(tmp, manifest)
         fsync_dir(tmp)
-        _install(tmp, path)
+        install_directory(tmp, path)
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         return f"could not write checkpoint {path}: {exc}; the previous checkpoint is intact"
@@ -167,15 +163,4 @@ class ShardedReader:
             reader.close()
 
 
-def expected_parts(manifest: dict) -> dict:
-    """Part file name -> {tensor name: ([count], float32)} as the manifest describes them."""
-    shards = manifest["shards"]
-    world = shards["world_size"]
-    trainable = {p["name"]: p["trainable"] for p in manifest["params"]}
-    expected = {}
-    for rank, runs in enumerate(shards["runs"]):
-        for key in ARRAYS:
-            expected[part_name(key, rank, world)] = {
-                name: ([count], torch.float32) for name, (_, count) in runs.items()
-                if key == "master" or trainable[name]}
-    return expected
+#END

@@ -11,9 +11,7 @@ model before it builds anything; then it streams tensors one at a time into thei
 from __future__ import annotations
 
 import contextlib
-import errno
 import importlib
-import os
 import shutil
 import warnings
 from pathlib import Path
@@ -24,8 +22,9 @@ from torch import nn
 
 from tierflow.config import format_size, parse_size
 from tierflow.errors import ConfigError
-from tierflow.checkpoint.files import (CheckpointError, TensorFileReader, TensorFileWriter, exchange_dirs, fsync_dir,
-                    remove_stale_temporaries, temporary_name)
+from tierflow.checkpoint.files import (CheckpointError, TensorFileReader, TensorFileWriter, fsync_dir,
+                                       install_directory, os_reason, read_windows, remove_stale_temporaries,
+                                       temporary_name)
 from tierflow.checkpoint.manifest import (FILES, MANIFEST, MOMENTS, OLD_MARK, TMP_MARK, TUNING, checkpoint_dir, decode, describe,
                        set_rng_state, verify, write_manifest)
 
@@ -65,7 +64,7 @@ def save(engine, path, scheduler=None, extra=None) -> Path:
         manifest["files"] = _write_state(engine, tmp, plan)
         write_manifest(tmp, manifest)
         fsync_dir(tmp)
-        _install(tmp, path)
+        install_directory(tmp, path)
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         raise CheckpointError(f"could not write checkpoint {path}: {os_reason(exc)}; the previous "
@@ -87,13 +86,6 @@ def _prepare(path: Path, need: int) -> None:
     _check_replaceable(path)
     _remove_stale(parent, path.name)
     _check_space(parent, need, path)
-
-
-def os_reason(exc: OSError) -> str:
-    where = f" ({exc.filename})" if exc.filename else ""
-    if exc.errno == errno.ENOSPC:
-        return f"the disk is full{where}"
-    return f"{exc.strerror or exc}{where}"
 
 
 def _file_plan(engine) -> dict[str, list]:
@@ -135,11 +127,6 @@ def _write_state(engine, directory: Path, plan: dict) -> dict:
             writer.abort()
 
 
-def read_windows(engine, unit, slot, names):
-    """One parameter's arrays, window by window (see Engine.iter_windows)."""
-    return engine.iter_windows(unit, slot, names)
-
-
 def _check_replaceable(path: Path) -> None:
     """`path` must be absent, an empty directory, or a tierflow checkpoint."""
     if not path.exists() and not path.is_symlink():
@@ -167,27 +154,9 @@ def _check_space(parent: Path, need: int, path: Path) -> None:
                               f"space or save elsewhere (nothing was written)")
 
 
-def _install(tmp: Path, path: Path) -> None:
-    """Move the complete checkpoint `tmp` to `path`, replacing an older one atomically."""
-    parent = path.parent
-    if not path.exists():
-        os.rename(tmp, path)
-        fsync_dir(parent)
-        return
-    if exchange_dirs(tmp, path):  # tmp now holds the old checkpoint
-        fsync_dir(parent)
-        shutil.rmtree(tmp, ignore_errors=True)
-        return
-    old = parent / f"{path.name}{OLD_MARK}{os.getpid()}-{os.urandom(4).hex()}"
-    os.rename(path, old)  # a crash here leaves the old one at `old` (named in resume's error)
-    os.rename(tmp, path)
-    fsync_dir(parent)
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def resume(path, model: nn.Module | None = None, *, device=None, device_memory=_SAVED, host_memory=_SAVED,
            nvme=_SAVED, dtype=_SAVED, placement: str = "auto", scheduler=None, restore_rng: bool = True,
-           verify_checksums: bool = True, **options):
+           verify_checksums: bool = True, make_engine, **options):
     """Rebuild the engine and optimizer of checkpoint `path` and continue exactly.
 
     Args:
@@ -205,7 +174,6 @@ def resume(path, model: nn.Module | None = None, *, device=None, device_memory=_
     none was attached when saving. Raises CheckpointError, before building anything, when
     the checkpoint is incomplete, corrupt or does not match `model`.
     """
-    from tierflow import offload
 
     unknown = set(options) - set(TUNING) - {"activations", "batch_shape"}  # choices of this run, not saved
     if unknown:
@@ -220,7 +188,7 @@ def resume(path, model: nn.Module | None = None, *, device=None, device_memory=_
     try:
         _restore_buffers(model, manifest, readers["buffers"])
         master = readers["master"]
-        engine = offload(model, source=lambda name: master.read(names[name]), placement=placement,
+        engine = make_engine(model, source=lambda name: master.read(names[name]), placement=placement,
                          **_engine_kwargs(manifest, device, device_memory, host_memory, nvme, dtype, options))
         try:
             saved_to_slot = {names[slot.name]: slot for _, slot in engine.named_slots()}
@@ -371,7 +339,7 @@ def _restore_moments(engine, manifest: dict, saved_to_slot: dict, readers: dict)
 
 def _restore_optimizer(engine, manifest: dict, saved_to_slot: dict, path: Path):
     """A tierflow.AdamW with the saved param groups (members and every setting)."""
-    from tierflow.runtime.updates import AdamW
+    from tierflow.runtime.optimizer import AdamW
 
     groups = manifest["optimizer"]["param_groups"]
     if groups is None:

@@ -50,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
     """`tierflow plan`: 0 when it fits, 1 when it does not."""
     from tierflow.bench.calibrate import get_calibration
     from tierflow.config import OffloadConfig, parse_dtype, parse_size
-    from tierflow.core.cost import predict
+    from tierflow.core.planner import predict
     from tierflow.errors import BudgetError, ConfigError
 
     model = meta_model(args.model)
@@ -90,12 +90,12 @@ def meta_model(name_or_path: str):
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from tierflow.models import _model_dir, builtin_config, is_builtin
+    from tierflow.models import model_dir, builtin_config, is_builtin
 
     if is_builtin(name_or_path):
         config = builtin_config(name_or_path)
     else:
-        config = AutoConfig.from_pretrained(str(_model_dir(name_or_path)), local_files_only=True)
+        config = AutoConfig.from_pretrained(str(model_dir(name_or_path)), local_files_only=True)
     dtype = config.dtype if hasattr(config, "dtype") else getattr(config, "torch_dtype", None)
     with torch.device("meta"), warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -111,7 +111,7 @@ def shortfall(model, cfg, cal, args, message: str) -> str:
     from dataclasses import replace
 
     from tierflow.config import format_size
-    from tierflow.core.cost import predict
+    from tierflow.core.planner import predict
     from tierflow.errors import TierflowError
 
     if cfg.host_memory is None or cfg.nvme is not None or args.placement in ("device", "nvme"):

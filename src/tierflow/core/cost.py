@@ -36,9 +36,8 @@ from dataclasses import dataclass, replace
 import torch
 
 from tierflow.core.figures import Calibration
-from tierflow.core.layout import Unit
+from tierflow.core.layout import ALIGN, ARRAY_CLASS, Unit, array_specs
 from tierflow.core.plan import TIERS, Placement, working_bytes
-from tierflow.memory.tiers import ALIGN, ARRAY_CLASS, array_specs
 
 CLASSES = ("weights", "master", "grads", "moments", "activations", "buffers", "working", "staging")
 ADAMW_READ, ADAMW_WRITE = 16, 12  # fp32 bytes per parameter an AdamW step reads / writes
@@ -421,40 +420,3 @@ def _bottleneck(step_s: float, waits: dict) -> str:
 
 
 # ---- the whole prediction ---------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Prediction:
-    """Everything `tierflow plan` reports for one model, configuration and batch."""
-
-    units: list
-    placement: Placement
-    compute_dtype: torch.dtype
-    table: dict
-    peaks: dict
-    step: StepPrediction
-    work: Workload
-    world_size: int = 1
-    collectives: dict | None = None  # collective_bytes: per rank per step
-
-
-def predict(model: torch.nn.Module, cfg, cal: Calibration, batch_size: int = 1, seq_len: int = 256,
-            placement: str = "auto", world_size: int = 1, link_bps: float = 25e9) -> Prediction:
-    """Partition `model` (meta or real) as the engine would, place it and predict the step
-    (of one of `world_size` data-parallel ranks, `batch_size` sequences each).
-
-    Raises BudgetError / ConfigError when it does not fit, as `tierflow.offload` would."""
-    from tierflow.core.layout import default_unit_bytes, model_dtype
-    from tierflow.core.layout import partition
-    from tierflow.core.plan import device_capacity
-    from tierflow.core.planner import choose_placement
-
-    dtype = cfg.dtype or model_dtype(model)
-    units, _ = partition(model, cfg.unit_bytes or default_unit_bytes(cfg, model), allow_meta=True,
-                         world_size=world_size)
-    buffers = sum(b.numel() * b.element_size() for b in model.buffers())
-    work = workload(model, units, batch_size, seq_len, dtype)
-    plan, step = choose_placement(units, cfg, dtype, buffers, work, cal, placement, world_size, link_bps)
-    return Prediction(units, plan, dtype,
-                      class_bytes(units, plan, dtype, buffers, work.activation_bytes, world_size),
-                      peak_bytes(units, plan, dtype, buffers, device_capacity(cfg), world_size),
-                      step, work, world_size, collective_bytes(units, dtype, world_size))

@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import os
 import socket
-import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 

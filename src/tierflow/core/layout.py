@@ -179,3 +179,30 @@ def checked_source(value: torch.Tensor, slot: Slot) -> torch.Tensor:
         raise ConfigError(f"the value given for {slot.name} has dtype {value.dtype}; a floating-point "
                           f"dtype is needed")
     return value.detach()
+
+
+# ---- the arrays of a unit's training state (their homes: memory/tiers.py) ---------------------
+
+FP32 = torch.float32
+ALIGN = 4096  # O_DIRECT alignment of every array on disk
+
+
+def array_specs(unit: Unit, compute_dtype: torch.dtype, shard=None) -> dict[str, tuple[int, torch.dtype]]:
+    """Name -> (elements, dtype) of every array a unit keeps (of shard [lo, hi) if given). A
+    unit with no trainable parameter is never updated, so it keeps only its compute-dtype
+    weights (inference)."""
+    lo, hi = (0, unit.numel) if shard is None else (shard.lo, shard.hi)
+    if not unit.trainable_numel and compute_dtype != FP32:
+        return {"weights": (hi - lo, compute_dtype)}
+    trainable = max(0, min(hi, unit.trainable_numel) - lo)
+    specs = {"master": (hi - lo, FP32)}
+    if compute_dtype != FP32:
+        specs["weights"] = (hi - lo, compute_dtype)
+    if trainable:
+        for name in ("grad", "exp_avg", "exp_avg_sq"):
+            specs[name] = (trainable, FP32)
+    return specs
+
+
+ARRAY_CLASS = {"master": "master", "weights": "weights", "grad": "grads",
+               "exp_avg": "moments", "exp_avg_sq": "moments"}

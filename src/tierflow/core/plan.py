@@ -23,7 +23,7 @@ import torch
 from tierflow.config import OffloadConfig, format_size
 from tierflow.errors import BudgetError, ConfigError
 from tierflow.core.layout import Unit
-from tierflow.memory.tiers import array_specs
+from tierflow.core.layout import array_specs
 
 TIERS = ("device", "host", "nvme")
 PLACEMENTS = ("auto", "greedy") + TIERS  # "auto": searched by the planner; a tier: everything there
@@ -152,12 +152,8 @@ def plan_placement(units: list[Unit], cfg: OffloadConfig, compute_dtype: torch.d
 
 
 def device_capacity(cfg: OffloadConfig) -> int | None:
-    """The device budget: device_memory, or on CUDA without one, 80% of what is free now."""
-    if cfg.device_memory is not None or cfg.device.type == "cpu":
-        return cfg.device_memory
-    free, _total = torch.cuda.mem_get_info(cfg.device)
-    return int(free * 0.8)  # leave room for activations and the allocator's slack
-
+    """The device budget (`OffloadConfig.device_capacity`: the device is asked, not used)."""
+    return cfg.device_capacity()
 
 
 def traffic_bytes(unit: Unit, compute_dtype: torch.dtype) -> int:

@@ -13,19 +13,20 @@ on the CPU, or on the GPU (state copied over the link and back) where that is pr
 faster ("Deep Optimizer States"-style; `update_sites`).
 
 The engine plans with this machine's cached calibration (`tierflow bench calibrate`) or,
-before there is one, with `calibrate.nominal` figures; `tierflow plan` with the same
+before there is one, with `figures.nominal` figures; `tierflow plan` with the same
 calibration shows the same placement.
 """
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import torch
 
 from tierflow.core.figures import Calibration
-from tierflow.core.cost import StepPrediction, Workload, predict_step, update_job
+from tierflow.core.cost import (StepPrediction, Workload, class_bytes, collective_bytes, peak_bytes, predict_step,
+                                update_job, workload)
+from tierflow.core.layout import Unit, default_unit_bytes, model_dtype, partition
 from tierflow.errors import BudgetError
-from tierflow.core.layout import Unit
 from tierflow.core.plan import GREEDY, Placement, Variant, device_capacity, plan_placement
 
 VARIANTS = tuple(Variant(order, share, scale) for order in ("front", "dense", "spread")
@@ -88,3 +89,36 @@ def update_sites(units: list[Unit], plan: Placement, cfg, cal: Calibration, comp
 def has_choice(plan: Placement, capacity: int | None) -> bool:
     """False when every variant gives the same plan: nothing limits the device."""
     return capacity is not None or set(plan.homes) != {"device"}
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """Everything `tierflow plan` reports for one model, configuration and batch."""
+
+    units: list
+    placement: Placement
+    compute_dtype: torch.dtype
+    table: dict
+    peaks: dict
+    step: StepPrediction
+    work: Workload
+    world_size: int = 1
+    collectives: dict | None = None  # collective_bytes: per rank per step
+
+
+def predict(model: torch.nn.Module, cfg, cal: Calibration, batch_size: int = 1, seq_len: int = 256,
+            placement: str = "auto", world_size: int = 1, link_bps: float = 25e9) -> Prediction:
+    """Partition `model` (meta or real) as the engine would, place it and predict the step
+    (of one of `world_size` data-parallel ranks, `batch_size` sequences each).
+
+    Raises BudgetError / ConfigError when it does not fit, as `tierflow.offload` would."""
+    dtype = cfg.dtype or model_dtype(model)
+    units, _ = partition(model, cfg.unit_bytes or default_unit_bytes(cfg, model), allow_meta=True,
+                         world_size=world_size)
+    buffers = sum(b.numel() * b.element_size() for b in model.buffers())
+    work = workload(model, units, batch_size, seq_len, dtype)
+    plan, step = choose_placement(units, cfg, dtype, buffers, work, cal, placement, world_size, link_bps)
+    return Prediction(units, plan, dtype,
+                      class_bytes(units, plan, dtype, buffers, work.activation_bytes, world_size),
+                      peak_bytes(units, plan, dtype, buffers, device_capacity(cfg), world_size),
+                      step, work, world_size, collective_bytes(units, dtype, world_size))

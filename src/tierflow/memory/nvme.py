@@ -422,6 +422,11 @@ class NvmeStore:
             f"I/O error {verb} {nbytes} bytes at offset {offset} of {self.path}: {exc.strerror}",
         )
 
+    def sync(self) -> None:
+        """Flush the spill file's written data to the disk (buffered I/O; O_DIRECT needs none)."""
+        if self._fd is not None:
+            os.fsync(self._fd)
+
     # --------------------------------------------------------------- lifetime
 
     def close(self) -> None:

@@ -123,8 +123,8 @@ class BufferPool:
         # Touch every page now: the memory is really committed (no surprise
         # out-of-memory mid-step) and the first transfers pay no page faults.
         self._slab.zero_()
-        self._buffers = [self._slab[i * stride : i * stride + nbytes] for i in range(count)]
-        self._index_of = {buf.data_ptr(): i for i, buf in enumerate(self._buffers)}
+        self._views = [self._slab[i * stride : i * stride + nbytes] for i in range(count)]
+        self._index_of = {buf.data_ptr(): i for i, buf in enumerate(self._views)}
         self._free = list(range(count - 1, -1, -1))  # stack: acquire pops from the end
         self._is_free = [True] * count
         self._cond = threading.Condition()
@@ -157,7 +157,7 @@ class BufferPool:
                 )
             i = self._free.pop()
             self._is_free[i] = False
-            return self._buffers[i]
+            return self._views[i]
 
     def release(self, buf: torch.Tensor) -> None:
         """Return a buffer obtained from :meth:`acquire` to the pool."""

@@ -26,14 +26,12 @@ from dataclasses import dataclass, field
 
 import torch
 
+from tierflow.core.layout import ALIGN, ARRAY_CLASS, FP32, Unit, array_specs  # noqa: F401 (re-exported)
 from tierflow.memory.budget import Budget
 from tierflow.memory.device import ComputeDevice
-from tierflow.core.layout import Unit
 from tierflow.memory.nvme import Extent, NvmeStore
 from tierflow.memory.pool import BufferPool
 
-FP32 = torch.float32
-ALIGN = 4096
 READ_AHEAD = 3  # staging buffers read ahead when a whole array is copied out (weights fetch)
 
 
@@ -60,27 +58,6 @@ class UnitState:
         if isinstance(array, Extent):
             return array.nbytes
         return array.numel() * array.element_size()
-
-
-def array_specs(unit: Unit, compute_dtype: torch.dtype, shard=None) -> dict[str, tuple[int, torch.dtype]]:
-    """Name -> (elements, dtype) of every array a unit keeps (of shard [lo, hi) if given). A
-    unit with no trainable parameter is never updated, so it keeps only its compute-dtype
-    weights (inference)."""
-    lo, hi = (0, unit.numel) if shard is None else (shard.lo, shard.hi)
-    if not unit.trainable_numel and compute_dtype != FP32:
-        return {"weights": (hi - lo, compute_dtype)}
-    trainable = max(0, min(hi, unit.trainable_numel) - lo)
-    specs = {"master": (hi - lo, FP32)}
-    if compute_dtype != FP32:
-        specs["weights"] = (hi - lo, compute_dtype)
-    if trainable:
-        for name in ("grad", "exp_avg", "exp_avg_sq"):
-            specs[name] = (trainable, FP32)
-    return specs
-
-
-ARRAY_CLASS = {"master": "master", "weights": "weights", "grad": "grads",
-               "exp_avg": "moments", "exp_avg_sq": "moments"}
 
 
 class StateIO:

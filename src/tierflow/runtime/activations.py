@@ -134,7 +134,7 @@ class ActivationManager:
         self.mode = mode
         self.layers = find_layers(model)
         self._layer_uids = {i: sorted(hooked.get(m, ())) for i, m in enumerate(self.layers)}
-        self._buffers = {b.untyped_storage().data_ptr() for b in model.buffers()}
+        self._buffer_ptrs = {b.untyped_storage().data_ptr() for b in model.buffers()}
         budgets = engine.budgets
         self.ledger = Ledger(self._reserve_device, budgets["device"])
         self.spill = SpillFile(engine.cfg.nvme) if engine.cfg.nvme is not None else None
@@ -225,7 +225,7 @@ class ActivationManager:
         if self.recomputing or not torch.is_grad_enabled():
             return forward(*args, **kwargs)
         inputs = [t for t in list(args) + list(kwargs.values()) if isinstance(t, torch.Tensor)]
-        inputs = [t for t in inputs if t.untyped_storage().data_ptr() not in self._buffers]
+        inputs = [t for t in inputs if t.untyped_storage().data_ptr() not in self._buffer_ptrs]
         if self.steps == 1:
             self.stats[i].input_bytes += sum(map(_nbytes, inputs))
         if self.policy.layers[i] != "recompute":
@@ -265,7 +265,7 @@ class ActivationManager:
     def pack(self, tensor: torch.Tensor):
         """Engine.pack_saved for a tensor that is not a view of a parameter."""
         ptr = tensor.untyped_storage().data_ptr()
-        if ptr in self._buffers or not _nbytes(tensor):
+        if ptr in self._buffer_ptrs or not _nbytes(tensor):
             return tensor
         mode, stats = self._current()
         nbytes = tensor.numel() * tensor.element_size()
