@@ -24,7 +24,7 @@ from tierflow.config import OffloadConfig
 from tierflow.core.layout import default_unit_bytes, model_dtype
 from tierflow.dist import ranks
 from tierflow.memory.device import ComputeDevice
-from tierflow.memory.tiers import ARRAY_CLASS, StateIO
+from tierflow.memory.tiers import StateIO
 from tierflow.runtime import build, hooks
 from tierflow.runtime.events import EventLog
 from tierflow.runtime.gradients import GradientSink
@@ -222,16 +222,7 @@ class Engine:
     # ---- reporting ----------------------------------------------------------------------
     def placement(self) -> dict:
         """Bytes per tier per tensor class, as planned and as now on the device."""
-        table = {tier: {} for tier in ("device", "host", "nvme")}
-        for state in self.states:
-            for name in state.arrays:
-                cls = ARRAY_CLASS[name]
-                table[state.home][cls] = table[state.home].get(cls, 0) + state.nbytes(name)
-        table["device"]["working"] = self.plan.device_working
-        table["device"]["buffers"] = sum(b.numel() * b.element_size() for b in self.module.buffers())
-        if self.plan.staging_bytes:
-            table["host"]["staging"] = self.plan.staging_bytes
-        return table
+        return self.state.placement()
 
     def io_stats(self) -> dict:
         """Cumulative bytes moved between tiers."""

@@ -10,7 +10,7 @@ import torch
 
 from tierflow.core.layout import Slot, Unit, checked_source
 from tierflow.errors import TierflowError
-from tierflow.memory.tiers import FP32
+from tierflow.memory.tiers import ARRAY_CLASS, FP32
 
 
 class StateAccess:
@@ -110,3 +110,17 @@ class StateAccess:
                                      "exp_avg": self.read_array(unit, slot, "exp_avg"),
                                      "exp_avg_sq": self.read_array(unit, slot, "exp_avg_sq")}
         return result
+
+    def placement(self) -> dict:
+        """Bytes per tier per tensor class, as planned and as now on the device."""
+        engine = self.engine
+        table = {tier: {} for tier in ("device", "host", "nvme")}
+        for state in engine.states:
+            for name in state.arrays:
+                cls = ARRAY_CLASS[name]
+                table[state.home][cls] = table[state.home].get(cls, 0) + state.nbytes(name)
+        table["device"]["working"] = engine.plan.device_working
+        table["device"]["buffers"] = sum(b.numel() * b.element_size() for b in engine.module.buffers())
+        if engine.plan.staging_bytes:
+            table["host"]["staging"] = engine.plan.staging_bytes
+        return table
