@@ -39,8 +39,9 @@ Trainer's own. What is overridden, and why:
 
 Settings that would bypass the engine are refused when the trainer is made (fp16's
 GradScaler, DeepSpeed, FSDP, several processes or GPUs, other optimizers,
-`load_best_model_at_end`, the Trainer's activation checkpointing: use
-`tierflow_options=dict(activations="recompute")`), so nothing is silently skipped.
+`load_best_model_at_end`), so nothing is silently skipped. The Trainer's activation
+(gradient) checkpointing, on by default in TRL's SFTConfig, becomes the engine's own:
+`activations="recompute"` unless `tierflow_options` chooses another `activations`.
 """
 from __future__ import annotations
 
@@ -76,9 +77,11 @@ def unsupported_settings(args) -> list[str]:
                         f"e.g. CUDA_VISIBLE_DEVICES=0)")
     if args.load_best_model_at_end:
         problems.append("load_best_model_at_end=True (not supported yet: resume the best checkpoint instead)")
-    if getattr(args, "activation_checkpointing", False) or getattr(args, "gradient_checkpointing", False):
-        problems.append("activation/gradient checkpointing (use tierflow_options=dict(activations='recompute'))")
     return problems
+
+
+def checkpointing_requested(args) -> bool:
+    return bool(getattr(args, "activation_checkpointing", False) or getattr(args, "gradient_checkpointing", False))
 
 
 class TieredTrainerMixin:
@@ -98,6 +101,13 @@ class TieredTrainerMixin:
         self.engine = None
         self._resume_from = None  # a checkpoint-N folder with a tierflow/ checkpoint
         super().__init__(*args, **kwargs)
+        if checkpointing_requested(self.args):
+            # The Trainer's torch.utils.checkpoint wrappers would sit between the engine's hooks and
+            # autograd; the engine recomputes each layer itself (same arithmetic, the RNG replayed).
+            self.tierflow_options.setdefault("activations", "recompute")
+            self.args.activation_checkpointing = False
+            if hasattr(self.args, "gradient_checkpointing"):
+                self.args.gradient_checkpointing = False
         missing = [name for name in ("_clip_grad_norm", "_get_grad_norm", "_save_optimizer_and_scheduler",
                                      "_load_from_checkpoint", "_save", "_move_model_to_device")
                    if not hasattr(transformers.Trainer, name)]
