@@ -134,6 +134,9 @@ def test_unfused_adamw_matches_torch_default(tmp_path, closing):
     assert_bitwise(plain.losses, tiered_trainer.losses, "losses")
     assert_bitwise(plain.norms, tiered_trainer.norms, "grad norms")
     assert_state_bitwise(plain.model.state_dict(), tiered_trainer.engine.state_dict())
+    # evaluation runs the model through the engine too
+    held_out = dataset(STEPS * BATCH + 4)[-4:]
+    assert plain.evaluate(held_out)["eval_loss"] == tiered_trainer.evaluate(held_out)["eval_loss"]
 
 
 def test_resume_from_a_trainer_checkpoint_continues_exactly(tmp_path, closing):
