@@ -2,7 +2,8 @@
 
 It keeps no tensors itself: `step()` records the update with a snapshot of each param
 group's hyper-parameters (so torch LR schedulers work on `param_groups`), and the engine
-applies it to each unit in its home tier (updates.py, steps.py).
+applies it to each unit in its home tier (updates.py, steps.py). Its `state_dict()` holds
+the hyper-parameters only; the tensors are in the engine's checkpoint.
 """
 from __future__ import annotations
 
@@ -71,10 +72,24 @@ class AdamW(torch.optim.Optimizer):
         """Exact global-norm clipping over every tier; returns the total norm like torch's."""
         return self.engine.clip_grad_norm_(max_norm, norm_type, error_if_nonfinite)
 
-    def state_dict(self):
-        raise NotImplementedError(
-            "tierflow.AdamW keeps its state in the engine's tiers: checkpoint with the engine "
-            "(engine.optimizer_state() for full tensors)")
+    def state_dict(self) -> dict:
+        """Hyper-parameters only: `{"state": {}, "param_groups": [...]}` as torch's optimizers
+        write it (lr, betas, eps, weight_decay, fused, a scheduler's initial_lr, parameter
+        indices), so wrappers that round-trip an optimizer's state dict (accelerate's
+        AcceleratedOptimizer, Hugging Face Trainer's optimizer.pt) work.
+
+        It holds no tensors: the Adam moments, step counts and fp32 master weights live in
+        the engine's tiers and are saved with the engine (`engine.save`, resumed with
+        `tierflow.resume`); `engine.optimizer_state()` gives them as full tensors. Saving only
+        this dict does not checkpoint the optimizer."""
+        return super().state_dict()
 
     def load_state_dict(self, state_dict) -> None:
-        raise NotImplementedError("tierflow.AdamW state is restored through the engine")
+        """Restore hyper-parameters saved by `state_dict()` (the groups must match in number
+        and size). A state dict with per-parameter state (a torch AdamW's moments) is refused:
+        tierflow's moments are restored through the engine (`tierflow.resume`)."""
+        if state_dict.get("state"):
+            raise ConfigError("tierflow.AdamW.load_state_dict takes hyper-parameters only (its 'state' must "
+                              "be empty): Adam moments are restored with the engine's checkpoint "
+                              "(tierflow.resume), not from another optimizer's state dict")
+        super().load_state_dict(state_dict)

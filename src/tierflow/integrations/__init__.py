@@ -1,0 +1,9 @@
+"""Adapters that plug tierflow into training loops users already run.
+
+    from tierflow.integrations.transformers import TieredTrainer      # transformers.Trainer
+    from tierflow.integrations.transformers import TieredSFTTrainer   # TRL's SFTTrainer
+    from tierflow.integrations.transformers import tiered             # tiered(AnyTrainerSubclass)
+
+A layer above the API (docs/architecture.md): it uses the public API and below; nothing
+below imports it. Each module imports its framework only when it is imported itself.
+"""
