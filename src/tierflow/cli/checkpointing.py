@@ -76,3 +76,26 @@ def skip(batches, count: int) -> None:
     """Advance the batch iterator past the ``count`` micro-batches already trained on."""
     for _ in range(count):
         next(batches)
+
+
+def last_checkpoint(args) -> Path | None:
+    """The newest complete checkpoint under ``--output`` (what ``DIR/latest`` names), or None."""
+    if not args.output:
+        return None
+    latest = Path(args.output) / LATEST
+    if not latest.is_file():
+        return None
+    path = latest.parent / latest.read_text().strip()
+    return path if path.is_dir() else None
+
+
+def interrupted_message(args) -> str:
+    """What a Ctrl-C left behind and how to go on from it."""
+    path = last_checkpoint(args)
+    if path is not None:
+        return (f"interrupted; the last checkpoint is {path}: continue the run with "
+                f"`tierflow train --resume {args.output}`")
+    if args.output:
+        return (f"interrupted before the first checkpoint under {args.output}: nothing to resume; "
+                f"save more often with --save-every N")
+    return "interrupted; no checkpoint was saved (pass --output DIR and --save-every N to resume with --resume DIR)"
