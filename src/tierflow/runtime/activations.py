@@ -40,7 +40,7 @@ from tierflow.errors import BudgetError
 
 KEEP_WAIT_S = 2.0             # how long keeping an activation waits for device memory to free
 MIN_OFFLOAD_BYTES = 1024      # smaller saved tensors are kept: a copy costs more than it saves
-_CACHE_KWARGS = ("past_key_values", "past_key_value", "layer_past")
+_CACHE_KWARGS = ("cache", "past_key_values", "past_key_value", "layer_past")
 
 
 def find_layers(model: nn.Module) -> list[nn.Module]:
