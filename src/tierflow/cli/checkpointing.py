@@ -99,3 +99,26 @@ def interrupted_message(args) -> str:
         return (f"interrupted before the first checkpoint under {args.output}: nothing to resume; "
                 f"save more often with --save-every N")
     return "interrupted; no checkpoint was saved (pass --output DIR and --save-every N to resume with --resume DIR)"
+
+
+def check_output(args) -> None:
+    """Refuse an ``--output`` the checkpoints cannot be written to, before any work (nothing is
+    created here: the directory is made at the first save)."""
+    import os
+
+    from tierflow.errors import CheckpointError, is_read_only
+
+    if not args.output:
+        return
+    path = Path(args.output).absolute()
+    existing = next((p for p in (path, *path.parents) if p.exists()), None)
+    if existing is None:
+        return
+    if not existing.is_dir():
+        raise CheckpointError(f"--output {args.output}: {existing} is not a directory; pass another --output")
+    if is_read_only(existing):
+        raise CheckpointError(f"--output {args.output}: the file system at {existing} is read-only; "
+                              f"pass an --output on a writable disk")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise CheckpointError(f"--output {args.output}: permission denied on {existing} (fix its permissions "
+                              f"or pass another --output)")

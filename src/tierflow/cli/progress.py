@@ -19,11 +19,12 @@ def plural(count: int, noun: str) -> str:
     return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
 
 
-def progress_bar(console):
+def progress_bar(console, **options):
     """A rich ``Progress`` whose task takes the fields ``loss`` and ``info`` (see :func:`step_info`).
 
     Essentials are no-wrap columns rich never shortens; the bar and the details share
-    what is left (the details get three quarters), so a narrow terminal shortens those."""
+    what is left (the details get three quarters), so a narrow terminal shortens those.
+    ``options`` go to ``Progress`` (``get_time`` in tests)."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
     from rich.table import Column
 
@@ -41,7 +42,7 @@ def progress_bar(console):
         TextColumn("{task.fields[info]}", table_column=Column(ratio=3, min_width=0, no_wrap=True,
                                                               overflow="ellipsis")),
     )
-    return Progress(*columns, console=console, expand=True, disable=not console.is_terminal)
+    return Progress(*columns, console=console, expand=True, disable=not console.is_terminal, **options)
 
 
 def step_info(loss: float, norm: float, tokens: int, seconds: float, io: dict[str, int]) -> tuple[str, str]:

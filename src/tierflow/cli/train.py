@@ -154,6 +154,7 @@ def train(args: TrainArgs, console=None) -> TrainResult:
     start, checkpoint = 0, None
     if args.resume:
         args, checkpoint, start = checkpointing.resume_plan(args)
+    checkpointing.check_output(args)  # an unwritable --output is said before any work
     limits = {"device": _budget(args.device_memory), "host": _budget(args.host_memory)}
     budgets = {tier: tierflow.parse_size(limit) for tier, limit in limits.items() if limit is not None}
     tokenizer = load_tokenizer(None if is_builtin(args.model) else args.model)
