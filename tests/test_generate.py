@@ -312,3 +312,20 @@ def test_cuda_greedy_output_equals_transformers(tmp_path, engines, arch, placeme
     # Weights travelled to the GPU (units that fit the device budget may stay there between
     # decode steps: the tiny Llama's did on an H100, so no per-step assertion).
     assert engine.last_generation.total("host_to_device") > 0
+
+
+@pytest.mark.parametrize("kv", ["host", "nvme"])
+def test_tiered_cache_is_passed_without_a_deprecation_warning(tmp_path, engines, kv):
+    """transformers 5.x deprecates generate's `past_key_values=` for `cache=`: the tiered cache
+    goes in by the keyword the installed version takes, so no FutureWarning is raised."""
+    path, model = saved(tmp_path, "llama")
+    ids = prompts(batch=2)
+    engine = load(path, tmp_path, engines, "nvme")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = engine.generate(ids, max_new_tokens=NEW, do_sample=False, pad_token_id=0, kv_cache=kv)
+    deprecations = [str(w.message) for w in caught if issubclass(w.category, (FutureWarning, DeprecationWarning))
+                    and "past_key_values" in str(w.message)]
+    assert not deprecations, deprecations
+    assert engine.last_generation.kv_tier == kv
+    assert torch.equal(got, reference(model, ids))

@@ -177,7 +177,7 @@ def test_plan_does_not_fit_names_what_is_short(tmp_path, cached_calibration, cap
     plan = json.loads(out.read_text())
     assert plan["fits"] is False and "more host memory" in plan["short"]
     assert main(["plan", "--model", "llama-tiny", "--device-memory", "1KiB"]) != 0
-    assert "device_memory" in capsys.readouterr().out
+    assert "--device-memory" in capsys.readouterr().out  # in the command's terms
 
 
 # ---- predictions against a real engine ------------------------------------------------------

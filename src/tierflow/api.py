@@ -14,6 +14,7 @@ from tierflow import checkpoint
 from tierflow.config import OffloadConfig
 from tierflow.errors import ConfigError
 from tierflow.runtime import engine as runtime_engine
+from tierflow.runtime.layers import check_layers
 
 
 class Engine(runtime_engine.Engine):
@@ -96,4 +97,5 @@ def offload(model: nn.Module, device="cpu", device_memory=None, host_memory=None
         raise ConfigError(f"tierflow.offload expects a torch.nn.Module, got {type(model).__name__}")
     cfg = OffloadConfig.create(device=device, device_memory=device_memory, host_memory=host_memory,
                                nvme=nvme, dtype=dtype, activations=activations, **options)
+    check_layers(model, cfg.activations)  # recompute needs layers to recompute: said before any work
     return Engine(model, cfg, placement=placement, source=source)

@@ -176,9 +176,10 @@ def _jsonl_documents(path: Path, rng: random.Random) -> Iterator[str]:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise ConfigError(f"{path}:{number}: not valid JSON ({exc.msg})") from exc
+                raise ConfigError(f"{path}:{number}:{exc.colno}: not valid JSON at line {number}, column "
+                                  f"{exc.colno} ({exc.msg}): fix or remove that line") from exc
             if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                raise ConfigError(f'{path}:{number}: each line needs a string "text" field')
+                raise ConfigError(f'{path}:{number}: each line needs a string "text" field (line {number})')
             texts.append(record["text"])
     rng.shuffle(texts)
     return iter(texts)

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from tierflow.errors import CheckpointError, TierflowError  # noqa: F401  (CheckpointError re-exported)
+from tierflow.errors import CheckpointError, TierflowError, os_problem  # noqa: F401  (CheckpointError re-exported)
 
 DTYPE_CODES = {
     torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
@@ -368,11 +368,9 @@ def exchange_dirs(a: Path, b: Path) -> bool:
     raise OSError(err, os.strerror(err), str(a))
 
 
-def os_reason(exc: OSError) -> str:
-    where = f" ({exc.filename})" if exc.filename else ""
-    if exc.errno == errno.ENOSPC:
-        return f"the disk is full{where}"
-    return f"{exc.strerror or exc}{where}"
+def os_reason(exc: OSError, path=None) -> str:
+    """Why writing failed (a full disk, a read-only file system, a permission problem...)."""
+    return os_problem(exc, path)
 
 
 def read_windows(engine, unit, slot, names):

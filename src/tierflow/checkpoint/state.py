@@ -82,7 +82,7 @@ def _prepare(path: Path, need: int) -> None:
         parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise CheckpointError(f"cannot create the directory {parent} for checkpoint {path.name}: "
-                              f"{exc.strerror}") from None
+                              f"{os_reason(exc, parent)}") from None
     _check_replaceable(path)
     _remove_stale(parent, path.name)
     _check_space(parent, need, path)

@@ -76,3 +76,49 @@ def skip(batches, count: int) -> None:
     """Advance the batch iterator past the ``count`` micro-batches already trained on."""
     for _ in range(count):
         next(batches)
+
+
+def last_checkpoint(args) -> Path | None:
+    """The newest complete checkpoint under ``--output`` (what ``DIR/latest`` names), or None."""
+    if not args.output:
+        return None
+    latest = Path(args.output) / LATEST
+    if not latest.is_file():
+        return None
+    path = latest.parent / latest.read_text().strip()
+    return path if path.is_dir() else None
+
+
+def interrupted_message(args) -> str:
+    """What a Ctrl-C left behind and how to go on from it."""
+    path = last_checkpoint(args)
+    if path is not None:
+        return (f"interrupted; the last checkpoint is {path}: continue the run with "
+                f"`tierflow train --resume {args.output}`")
+    if args.output:
+        return (f"interrupted before the first checkpoint under {args.output}: nothing to resume; "
+                f"save more often with --save-every N")
+    return "interrupted; no checkpoint was saved (pass --output DIR and --save-every N to resume with --resume DIR)"
+
+
+def check_output(args) -> None:
+    """Refuse an ``--output`` the checkpoints cannot be written to, before any work (nothing is
+    created here: the directory is made at the first save)."""
+    import os
+
+    from tierflow.errors import CheckpointError, is_read_only
+
+    if not args.output:
+        return
+    path = Path(args.output).absolute()
+    existing = next((p for p in (path, *path.parents) if p.exists()), None)
+    if existing is None:
+        return
+    if not existing.is_dir():
+        raise CheckpointError(f"--output {args.output}: {existing} is not a directory; pass another --output")
+    if is_read_only(existing):
+        raise CheckpointError(f"--output {args.output}: the file system at {existing} is read-only; "
+                              f"pass an --output on a writable disk")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise CheckpointError(f"--output {args.output}: permission denied on {existing} (fix its permissions "
+                              f"or pass another --output)")

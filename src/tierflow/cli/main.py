@@ -46,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Run ``tierflow`` with ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
+    from tierflow.cli.messages import for_cli
     from tierflow.errors import TierflowError
 
     parser = build_parser()
@@ -56,10 +57,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.run(args) or 0)
     except TierflowError as exc:
-        print(f"tierflow: error: {exc}", file=sys.stderr)
+        print(f"tierflow: error: {for_cli(str(exc), vars(args))}", file=sys.stderr)
         return EXIT_ERROR
-    except KeyboardInterrupt:
-        print("tierflow: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as exc:  # `tierflow train` says which checkpoint to resume from
+        print(f"tierflow: {exc or 'interrupted'}", file=sys.stderr)
         return 130
 
 

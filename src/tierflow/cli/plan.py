@@ -42,6 +42,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--link-bandwidth", default="25GB", metavar="SIZE",
                         help="bytes per second one rank sends over the network in collectives (default 25GB: "
                              "200 Gb/s InfiniBand per GPU)")
+    parser.add_argument("--unit-bytes", default=None, metavar="SIZE",
+                        help="target parameter bytes per unit (the piece that moves as one; default: from the budgets)")
     parser.add_argument("--recalibrate", action="store_true", help="measure the machine again")
     parser.add_argument("--json", default=None, metavar="FILE", help="also write the plan as JSON")
 
@@ -49,13 +51,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """`tierflow plan`: 0 when it fits, 1 when it does not."""
     from tierflow.bench.calibrate import get_calibration
+    from tierflow.cli.messages import for_cli
     from tierflow.config import OffloadConfig, parse_dtype, parse_size
     from tierflow.core.planner import predict
     from tierflow.errors import BudgetError, ConfigError
 
     model = meta_model(args.model)
     cfg = OffloadConfig.create(device=args.device, device_memory=_limit(args.device_memory),
-                               host_memory=_limit(args.host_memory), nvme=args.nvme, dtype=parse_dtype(args.dtype))
+                               host_memory=_limit(args.host_memory), nvme=args.nvme, dtype=parse_dtype(args.dtype),
+                               unit_bytes=args.unit_bytes)
     if args.batch_size < 1 or args.seq_len < 1 or args.world_size < 1:
         raise ConfigError("--batch-size, --seq-len and --world-size must be at least 1")
     link_bps = float(parse_size(args.link_bandwidth, what="--link-bandwidth"))
@@ -68,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
         pred = predict(model, cfg, cal, args.batch_size, args.seq_len, args.placement, args.world_size, link_bps)
     except (BudgetError, ConfigError) as exc:
         short = shortfall(model, cfg, cal, args, str(exc))
-        print(f"does not fit: {short}")
+        print(f"does not fit: {for_cli(short, vars(args))}")
         _write_json(args.json, {"fits": False, "short": short, "placement": None, "peak_bytes": None,
                                 "predicted_step_s": None, "bottleneck": None})
         return EXIT_DOES_NOT_FIT

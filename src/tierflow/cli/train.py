@@ -21,16 +21,13 @@ import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from tierflow.cli import checkpointing
+from tierflow.cli import checkpointing, progress
+from tierflow.cli.progress import fmt_bytes
 
 HELP = "train a causal LM beyond memory (default: built-in 100M Llama on stdlib text)"
 
 _DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
            "float16": "float16", "fp16": "float16"}
-_TIER_ORDER = ("device", "host", "nvme")
-_CLASS_ORDER = ("weights", "master", "grads", "moments", "buffers", "working", "staging")
-_IO_NAMES = {"nvme_read": "nvme read", "nvme_written": "nvme written",
-             "host_to_device": "host->device", "device_to_host": "device->host"}
 
 
 def _flag(default, metavar: str, text: str):
@@ -53,6 +50,9 @@ class TrainArgs:
                              "the user cache, removed at exit; 'none' turns the NVMe tier off")
     dtype: str | None = _flag(None, "DTYPE", "compute dtype on the device (float32, bfloat16, float16); "
                               "masters stay fp32. Default: the model's")
+    unit_bytes: str | None = _flag(None, "SIZE", "target parameter bytes per unit, the piece of the model that "
+                                   "moves between tiers as one; smaller units need less device memory. "
+                                   "Default: chosen from the budgets")
     steps: int = _flag(30, "N", "optimizer steps")
     batch_size: int = _flag(1, "N", "sequences per micro-batch")
     seq_len: int = _flag(256, "N", "tokens per sequence")
@@ -154,6 +154,7 @@ def train(args: TrainArgs, console=None) -> TrainResult:
     start, checkpoint = 0, None
     if args.resume:
         args, checkpoint, start = checkpointing.resume_plan(args)
+    checkpointing.check_output(args)  # an unwritable --output is said before any work
     limits = {"device": _budget(args.device_memory), "host": _budget(args.host_memory)}
     budgets = {tier: tierflow.parse_size(limit) for tier, limit in limits.items() if limit is not None}
     tokenizer = load_tokenizer(None if is_builtin(args.model) else args.model)
@@ -173,8 +174,8 @@ def train(args: TrainArgs, console=None) -> TrainResult:
             console.print(f"resumed from {checkpoint} at step {start}", soft_wrap=True, highlight=False)
         n_params = parameter_count(engine.module)
         console.print(f"[bold]model[/] {args.model}: {n_params / 1e6:.1f} M parameters, "
-                      f"training state ~{_fmt_bytes(16 * n_params)} (16 B/param)", soft_wrap=True)
-        console.print(_placement_table(engine.placement(), budgets, nvme_dir))
+                      f"training state ~{fmt_bytes(16 * n_params)} (16 B/param)", soft_wrap=True)
+        console.print(progress.placement_table(engine.placement(), budgets, nvme_dir))
         mode = f" ({engine.nvme.mode})" if engine.nvme is not None else " (unused: everything fits the budgets)"
         console.print(f"NVMe tier: {nvme_dir or 'off'}{mode if nvme_dir else ''}", soft_wrap=True, highlight=False)
         if start < args.steps:
@@ -191,13 +192,15 @@ def train(args: TrainArgs, console=None) -> TrainResult:
             console.print(f"the checkpoint is at step {start} of {args.steps}: nothing left to train")
         if args.export:
             console.print(f"exported to {engine.save_pretrained(args.export)}", soft_wrap=True, highlight=False)
+    except KeyboardInterrupt:  # name the checkpoint to go on from
+        raise KeyboardInterrupt(checkpointing.interrupted_message(args)) from None
     finally:
         if engine is not None:
             engine.close()
         if temporary:
             shutil.rmtree(nvme_dir, ignore_errors=True)
     if result is not None:
-        _print_summary(result, args, console)
+        console.print(progress.summary_table(result))
     return result
 
 
@@ -214,6 +217,8 @@ def _start(args: TrainArgs, checkpoint, device: str, limits: dict, nvme_dir, tok
                    dtype=dtype, activations=args.activations, batch_shape=(args.batch_size, args.seq_len))
     schedule = lambda opt: torch.optim.lr_scheduler.LambdaLR(  # noqa: E731
         opt, lambda s: _lr_factor(s, args.warmup, args.steps))
+    if args.unit_bytes is not None:
+        budgets["unit_bytes"] = args.unit_bytes
     if checkpoint is not None:
         engine, opt, sched = tierflow.resume(checkpoint, scheduler=schedule, **budgets)
         try:
@@ -234,14 +239,10 @@ def _start(args: TrainArgs, checkpoint, device: str, limits: dict, nvme_dir, tok
 def _loop(engine, opt, sched, batches, args: TrainArgs, device: str, console, done: int = 0) -> TrainResult:
     """The training loop after the ``done`` steps already taken, with a progress bar, saving checkpoints as asked;
     returns the measurements."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
     losses, seconds, tokens = [], [], 0
     io_start = engine.io_stats()
-    columns = (TextColumn("train"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-               TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.fields[info]}"))
-    with Progress(*columns, console=console, disable=not console.is_terminal) as progress:
-        task = progress.add_task("train", total=args.steps, completed=done, info="")
+    with progress.progress_bar(console) as bar:
+        task = bar.add_task("train", total=args.steps, completed=done, loss="", info="")
         for step in range(done + 1, args.steps + 1):
             io_before, start = engine.io_stats(), time.perf_counter()
             loss, step_tokens, norm = _step(engine, opt, batches, args, device, step)
@@ -249,14 +250,15 @@ def _loop(engine, opt, sched, batches, args: TrainArgs, device: str, console, do
             seconds.append(time.perf_counter() - start)
             losses.append(loss)
             tokens += step_tokens
-            info = _step_info(loss, norm, step_tokens, seconds[-1], _delta(engine.io_stats(), io_before))
-            progress.update(task, advance=1, info=info)
+            loss_text, info = progress.step_info(loss, norm, step_tokens, seconds[-1],
+                                                 _delta(engine.io_stats(), io_before))
+            bar.update(task, advance=1, loss=loss_text, info=info)
             if args.log_every and (step % args.log_every == 0 or step == 1):
-                progress.console.print(f"step {step}/{args.steps}  lr {sched.get_last_lr()[0]:.1e}  {info}",
-                                       soft_wrap=True, highlight=False)
+                bar.console.print(f"step {step}/{args.steps}  lr {sched.get_last_lr()[0]:.1e}  {loss_text}  {info}",
+                                  soft_wrap=True, highlight=False)
             if checkpointing.should_save(args, step):
                 path = checkpointing.save_step(engine, sched, args, step)
-                progress.console.print(f"saved {path}", soft_wrap=True, highlight=False)
+                bar.console.print(f"saved {path}", soft_wrap=True, highlight=False)
     io_total = _delta(engine.io_stats(), io_start)
     per_step = {k: v / len(seconds) for k, v in io_total.items()}
     return TrainResult(losses, seconds, tokens, per_step, dict(engine.budget_peaks()), done + 1)
@@ -316,74 +318,6 @@ def _mean_over_ranks(engine, loss):
     return total / engine.dist.world
 
 
-def _step_info(loss: float, norm: float, tokens: int, seconds: float, io: dict[str, int]) -> str:
-    """The progress bar's text for one step."""
-    rate = lambda key: _fmt_bytes(io.get(key, 0) / seconds) + "/s"  # noqa: E731
-    text = f"loss {loss:.4f}  |g| {norm:.2f}  {tokens / seconds:,.0f} tok/s  {seconds:.2f} s/step"
-    text += f"  nvme r {rate('nvme_read')} w {rate('nvme_written')}"
-    if io.get("host_to_device") or io.get("device_to_host"):
-        text += f"  h2d {rate('host_to_device')} d2h {rate('device_to_host')}"
-    return text
-
-
-def _print_summary(result: TrainResult, args: TrainArgs, console) -> None:
-    """Loss, speed, bytes moved per step and peak budget use, after training."""
-    from rich.table import Table
-
-    steps = len(result.step_seconds)
-    mean = sum(result.step_seconds) / steps
-    later = result.step_seconds[1:] or result.step_seconds
-    table = Table(title="summary", show_header=False, title_justify="left")
-    table.add_column(style="bold")
-    table.add_column()
-    first, last = result.first_step, result.first_step + steps - 1
-    table.add_row("loss", f"{result.losses[0]:.4f} (step {first}) -> {result.losses[-1]:.4f} (step {last})")
-    k = min(5, steps // 2)
-    if k >= 2:  # single steps are noisy: also compare means
-        table.add_row(f"loss, mean of {k}", f"{sum(result.losses[:k]) / k:.4f} (first {k} steps) -> "
-                      f"{sum(result.losses[-k:]) / k:.4f} (last {k} steps)")
-    table.add_row("step time", f"{mean:.2f} s mean over {steps} steps; {sum(later) / len(later):.2f} s after step 1")
-    table.add_row("throughput", f"{result.tokens / sum(result.step_seconds):,.0f} tokens/s "
-                  f"({result.tokens // steps:,} tokens/step)")
-    moved = ", ".join(f"{_IO_NAMES.get(key, key)} {_fmt_bytes(result.io_per_step[key])}"
-                      for key in _ordered(result.io_per_step, tuple(_IO_NAMES)))
-    table.add_row("moved per step", moved or "nothing")
-    peaks = []
-    for tier in _ordered(result.peaks, _TIER_ORDER):
-        peak, capacity = result.peaks[tier]
-        share = f" ({100 * peak / capacity:.0f}%)" if capacity else ""
-        peaks.append(f"{tier} {_fmt_bytes(peak)} / {_fmt_bytes(capacity) if capacity else 'unlimited'}{share}")
-    table.add_row("peak budget use", ", ".join(peaks))
-    console.print(table)
-
-
-def _placement_table(placement: dict, budgets: dict[str, int], nvme_dir: str | None):
-    """A table of bytes per tensor class (rows) per tier (columns), with the budgets."""
-    from rich.table import Table
-
-    tiers = _ordered(placement, _TIER_ORDER)
-    classes = _ordered({c for tier in placement.values() for c in tier}, _CLASS_ORDER)
-    table = Table(title="placement (bytes per tier)", title_justify="left")
-    table.add_column("tensors")
-    for tier in tiers:
-        table.add_column(tier, justify="right")
-    table.add_column("total", justify="right")
-    for name in classes:
-        row = [placement[tier].get(name, 0) for tier in tiers]
-        table.add_row(name, *map(_fmt_bytes, row), _fmt_bytes(sum(row)))
-    totals = [sum(placement[tier].values()) for tier in tiers]
-    table.add_row("[bold]total", *map(_fmt_bytes, totals), _fmt_bytes(sum(totals)), end_section=True)
-    table.add_row("[bold]budget", *[_budget_text(tier, budgets, nvme_dir) for tier in tiers], "")
-    return table
-
-
-def _budget_text(tier: str, budgets: dict[str, int], nvme_dir: str | None) -> str:
-    """A tier's budget for the placement table; the NVMe tier shows its directory."""
-    if tier == "nvme":
-        return "disk" if nvme_dir else "off"
-    return _fmt_bytes(budgets[tier]) if tier in budgets else "unlimited"
-
-
 def _check_model_fits_data(model, tokenizer, seq_len: int, error: type) -> None:
     """The model's embedding covers the tokenizer and its positions cover ``seq_len``."""
     rows = model.get_input_embeddings().weight.shape[0]
@@ -437,18 +371,3 @@ def _prepend(first, rest):
 def _delta(after: dict[str, int], before: dict[str, int]) -> dict[str, int]:
     """Per-key growth of the cumulative I/O counters."""
     return {k: after[k] - before.get(k, 0) for k in after}
-
-
-def _ordered(keys, preferred: tuple[str, ...]) -> list[str]:
-    """``keys`` with the ``preferred`` ones first, in that order, the rest sorted."""
-    keys = set(keys)
-    return [k for k in preferred if k in keys] + sorted(keys - set(preferred))
-
-
-def _fmt_bytes(n: float) -> str:
-    """``1536`` -> ``1.5 KiB``."""
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"

@@ -82,14 +82,18 @@ def generate(engine, *args, kv_cache: str = "auto", **kwargs):
     batch, prompt = input_ids.shape
     report = GenerationReport(batch=batch, prompt_tokens=prompt)
     cache, reserved = None, None
-    if kwargs.get("past_key_values") is None and kwargs.get("use_cache", True) and kv_cache != "device":
+    cache_kwarg = _cache_kwarg(module)
+    given = kwargs.get("cache", kwargs.get("past_key_values"))
+    if given is None and kwargs.get("use_cache", True) and kv_cache != "device":
         tier, nbytes = choose_kv_tier(engine, batch, _capacity(module, prompt, kwargs), kv_cache)
         report.kv_tier, report.kv_bytes = tier, nbytes
         if tier != "device":
             reserved = _reserve_kv(engine, tier, nbytes)
             cache = TieredCache(_text_config(module).num_hidden_layers, tier,
                                 _capacity(module, prompt, kwargs), engine.cfg.nvme)
-            kwargs["past_key_values"] = cache
+            kwargs.pop("past_key_values", None)
+            kwargs.pop("cache", None)
+            kwargs[cache_kwarg] = cache
             kwargs["use_cache"] = True  # a config with use_cache=False would bypass the cache we pass
     elif kv_cache == "device":
         report.kv_bytes = kv_bytes(module.config, batch, _capacity(module, prompt, kwargs), engine.compute_dtype)
@@ -164,6 +168,18 @@ def _capacity(module, prompt: int, kwargs) -> int:
     if new is not None:
         return prompt + int(new)
     return int(kwargs.get("max_length") or gen.max_length)
+
+
+def _cache_kwarg(module) -> str:
+    """The keyword transformers' `generate` takes a cache by: `cache` from 5.x releases whose
+    models' forward takes `cache` (`past_key_values` is deprecated there), else `past_key_values`."""
+    import inspect
+
+    try:
+        parameters = inspect.signature(module.forward).parameters
+    except (TypeError, ValueError):
+        return "past_key_values"
+    return "cache" if "cache" in parameters else "past_key_values"
 
 
 def _text_config(module):

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from tierflow.errors import NvmeError
+from tierflow.errors import NvmeError, is_read_only, os_problem
 from tierflow.memory.pool import aligned_empty
 
 __all__ = ["Extent", "NvmeStore"]
@@ -142,9 +142,15 @@ class NvmeStore:
         except OSError as exc:
             raise NvmeError(
                 exc.errno,
-                f"cannot create NVMe directory {self.directory} ({exc.strerror}): "
+                f"cannot create NVMe directory {self.directory} ({os_problem(exc, self.directory)}): "
                 "pass a directory on a writable local disk",
             ) from exc
+        if self.directory.is_dir() and is_read_only(self.directory):
+            raise NvmeError(
+                errno.EROFS,
+                f"NVMe directory {self.directory}: the file system at {self.directory} is read-only: "
+                "pass another directory, on a writable local disk",
+            )
         if not self.directory.is_dir() or not os.access(self.directory, os.W_OK | os.X_OK):
             raise NvmeError(
                 errno.EACCES,
@@ -162,7 +168,7 @@ class NvmeStore:
                 raise  # O_DIRECT refused: the caller falls back
             raise NvmeError(
                 exc.errno,
-                f"cannot open spill file {self.path} ({exc.strerror}): "
+                f"cannot open spill file {self.path} ({os_problem(exc, self.directory)}): "
                 "pass a directory on a writable local disk",
             ) from exc
 

@@ -16,8 +16,9 @@ decide, per layer, what happens to the ones that are not views of parameters:
   and its activations are recomputed in backward.
 
 "Layers" are the children of the model's largest `nn.ModuleList` (a transformer's
-blocks); what is saved outside them (embeddings, the head, the loss) is kept or
-offloaded. With "auto" the first step offloads every layer while it measures the
+blocks; see layers.py, which also keeps a recomputed layer's buffers, such as BatchNorm's
+running stats, from being updated twice); what is saved outside them (embeddings, the
+head, the loss) is kept or offloaded. With "auto" the first step offloads every layer while it measures the
 bytes each saves; from then on `policy.choose` keeps as many layers as fit and
 offloads or recomputes the rest, whichever the measurements say is cheaper.
 """
@@ -34,24 +35,14 @@ from torch.utils.checkpoint import checkpoint
 
 from tierflow.memory.spill import SpillFile
 from tierflow.core.activation_policy import LayerStats, Policy, choose
+from tierflow.runtime.layers import buffers_kept, find_layers
 from tierflow.runtime.residency import BUDGET_WAIT_S
 from tierflow.config import format_size
 from tierflow.errors import BudgetError
 
 KEEP_WAIT_S = 2.0             # how long keeping an activation waits for device memory to free
 MIN_OFFLOAD_BYTES = 1024      # smaller saved tensors are kept: a copy costs more than it saves
-_CACHE_KWARGS = ("past_key_values", "past_key_value", "layer_past")
-
-
-def find_layers(model: nn.Module) -> list[nn.Module]:
-    """The repeated blocks of the model: children of its largest ModuleList (by parameters)."""
-    best, best_size = [], 0
-    for module in model.modules():
-        if isinstance(module, nn.ModuleList) and len(module) >= 2:
-            size = sum(p.numel() for p in module.parameters())
-            if size > best_size:
-                best, best_size = list(module), size
-    return best
+_CACHE_KWARGS = ("cache", "past_key_values", "past_key_value", "layer_past")
 
 
 def _nbytes(t: torch.Tensor) -> int:
@@ -254,7 +245,8 @@ class ActivationManager:
             if uids:
                 self.engine.passes.enter_module(uids)
             try:
-                return forward(*args, **kwargs)
+                with buffers_kept(self.layers[i]):  # BatchNorm's running stats: updated once, in forward
+                    return forward(*args, **kwargs)
             finally:
                 if uids:
                     self.engine.passes.exit_module(uids)
