@@ -36,3 +36,8 @@ class NonFiniteError(TierflowError, FloatingPointError):
 class EngineFailedError(TierflowError):
     """A transfer, update or gradient job failed earlier: the engine's state may be half-updated,
     so it refuses to train or save. Resume from the last checkpoint."""
+
+
+class UnsupportedError(TierflowError, RuntimeError):
+    """A torch idiom that cannot work on a tiered model as it would on a plain one (e.g. a
+    `torch.optim` optimizer over an engine's parameters): the message says what to use instead."""
