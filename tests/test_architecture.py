@@ -21,6 +21,7 @@ LAYERS = [
     ("runtime", ["tierflow.runtime"]),
     ("services", ["tierflow.checkpoint", "tierflow.infer"]),
     ("api", ["tierflow", "tierflow.api", "tierflow.models", "tierflow.data"]),
+    ("integrations", ["tierflow.integrations"]),
     ("apps", ["tierflow.cli", "tierflow.bench", "tierflow.__main__"]),
 ]
 MAX_LINES = 500

@@ -1,0 +1,1 @@
+"""Integrations with libraries users already run (PEFT, ...): above the API, below the apps."""
