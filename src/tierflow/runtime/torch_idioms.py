@@ -203,14 +203,17 @@ def refuse_foreign_optimizers(optimizer, args, kwargs) -> None:
 class Adoption:
     """The engine's parameters as adopted; `remove()` (at engine.close) gives them back."""
 
-    def __init__(self, swapped: list, ids: list[int]):
-        self.swapped, self.ids = swapped, ids
+    def __init__(self, sink, swapped: list, ids: list[int]):
+        self.sink, self.swapped, self.ids = sink, swapped, ids
 
     def remove(self) -> None:
+        for key in self.ids:  # entries a later engine over the same parameters made stay
+            owner = OWNERS.get(key)
+            if owner is not None and owner.sink() in (self.sink, None):
+                del OWNERS[key]
         for param, cls in self.swapped:
-            param.__class__ = cls
-        for key in self.ids:
-            OWNERS.pop(key, None)
+            if owner_of(param) is None:
+                param.__class__ = cls
         self.swapped, self.ids = [], []
 
 
@@ -225,11 +228,15 @@ def adopt(engine) -> Adoption:
             param = slot.param
             OWNERS[id(param)] = Owner(param, engine.grads, slot.index, slot.name)
             ids.append(id(param))
-            if slot.trainable and isinstance(param, nn.Parameter) and type(param) not in SUBCLASSES.values():
-                cls = type(param)
-                try:
-                    param.__class__ = tiered_class(cls)
-                except TypeError:  # a parameter class whose layout forbids it: .grad stays None
-                    continue
-                swapped.append((param, cls))
-    return Adoption(swapped, ids)
+            if not (slot.trainable and isinstance(param, nn.Parameter)):
+                continue
+            if type(param) in SUBCLASSES.values():  # adopted by an engine still open: given back last
+                swapped.append((param, type(param).__bases__[0]))
+                continue
+            cls = type(param)
+            try:
+                param.__class__ = tiered_class(cls)
+            except TypeError:  # a parameter class whose layout forbids it: .grad stays None
+                continue
+            swapped.append((param, cls))
+    return Adoption(engine.grads, swapped, ids)
