@@ -143,3 +143,15 @@ def test_torch_optimizer_over_engine_parameters_raises_at_its_first_step(make, t
     assert not torch.equal(old, other.weight)
     engine.close()
     opt.step()  # the engine is gone: plain torch again (no gradients: nothing happens)
+
+
+def test_two_engines_over_one_model_give_the_parameters_back(engines):
+    model = make_tiny("llama")
+    first = tierflow.offload(model, **SMALL_UNITS)
+    second = tierflow.offload(model, **SMALL_UNITS)
+    engines += [first, second]
+    first.close()
+    second(**lm_batch(make_batches(1)[0])).loss.backward()
+    assert type(model.lm_head.weight.grad).__name__ == "TieredGradient"  # still the second engine's
+    second.close()
+    assert type(model.lm_head.weight) is torch.nn.Parameter and model.lm_head.weight.grad is None
