@@ -12,10 +12,12 @@ from tierflow.api import Engine, load, offload, resume
 from tierflow.checkpoint import CheckpointError, save, save_pretrained
 from tierflow.config import OffloadConfig, format_size, parse_size
 from tierflow.core.plan import Variant
-from tierflow.errors import BudgetError, ConfigError, EngineFailedError, NonFiniteError, NvmeError, TierflowError
+from tierflow.errors import (BudgetError, ConfigError, EngineFailedError, NonFiniteError, NvmeError, TierflowError,
+                             UnsupportedError)
 from tierflow.runtime.optimizer import AdamW
 from tierflow.version import __version__
 
 __all__ = ["offload", "Engine", "AdamW", "OffloadConfig", "Variant", "parse_size", "format_size",
            "TierflowError", "ConfigError", "BudgetError", "NvmeError", "NonFiniteError", "EngineFailedError",
+           "UnsupportedError",
            "resume", "load", "save", "save_pretrained", "CheckpointError", "__version__"]

@@ -38,6 +38,11 @@ class EngineFailedError(TierflowError):
     so it refuses to train or save. Resume from the last checkpoint."""
 
 
+class UnsupportedError(TierflowError, RuntimeError):
+    """A torch idiom that cannot work on a tiered model as it would on a plain one (e.g. a
+    `torch.optim` optimizer over an engine's parameters): the message says what to use instead."""
+
+
 def os_problem(exc: OSError, path=None) -> str:
     """Why an operating-system call on ``path`` failed, in words that say what to change: a
     read-only file system (EROFS, or a refusal on a file system mounted read-only) is not a

@@ -20,7 +20,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import torch
 
 from tierflow.memory.budget import Budget
-from tierflow.errors import ConfigError
+from tierflow.errors import ConfigError, UnsupportedError
 from tierflow.core.layout import Slot
 from tierflow.runtime.updates import StepGate
 from tierflow.memory.tiers import FP32, StateIO, UnitState
@@ -44,6 +44,8 @@ class GradientSink:
         self.dist = dist                           # distributed.Dist, or None (one process)
         self._unit_of = {s.index: u for u in units for s in u.slots}
         self._buckets: dict[int, list] = {}        # unit id -> [(state, slot, grad, fresh, nbytes)]
+        self._asked: set[int] = set()              # slots whose norm torch asked for (torch_idioms.py)
+        self._clipping = None                      # (coefficient, slots) of a torch clip under way
 
     def submit(self, state: UnitState, slot: Slot, grad: torch.Tensor, nbytes: int) -> None:
         """Queue one gradient; `nbytes` of device budget are released once it has left."""
@@ -171,6 +173,8 @@ class GradientSink:
         self.norms.clear()
         self.scale = None
         self.total = None
+        self._asked.clear()
+        self._clipping = None
 
     def _raw_total(self) -> torch.Tensor:
         """L2 norm over every gradient as accumulated (before any clip), on the compute device."""
@@ -200,9 +204,61 @@ class GradientSink:
         self.scale = coef if self.scale is None else self.scale * coef
         return total
 
+    # ---- torch.nn.utils.clip_grad_norm_ over param.grad views (torch_idioms.py) -------------
+    def _torch_clip_check(self, what: str) -> None:
+        if self.dist is not None:
+            raise UnsupportedError(
+                f"{what} of a held gradient: with data-parallel ranks each rank holds a shard, so torch "
+                f"would clip by a rank's norm; use opt.clip_grad_norm_(max_norm) (the global norm)")
+
+    def slot_norm(self, index: int) -> torch.Tensor:
+        """L2 norm of one parameter's gradient as it stands (after this step's clips), on the
+        compute device: what torch.linalg.vector_norm(param.grad) would give."""
+        self._torch_clip_check("the norm")
+        self.wait()
+        norm = self.norms[index].to(self.device.device)
+        self.device.hand_over(norm)  # computed on the drain lane (complete: its job synchronised)
+        self._asked.add(index)
+        return norm if self.scale is None else norm * self.scale
+
+    def scale_slot(self, index: int, coefficient) -> None:
+        """param.grad.mul_(coefficient): applied, as the clip coefficient, once every held
+        gradient got it (torch's clip multiplies them one by one by the same coefficient)."""
+        self._torch_clip_check("scaling")
+        if self._clipping is None:
+            asked, self._asked = self._asked, set()
+            if asked and asked != self.has_grad:
+                raise UnsupportedError(
+                    f"torch.nn.utils.clip_grad_norm_ over {len(asked)} of the {len(self.has_grad)} parameters "
+                    f"with a gradient: tierflow applies one clip coefficient to every gradient; pass all of "
+                    f"engine.parameters(), or use opt.clip_grad_norm_(max_norm)")
+            self._clipping = (coefficient, set())
+        first, seen = self._clipping
+        seen.add(index)
+        if seen >= self.has_grad:
+            self._clipping = None
+            coef = torch.as_tensor(first, dtype=FP32, device=self.device.device).reshape(())
+            self.scale = coef if self.scale is None else self.scale * coef
+
+    def forget(self, index: int) -> None:
+        """param.grad = None: this parameter's next gradient starts afresh; it is not stepped."""
+        self.wait()
+        if index in self.has_grad:
+            self.has_grad.discard(index)
+            self.norms.pop(index, None)
+            self.total = None  # a later clip sums the norms that are left (times this step's scale)
+
     def gate(self) -> StepGate:
         """The clip coefficient and a found-inf flag for this step's updates, ordered for every
         lane that runs them (see StepGate); recorded without waiting for the GPU."""
+        if self._clipping is not None:
+            seen = len(self._clipping[1])
+            self._clipping = None
+            raise UnsupportedError(
+                f"the gradients of {seen} of the {len(self.has_grad)} parameters with a gradient were scaled "
+                f"(torch.nn.utils.clip_grad_norm_ or grad.mul_ over a subset): tierflow applies one clip "
+                f"coefficient to every gradient; nothing was stepped. Clip all of engine.parameters(), or "
+                f"use opt.clip_grad_norm_(max_norm)")
         total = self.total if self.total is not None else self._raw_total()
         found_inf = (~torch.isfinite(total)).to(FP32)
         if not self.device.is_cuda:

@@ -10,6 +10,8 @@
   fetched on demand and released with the module that used it.
 * Gradient hooks: every trainable parameter hands its gradient to the engine the
   moment autograd has accumulated it.
+* Torch idioms (torch_idioms.py): `param.grad` shows the gradient the engine holds, so
+  `torch.nn.utils.clip_grad_norm_` works; a torch optimizer over the parameters raises.
 """
 from __future__ import annotations
 
@@ -20,6 +22,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
+
+from tierflow.runtime import torch_idioms
 
 
 @dataclass(frozen=True)
@@ -113,4 +117,5 @@ def install(engine, passes, model: nn.Module, hooked: dict[nn.Module, set[int]])
             if slot.trainable:
                 handles.append(slot.param.register_post_accumulate_grad_hook(
                     lambda param, _unit=unit, _slot=slot: passes.on_grad(_unit, _slot, param)))
+    handles.append(torch_idioms.adopt(engine))  # its remove() gives the parameters back
     return handles
