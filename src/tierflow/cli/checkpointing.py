@@ -34,7 +34,7 @@ def save_step(engine, sched, args, step: int) -> Path:
 
     output = Path(args.output)
     state = {"args": {k: getattr(args, k) for k in RUN_FIELDS if hasattr(args, k)}, "step": step,
-             "settings": {k: getattr(args, k) for k in SETTINGS}, "batches_consumed": step * args.grad_accum}
+             "settings": {k: getattr(args, k) for k in SETTINGS if hasattr(args, k)}, "batches_consumed": step * args.grad_accum}
     path = save(engine, output / f"step-{step}", scheduler=sched, extra={"train": state})  # every rank
     if engine.dist is None or engine.dist.rank == 0:  # shared files: one writer
         replace_file_atomically(output / LATEST, f"{path.name}\n".encode())
