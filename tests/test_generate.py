@@ -279,19 +279,25 @@ def test_kv_cache_that_does_not_fit(tmp_path, engines):
 def test_cli_generate_streams_and_summarises(tmp_path, capsys):
     from tierflow.cli.main import main
 
-    path, _ = saved(tmp_path, "gpt2")
+    path, _ = saved(tmp_path, "gpt2")  # no tokenizer files, a vocabulary of 96: not the byte vocabulary
+    bytes_ = ["--tokenizer", "bytes"]
     status = main(["generate", "--model", str(path), "--prompt", "!#", "--max-new-tokens", "4",
-                   "--device-memory", "256KiB", "--host-memory", "1MiB", "--nvme", str(tmp_path / "spill")])
-    out = capsys.readouterr().out
+                   "--device-memory", "256KiB", "--host-memory", "1MiB", "--nvme", str(tmp_path / "spill")] + bytes_)
+    out, err = capsys.readouterr()
     assert status == 0
     assert "tokens/s" in out and "NVMe weights" in out
+    assert "tokenizer: bytes" in err
     status = main(["generate", "--model", str(path), "--prompt", "!#", "--prompt", "$",
-                   "--max-new-tokens", "3", "--kv-cache", "nvme", "--nvme", str(tmp_path / "spill")])
+                   "--max-new-tokens", "3", "--kv-cache", "nvme", "--nvme", str(tmp_path / "spill")] + bytes_)
     out = capsys.readouterr().out
     assert status == 0 and "[1] $" in out and "KV cache (nvme" in out
     assert main(["generate", "--model", str(tmp_path / "none"), "--prompt", "x"]) == 2
-    assert main(["generate", "--model", str(path), "--prompt", "abc"]) == 2  # ids beyond the vocabulary
+    assert main(["generate", "--model", str(path), "--prompt", "abc"] + bytes_) == 2  # ids beyond the vocabulary
     assert "vocabulary" in capsys.readouterr().err
+    # Without --tokenizer, bytes are not silently assumed for a vocabulary that is not theirs.
+    assert main(["generate", "--model", str(path), "--prompt", "!#"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no tokenizer files" in err and "--tokenizer" in err, err
 
 
 # ---------------------------------------------------------------------------- CUDA

@@ -72,6 +72,16 @@ class ByteTokenizer:
         """Text of ``ids``; special ids are dropped."""
         return bytes(i for i in ids if i < 256).decode("utf-8", "replace")
 
+    def describe(self) -> str:
+        """Which tokenizer this is, for messages."""
+        return f"bytes (ids 0-255, BOS/EOS/PAD {self.bos_id}/{self.eos_id}/{self.pad_id})"
+
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        """Write this tokenizer as a Hugging Face fast tokenizer (tokenizer.json +
+        tokenizer_config.json) with the same ids: byte-level, no merges. `AutoTokenizer` loads
+        it; :func:`load_tokenizer` recognises it and gives a :class:`ByteTokenizer` back."""
+        _byte_level_hf_tokenizer().save_pretrained(str(directory))
+
 
 #: Embedding rows the built-in models reserve for :class:`ByteTokenizer`.
 BYTE_VOCAB_PADDED = 320
@@ -99,6 +109,47 @@ class HFTokenizer:
         """Text of ``ids``."""
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
 
+    def describe(self) -> str:
+        """Which tokenizer this is, for messages."""
+        source = getattr(self.tokenizer, "name_or_path", "") or "?"
+        return f"{type(self.tokenizer).__name__} from {source} ({self.vocab_size} tokens)"
+
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        """The tokenizer's own files, as ``transformers`` writes them."""
+        self.tokenizer.save_pretrained(str(directory))
+
+
+#: Names of ByteTokenizer's special ids in its Hugging Face form.
+_BYTE_SPECIALS = {"<|bos|>": 256, "<|eos|>": 257, "<|pad|>": 258}
+
+
+def _byte_level_vocab() -> dict[str, int]:
+    """Token -> id of the byte tokenizer in Hugging Face's byte-level alphabet (GPT-2's map of
+    the 256 bytes to printable characters), the specials after the bytes."""
+    printable = set(range(ord("!"), ord("~") + 1)) | set(range(0xA1, 0xAD)) | set(range(0xAE, 0x100))
+    vocab, extra = {}, 0
+    for byte in range(256):
+        if byte in printable:
+            vocab[chr(byte)] = byte
+        else:
+            vocab[chr(256 + extra)] = byte
+            extra += 1
+    return {**vocab, **_BYTE_SPECIALS}
+
+
+def _byte_level_hf_tokenizer():
+    """:class:`ByteTokenizer` as a ``transformers`` fast tokenizer."""
+    from tokenizers import Tokenizer as RawTokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    raw = RawTokenizer(models.BPE(vocab=_byte_level_vocab(), merges=[]))
+    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    raw.decoder = decoders.ByteLevel()
+    names = {v: k for k, v in _BYTE_SPECIALS.items()}
+    byte = ByteTokenizer()
+    return PreTrainedTokenizerFast(tokenizer_object=raw, bos_token=names[byte.bos_id],
+                                   eos_token=names[byte.eos_id], pad_token=names[byte.pad_id])
+
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
@@ -113,7 +164,7 @@ def load_tokenizer(model_path: str | os.PathLike | None = None) -> Tokenizer:
     if model_path is None or not Path(model_path).is_dir():
         return ByteTokenizer()
     path = Path(model_path)
-    if not any((path / name).exists() for name in _TOKENIZER_FILES):
+    if not has_tokenizer(path):
         return ByteTokenizer()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoTokenizer
@@ -122,7 +173,14 @@ def load_tokenizer(model_path: str | os.PathLike | None = None) -> Tokenizer:
         tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     except (OSError, ValueError) as exc:
         raise ConfigError(f"cannot load the tokenizer in {path}: {exc}") from exc
+    if len(tok) == ByteTokenizer.vocab_size and tok.get_vocab() == _byte_level_vocab():
+        return ByteTokenizer()  # written by ByteTokenizer.save_pretrained (tierflow train --export)
     return HFTokenizer(tok)
+
+
+def has_tokenizer(model_path: str | os.PathLike) -> bool:
+    """Whether directory ``model_path`` ships tokenizer files."""
+    return any((Path(model_path) / name).exists() for name in _TOKENIZER_FILES)
 
 
 def stdlib_text_files() -> list[Path]:

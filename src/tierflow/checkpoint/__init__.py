@@ -20,10 +20,10 @@ Modules: `files` (streaming safetensors, fsync/rename helpers), `manifest` (what
 checkpoint holds, verification), `state` (save / resume), `hf` (Hugging Face format).
 """
 from tierflow.checkpoint.files import CheckpointError
-from tierflow.checkpoint.hf import load, meta_parameters, save_pretrained
+from tierflow.checkpoint.hf import check_pretrained, load, meta_parameters, save_pretrained
 from tierflow.checkpoint.manifest import checkpoint_dir, read_manifest, verify
 from tierflow.checkpoint.files import read_windows
 from tierflow.checkpoint.state import resume, save
 
-__all__ = ["save", "resume", "read_manifest", "verify", "checkpoint_dir", "save_pretrained", "load",
+__all__ = ["save", "resume", "read_manifest", "verify", "checkpoint_dir", "save_pretrained", "load", "check_pretrained",
            "meta_parameters", "read_windows", "CheckpointError"]

@@ -222,11 +222,7 @@ def load(path, device="cpu", device_memory=None, host_memory=None, nvme=None, dt
     parse_dtype(dtype)  # a bad dtype or size fails before anything is built or read
     for what, size in (("device_memory", device_memory), ("host_memory", host_memory)):
         parse_size(size, what=what)
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    config = AutoConfig.from_pretrained(str(path), local_files_only=True)
-    with meta_parameters():
-        model = (model_class or AutoModelForCausalLM).from_config(config)
+    model = _meta_model(path, model_class)
     model.eval()
     if not trainable:
         model.requires_grad_(False)
@@ -240,6 +236,39 @@ def load(path, device="cpu", device_memory=None, host_memory=None, nvme=None, dt
     finally:
         for reader in readers:
             reader.close()
+
+
+def check_pretrained(path, model_class=None):
+    """What `load` checks before it places anything, without reading a weight: `path` is a
+    Hugging Face model directory whose config builds a model (on the meta device) and whose
+    safetensors headers are valid and hold every parameter with its shape. Returns the config;
+    raises CheckpointError naming the file and what is wrong."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise CheckpointError(f"{path} is not a Hugging Face model directory (no config.json)")
+    model = _meta_model(path, model_class)
+    readers = _open_shards(path)
+    try:
+        _match_keys(model, readers, path)
+    finally:
+        for reader in readers:
+            reader.close()
+    return model.config
+
+
+def _meta_model(path: Path, model_class=None) -> nn.Module:
+    """The model of directory `path` built from its config, parameters on the meta device."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(str(path), local_files_only=True)
+    except (OSError, ValueError, KeyError) as exc:
+        raise CheckpointError(f"{path / 'config.json'}: cannot read the model config ({exc})") from None
+    with meta_parameters():
+        try:
+            return (model_class or AutoModelForCausalLM).from_config(config)
+        except (ValueError, KeyError) as exc:
+            raise CheckpointError(f"{path / 'config.json'}: no causal LM can be built from it ({exc})") from None
 
 
 def _open_shards(path: Path) -> list[TensorFileReader]:

@@ -3,12 +3,18 @@
     tierflow generate --model path/to/hf-model --prompt "def main(" --max-new-tokens 32 \\
                       --device-memory 512MiB --host-memory 1GiB --nvme /mnt/nvme/tierflow
 
-The model directory (config.json + safetensors shards, and its tokenizer if it has one;
-without one, text is tokenized as bytes) is loaded tensor by tensor straight into the
+The model directory (config.json + safetensors shards, and its tokenizer if it has one) is
+loaded tensor by tensor straight into the
 tiers the budgets give, never whole in memory. Weights that fit stay resident; the rest
 stream from NVMe ahead of use. Tokens are printed as they are generated (one prompt),
 then a summary: tokens/s and bytes read per tier. Decoding is greedy unless --sample.
 Several --prompt flags make one batch (each layer's weights serve every sequence).
+
+The tokenizer used is printed (on stderr) first: the model directory's own (``tierflow train
+--export`` writes it), the one ``--tokenizer`` names, or bytes. A directory without tokenizer
+files is tokenized as bytes only when its vocabulary is the byte vocabulary of tierflow's
+built-in models (259-320 entries) or with ``--tokenizer bytes``; otherwise generate refuses
+rather than print text decoded with the wrong tokenizer.
 """
 from __future__ import annotations
 
@@ -33,6 +39,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--dtype", default=None, help="compute dtype: float32, bfloat16, float16 (default: the model's)")
     parser.add_argument("--kv-cache", default="auto", choices=("auto", "device", "host", "nvme"),
                         help="where the KV cache lives (default: by the budgets)")
+    parser.add_argument("--tokenizer", default=None, metavar="DIR|bytes",
+                        help="the tokenizer: a directory with Hugging Face tokenizer files, or 'bytes' "
+                             "(default: the model directory's own)")
     parser.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     parser.add_argument("--seed", type=int, default=0, help="seed for --sample (default 0)")
 
@@ -41,22 +50,20 @@ def run(args) -> int:
     import torch
 
     import tierflow
-    from tierflow.data import load_tokenizer
     from tierflow.errors import ConfigError
     from tierflow.infer.generate import summary_lines
-    from tierflow.models import is_builtin
 
     if args.max_new_tokens < 1:
         raise ConfigError("--max-new-tokens must be at least 1")
-    tokenizer = load_tokenizer(None if is_builtin(args.model) else args.model)
+    vocab = _vocab_size(args.model)
+    tokenizer = _tokenizer(args.model, args.tokenizer, vocab)
+    print(f"tokenizer: {tokenizer.describe()}", file=sys.stderr)
     prompts = [tokenizer.encode(p) for p in args.prompt]
     if any(not p for p in prompts):
         raise ConfigError("every --prompt must have at least one token")
-    vocab = _vocab_size(args.model)
     if vocab is not None and max(max(p) for p in prompts) >= vocab:
         raise ConfigError(f"the prompt has token ids up to {max(max(p) for p in prompts)}, but the model's "
-                          f"vocabulary has {vocab} entries (a directory without tokenizer files is "
-                          f"tokenized as bytes, ids 0-255)")
+                          f"vocabulary has {vocab} entries: give the model's own tokenizer with --tokenizer DIR")
     pad = tokenizer.pad_id if vocab is None or tokenizer.pad_id < vocab else 0  # masked out anyway
     nvme, temporary = _nvme_dir(args.nvme)
     budgets = dict(device=args.device, device_memory=_budget(args.device_memory),
@@ -86,6 +93,38 @@ def run(args) -> int:
         if temporary:
             shutil.rmtree(nvme, ignore_errors=True)
     return 0
+
+
+def _tokenizer(model: str, choice: str | None, vocab: int | None):
+    """The tokenizer ``--tokenizer`` names, else the model's; refuses to fall back to bytes for a
+    model whose vocabulary is not the byte vocabulary, and a tokenizer bigger than the model's
+    vocabulary."""
+    from tierflow.data import BYTE_VOCAB_PADDED, ByteTokenizer, has_tokenizer, load_tokenizer
+    from tierflow.errors import ConfigError
+    from tierflow.models import is_builtin
+
+    if choice is not None and choice.lower() == "bytes":
+        return ByteTokenizer()
+    if choice is not None:
+        if not has_tokenizer(choice):
+            raise ConfigError(f"--tokenizer {choice} holds no tokenizer files (tokenizer.json, "
+                              f"tokenizer_config.json, tokenizer.model or vocab.json): give such a directory, or 'bytes'")
+        tokenizer = load_tokenizer(choice)
+    elif is_builtin(model):
+        return ByteTokenizer()
+    elif has_tokenizer(model):
+        tokenizer = load_tokenizer(model)
+    else:
+        if vocab is not None and not ByteTokenizer.vocab_size <= vocab <= BYTE_VOCAB_PADDED:
+            raise ConfigError(f"{model} has no tokenizer files and its vocabulary ({vocab} entries) is not the "
+                              f"byte vocabulary ({ByteTokenizer.vocab_size}-{BYTE_VOCAB_PADDED}): give its "
+                              f"tokenizer with --tokenizer DIR, or --tokenizer bytes to tokenize as bytes anyway")
+        return ByteTokenizer()
+    if vocab is not None and tokenizer.vocab_size > vocab:
+        raise ConfigError(f"the tokenizer ({tokenizer.describe()}) has more tokens than the model's vocabulary "
+                          f"({vocab} entries): it is not this model's tokenizer; give the right one with "
+                          f"--tokenizer DIR")
+    return tokenizer
 
 
 def _load(model: str, budgets: dict):

@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from tierflow.cli import checkpointing, progress
+from tierflow.cli import checkpointing, model_io, progress
 from tierflow.cli.progress import fmt_bytes
 
 HELP = "train a causal LM beyond memory (default: built-in 100M Llama on stdlib text)"
@@ -69,7 +69,8 @@ class TrainArgs:
     keep: int = _flag(2, "N", "keep only the newest N checkpoints under --output (0: keep all)")
     resume: str | None = _flag(None, "DIR", "continue exactly the run saved in DIR (an --output directory or one "
                                "checkpoint): weights, optimizer, lr schedule, RNG and data position; the "
-                               "checkpoint's model, data, batch and schedule flags apply")
+                               "checkpoint's model, data, batch and schedule flags apply, --steps N extends "
+                               "the run to N steps, and its budgets, --nvme and --dtype apply unless given")
     export: str | None = _flag(None, "DIR", "at the end, write the model in Hugging Face format (config.json + "
                                "safetensors) to DIR")
     activations: str | None = _flag(None, "MODE", "saved activations: keep (on the device, accounted), "
@@ -77,6 +78,8 @@ class TrainArgs:
                                     "default: left to autograd, not accounted")
     timeline: str | None = _flag(None, "FILE.png", "save a picture of the run: bytes per tier over time and "
                                  "compute, transfer, update and drain spans")
+    #: The flags given on the command line (set by from_namespace); --resume takes the others from the checkpoint.
+    given: frozenset = field(default=frozenset(), compare=False)
 
     def __post_init__(self) -> None:
         from tierflow.errors import ConfigError
@@ -99,19 +102,22 @@ class TrainArgs:
 
     @classmethod
     def from_namespace(cls, ns: argparse.Namespace) -> "TrainArgs":
-        """The arguments parsed by :func:`add_arguments`."""
-        return cls(**{f.name: getattr(ns, f.name) for f in fields(cls)})
+        """The arguments parsed by :func:`add_arguments`; ``given`` names the flags on the command line."""
+        values = {f.name: getattr(ns, f.name) for f in fields(cls) if getattr(ns, f.name, None) is not None}
+        return cls(**values, given=frozenset(values))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """One ``--flag`` per :class:`TrainArgs` field, with its default in the help."""
     for f in fields(TrainArgs):
+        if "metavar" not in f.metadata:
+            continue
         kind = {"int": int, "float": float}.get(str(f.type), str)
         default = f"default: {f.default}" if f.default is not None else None
         text = f.metadata["help"]
         if default is not None and "default" not in text.lower():
             text = f"{text} ({default})"
-        parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=kind, default=f.default,
+        parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=kind, default=None,
                             metavar=f.metadata["metavar"], help=text)
 
 
@@ -151,13 +157,17 @@ def train(args: TrainArgs, console=None) -> TrainResult:
         console = Console(quiet=True)  # rank 0 speaks for all
     if not hasattr(tierflow, "offload"):
         raise TierflowError("this tierflow installation has no engine (tierflow.offload is missing)")
-    start, checkpoint = 0, None
+    start, checkpoint, notes = 0, None, []
     if args.resume:
-        args, checkpoint, start = checkpointing.resume_plan(args)
+        args, checkpoint, start, notes = checkpointing.resume_plan(args)
     checkpointing.check_output(args)  # an unwritable --output is said before any work
+    config = model_io.check_model(args.model) if checkpoint is None else None  # a bad model fails before any work
+    model_io.check_export(args.export)
     limits = {"device": _budget(args.device_memory), "host": _budget(args.host_memory)}
     budgets = {tier: tierflow.parse_size(limit) for tier, limit in limits.items() if limit is not None}
     tokenizer = load_tokenizer(None if is_builtin(args.model) else args.model)
+    if config is not None:
+        model_io.check_fits_data(config, None, tokenizer, args.seq_len)
     batches = text_batches(args.data, tokenizer, args.batch_size, args.seq_len, seed=args.seed)
     checkpointing.skip(batches, start * args.grad_accum * world)  # the data position of the checkpoint
     if world > 1:  # rank r trains on global micro-batches r, r + world, ...
@@ -172,6 +182,8 @@ def train(args: TrainArgs, console=None) -> TrainResult:
         engine, opt, sched = _start(args, checkpoint, device, limits, nvme_dir, tokenizer)
         if checkpoint is not None:
             console.print(f"resumed from {checkpoint} at step {start}", soft_wrap=True, highlight=False)
+            for note in notes:
+                console.print(note, soft_wrap=True, highlight=False)
         n_params = parameter_count(engine.module)
         console.print(f"[bold]model[/] {args.model}: {n_params / 1e6:.1f} M parameters, "
                       f"training state ~{fmt_bytes(16 * n_params)} (16 B/param)", soft_wrap=True)
@@ -191,7 +203,8 @@ def train(args: TrainArgs, console=None) -> TrainResult:
         else:
             console.print(f"the checkpoint is at step {start} of {args.steps}: nothing left to train")
         if args.export:
-            console.print(f"exported to {engine.save_pretrained(args.export)}", soft_wrap=True, highlight=False)
+            console.print(f"exported to {model_io.export(engine, tokenizer, args.export)}", soft_wrap=True,
+                          highlight=False)
     except KeyboardInterrupt:  # name the checkpoint to go on from
         raise KeyboardInterrupt(checkpointing.interrupted_message(args)) from None
     finally:
@@ -209,8 +222,6 @@ def _start(args: TrainArgs, checkpoint, device: str, limits: dict, nvme_dir, tok
     import torch
 
     import tierflow
-    from tierflow.errors import ConfigError
-    from tierflow.models import build_model
 
     dtype = getattr(torch, _DTYPES[args.dtype]) if args.dtype else None
     budgets = dict(device=device, device_memory=limits["device"], host_memory=limits["host"], nvme=nvme_dir,
@@ -222,16 +233,18 @@ def _start(args: TrainArgs, checkpoint, device: str, limits: dict, nvme_dir, tok
     if checkpoint is not None:
         engine, opt, sched = tierflow.resume(checkpoint, scheduler=schedule, **budgets)
         try:
-            _check_model_fits_data(engine.module, tokenizer, args.seq_len, ConfigError)
+            model_io.check_module_fits_data(engine.module, tokenizer, args.seq_len)
         except BaseException:
             engine.close()
             raise
         return engine, opt, sched
     torch.manual_seed(args.seed)
-    model = build_model(args.model, seed=args.seed)
-    _check_model_fits_data(model, tokenizer, args.seq_len, ConfigError)
-    model.train()
-    engine = tierflow.offload(model, **budgets)
+    engine = model_io.build(args.model, args.seed, budgets)
+    try:
+        model_io.check_module_fits_data(engine.module, tokenizer, args.seq_len)
+    except BaseException:
+        engine.close()
+        raise
     opt = tierflow.AdamW(engine, lr=args.lr, weight_decay=args.weight_decay)
     return engine, opt, schedule(opt)
 
@@ -318,14 +331,6 @@ def _mean_over_ranks(engine, loss):
     return total / engine.dist.world
 
 
-def _check_model_fits_data(model, tokenizer, seq_len: int, error: type) -> None:
-    """The model's embedding covers the tokenizer and its positions cover ``seq_len``."""
-    rows = model.get_input_embeddings().weight.shape[0]
-    if tokenizer.vocab_size > rows:
-        raise error(f"the tokenizer has {tokenizer.vocab_size} tokens but the model's embedding only {rows}")
-    limit = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
-    if limit and seq_len > limit:
-        raise error(f"--seq-len {seq_len} exceeds the model's {limit} positions")
 
 
 def _budget(size: str) -> str | None:
