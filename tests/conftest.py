@@ -137,3 +137,13 @@ def engines():
             engine.close()
         except Exception:
             pass
+
+
+def cli_train_flags(tmp_path, *extra: str) -> list:
+    """`tierflow train` arguments for a fast CLI run: llama-tiny on a small text file, budgets
+    small enough that state spills to an NVMe directory under `tmp_path`."""
+    data = tmp_path / "data.txt"
+    data.write_text("".join(f"line {i}: the quick brown fox jumps over the lazy dog\n" for i in range(400)))
+    return ["train", "--model", "llama-tiny", "--data", str(data), "--steps", "4", "--seq-len", "32",
+            "--log-every", "0", "--device", "cpu", "--device-memory", "3MiB", "--host-memory", "4MiB",
+            "--nvme", str(tmp_path / "spill"), "--warmup", "0", *extra]

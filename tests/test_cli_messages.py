@@ -20,16 +20,12 @@ from tierflow.cli.main import EXIT_ERROR, main
 from tierflow.cli.messages import for_cli
 from tierflow.errors import NvmeError, os_problem
 
-from conftest import SMALL_UNITS
+from conftest import SMALL_UNITS, cli_train_flags
 
 
 @pytest.fixture
 def flags(tmp_path):
-    data = tmp_path / "data.txt"
-    data.write_text("".join(f"line {i}: the quick brown fox jumps over the lazy dog\n" for i in range(400)))
-    return ["train", "--model", "llama-tiny", "--data", str(data), "--steps", "4", "--seq-len", "32",
-            "--log-every", "0", "--device", "cpu", "--device-memory", "3MiB", "--host-memory", "4MiB",
-            "--nvme", str(tmp_path / "spill"), "--warmup", "0"]
+    return cli_train_flags(tmp_path)
 
 
 def _files(root: Path) -> list:

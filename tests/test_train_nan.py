@@ -8,14 +8,12 @@ from safetensors.torch import load_file
 from tierflow.checkpoint import verify
 from tierflow.cli.main import EXIT_ERROR, main
 
+from conftest import cli_train_flags
+
 
 @pytest.fixture
 def flags(tmp_path):
-    data = tmp_path / "data.txt"
-    data.write_text("".join(f"line {i}: the quick brown fox jumps over the lazy dog\n" for i in range(400)))
-    return ["train", "--model", "llama-tiny", "--data", str(data), "--steps", "4", "--seq-len", "32",
-            "--log-every", "0", "--device", "cpu", "--device-memory", "3MiB", "--host-memory", "4MiB",
-            "--nvme", str(tmp_path / "spill"), "--warmup", "0", "--lr", "1e30"]
+    return cli_train_flags(tmp_path, "--lr", "1e30")
 
 
 def test_diverging_run_stops_before_saving_the_bad_step(flags, tmp_path, capsys):
