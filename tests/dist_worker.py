@@ -83,6 +83,10 @@ def main() -> None:
                     "placement": engine.placement()}, args.out)
     engine.close()
     if world > 1:
+        # Ranks tear their process group down together: one that destroys its gloo group while
+        # the other still saves its results aborted once at exit ("terminate called without an
+        # active exception", SIGABRT after every collective had completed).
+        torch.distributed.barrier()
         torch.distributed.destroy_process_group()
 
 

@@ -128,6 +128,7 @@ def _worker(args) -> None:
     Path(args.out).mkdir(parents=True, exist_ok=True)
     Path(args.out, f"rank{rank}.json").write_text(json.dumps(report, indent=1) + "\n")
     if torch.distributed.is_initialized():
+        torch.distributed.barrier()  # tear down together (a gloo group destroyed early can abort a rank)
         torch.distributed.destroy_process_group()
 
 
