@@ -20,6 +20,7 @@ import torch
 from tierflow.core.layout import Slot, Unit
 from tierflow.core.plan import Placement, working_bytes
 from tierflow.core.schedule import eviction_order, prefetch_window
+from tierflow.errors import TierflowError
 from tierflow.memory.device import ComputeDevice
 from tierflow.memory.tiers import StateIO, UnitState
 from tierflow.runtime.updates import apply_updates
@@ -372,6 +373,12 @@ class Residency:
 
     def close(self) -> None:
         self.transfer.shutdown(wait=True)
+        if self.dist is not None:  # no all-gather left in flight when the ranks tear down
+            for uid in range(len(self.units)):
+                try:
+                    self.dist.forget(uid)
+                except TierflowError:  # another rank died: the group is broken anyway
+                    break
 
 
 def scratch_bytes(numel: int) -> int:
