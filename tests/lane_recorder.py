@@ -72,17 +72,14 @@ class RecordingDevice(ComputeDevice):
         return tensor
 
     @contextlib.contextmanager
-    def lane(self, name, compute=None):
-        assert name in ("copy", "drain", "compute"), name
+    def lane(self, name):
+        assert name in ("copy", "drain"), name
         stack = self._local.__dict__.setdefault("stack", [])
         stack.append(name)
         try:
             yield
         finally:
             stack.pop()
-
-    def current_stream(self):
-        return self.current_lane()
 
     def record_event(self):
         event = RecordedEvent(self.current_lane(), 0)

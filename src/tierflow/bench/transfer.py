@@ -5,7 +5,7 @@ interleaved (medians of `repeats`):
 
 * `h2d` / `d2h`: `nbytes` copied chunk by chunk between the buffers of a pinned
   `tierflow.memory.pool.BufferPool` and the device, on the engine's side stream
-  (`ComputeDevice.side_stream()`), waiting for a buffer's previous copy before reusing
+  (`ComputeDevice.lane("copy")`), waiting for a buffer's previous copy before reusing
   it, as the engine does; against one plain `copy_` of a single large pinned tensor.
   Target: the pool reaches >= 85% of the plain copy's bandwidth.
 * `matmul`: a matmul loop on the compute stream, alone and while a background thread
@@ -77,7 +77,7 @@ def _pool_copy(device, pool, gpu: torch.Tensor, to_device: bool) -> None:
     bufs = [pool.acquire() for _ in range(pool.count)]
     events = [None] * len(bufs)
     try:
-        with device.side_stream():
+        with device.lane("copy"):
             for i, start in enumerate(range(0, gpu.numel(), chunk)):
                 slot = i % len(bufs)
                 device.synchronize_event(events[slot])  # the engine refills a buffer only now

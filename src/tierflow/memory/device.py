@@ -49,7 +49,6 @@ def return_freed_memory_to_os(threshold: int = 1 << 20) -> bool:
 
 
 _M_MMAP_THRESHOLD = -3
-LANES = ("compute", "copy", "drain")
 
 
 class ComputeDevice:
@@ -105,37 +104,20 @@ class ComputeDevice:
 
     # ---- lanes ------------------------------------------------------------------------------
     @contextlib.contextmanager
-    def lane(self, name: str, compute=None):
-        """Run the enclosed GPU work on lane `name` ('copy', 'drain', or 'compute' with the
-        compute stream `compute` from `current_stream()`); a no-op on CPU."""
-        stream = self._stream(name, compute)
+    def lane(self, name: str):
+        """Run the enclosed GPU work on lane 'copy' or 'drain' (the compute lane is whatever
+        stream is current where the model runs); a no-op on CPU."""
+        stream = self._stream(name)
         if stream is None:
             yield
             return
         with torch.cuda.stream(stream):
             yield
 
-    @contextlib.contextmanager
-    def side_stream(self):
-        """The copy lane (kept for callers of the first version)."""
-        with self.lane("copy"):
-            yield
-
-    def current_stream(self):
-        """The stream current on this thread (the compute stream where the model runs: the
-        main thread in forward, autograd's thread in backward); None on CPU."""
-        return torch.cuda.current_stream(self.device) if self.is_cuda else None
-
-    def _stream(self, name: str, compute=None):
-        if not self.is_cuda:
-            return None
-        if name == "copy":
-            return self.copy_stream
-        if name == "drain":
-            return self.drain_stream
-        if name == "compute":
-            return compute
-        raise ValueError(f"unknown lane {name!r}: one of {LANES}")
+    def _stream(self, name: str):
+        if name not in ("copy", "drain"):
+            raise ValueError(f"unknown lane {name!r}: 'copy' or 'drain'")
+        return {"copy": self.copy_stream, "drain": self.drain_stream}[name]
 
     # ---- hand-offs --------------------------------------------------------------------------
     def record_event(self):
@@ -166,10 +148,6 @@ class ComputeDevice:
         so far is done."""
         if self.is_cuda and tensor.device.type == "cuda":
             tensor.record_stream(stream if stream is not None else torch.cuda.current_stream(self.device))
-
-    def mark_used_by_compute(self, tensor: torch.Tensor) -> None:
-        """Alias of `hand_over` on the current (compute) stream."""
-        self.hand_over(tensor)
 
     def hand_over_to_lane(self, tensor: torch.Tensor, name: str) -> None:
         """`tensor` (allocated on the current lane) will also be used on lane `name`."""

@@ -384,41 +384,32 @@ class NvmeStore:
                 else:
                     done.set_result(len(view))
 
-        io = self._pwrite_all if write else self._pread_all
         done.set_running_or_notify_cancel()
         for i, n in pieces:
             # The closure keeps `tensor` alive until its last piece is done.
-            fut = self._executor.submit(io, self._fd, view[i : i + n], offset + i, tensor)
+            fut = self._executor.submit(self._transfer_all, self._fd, view[i : i + n], offset + i, tensor, write)
             fut.add_done_callback(piece_done)
         return done
 
-    def _pread_all(self, fd: int, view: memoryview, offset: int, _keepalive: torch.Tensor) -> None:
-        """Read exactly len(view) bytes at ``offset``, looping over short reads."""
+    def _transfer_all(self, fd: int, view: memoryview, offset: int, _keepalive: torch.Tensor,
+                      write: bool) -> None:
+        """Read or write exactly len(view) bytes at ``offset``, looping over short transfers."""
+        call, verb = (os.pwritev, "writing") if write else (os.preadv, "reading")
         done = 0
         while done < len(view):
             try:
-                n = os.preadv(fd, [view[done:]], offset + done)
+                n = call(fd, [view[done:]], offset + done)
             except OSError as exc:
-                raise self._io_error(exc, "reading", len(view) - done, offset + done) from exc
+                raise self._io_error(exc, verb, len(view) - done, offset + done) from exc
             if n == 0:
-                raise NvmeError(errno.EIO, f"unexpected end of {self.path} at offset {offset + done}")
+                what = f"no progress writing {self.path}" if write else f"unexpected end of {self.path}"
+                raise NvmeError(errno.EIO, f"{what} at offset {offset + done}")
             done += n
         with self._lock:
-            self._bytes_read += done
-
-    def _pwrite_all(self, fd: int, view: memoryview, offset: int, _keepalive: torch.Tensor) -> None:
-        """Write exactly len(view) bytes at ``offset``, looping over short writes."""
-        done = 0
-        while done < len(view):
-            try:
-                n = os.pwritev(fd, [view[done:]], offset + done)
-            except OSError as exc:
-                raise self._io_error(exc, "writing", len(view) - done, offset + done) from exc
-            if n == 0:
-                raise NvmeError(errno.EIO, f"no progress writing {self.path} at offset {offset + done}")
-            done += n
-        with self._lock:
-            self._bytes_written += done
+            if write:
+                self._bytes_written += done
+            else:
+                self._bytes_read += done
 
     def _io_error(self, exc: OSError, verb: str, nbytes: int, offset: int) -> NvmeError:
         if exc.errno == errno.ENOSPC:

@@ -15,6 +15,7 @@ over ranks by `clip`.
 """
 from __future__ import annotations
 
+import contextlib
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
@@ -66,11 +67,20 @@ class GradientSink:
                produced) -> None:
         """Drain thread: copy (first micro-batch) or add (later ones) into the fp32 gradient, on
         the drain lane once the compute stream has produced the gradient."""
-        with self.events.span("drain", slot.name, nbytes), self.device.lane("drain"):
-            self.device.wait_event(produced)
-            self.device.hand_over(grad)  # freed by this thread: not reused before the drain is done
+        with self.events.span("drain", slot.name, nbytes), self._drain_lane(produced, [grad]):
             self._accumulate(state, slot, grad, fresh, nbytes)
-            self.device.synchronize_lane()  # the norms are complete before anyone waits on this job
+
+    @contextlib.contextmanager
+    def _drain_lane(self, produced, grads: list):
+        """The drain lane, after the compute stream produced `grads` (freed by the drain thread:
+        handed over, so not reused before the drain is done); complete on exit, so the norms it
+        recorded are final before anyone waits on the job."""
+        with self.device.lane("drain"):
+            self.device.wait_event(produced)
+            for grad in grads:
+                self.device.hand_over(grad)
+            yield
+            self.device.synchronize_lane()
 
     def _accumulate(self, state: UnitState, slot: Slot, grad: torch.Tensor, fresh: bool, nbytes: int) -> None:
         try:
@@ -128,12 +138,8 @@ class GradientSink:
     def _drain_bucket(self, unit, entries, produced) -> None:
         """Drain thread: sum the unit's gradients into one fp32 buffer, reduce-scatter it (the
         average over ranks), and accumulate this rank's shard into its home tier."""
-        with self.device.lane("drain"):
-            self.device.wait_event(produced)
-            for entry in entries:
-                self.device.hand_over(entry[2])
+        with self._drain_lane(produced, [entry[2] for entry in entries]):
             self._drain_bucket_on_lane(unit, entries)
-            self.device.synchronize_lane()
 
     def _drain_bucket_on_lane(self, unit, entries) -> None:
         nbytes = sum(e[4] for e in entries)
@@ -180,14 +186,19 @@ class GradientSink:
         """L2 norm over every gradient as accumulated (before any clip), on the compute device."""
         self.wait()
         target = self.device.device
-        norms = [self.norms[i].to(target) for i in sorted(self.norms)]
-        for norm in norms:  # computed on the drain lane (complete: its job synchronised)
-            self.device.hand_over(norm)
+        norms = [self._recorded_norm(i) for i in sorted(self.norms)]
         if self.dist is not None:
             return self.dist.global_norm(norms, target)
         if not norms:
             return torch.zeros((), device=target)
         return torch.linalg.vector_norm(torch.stack(norms), 2.0)
+
+    def _recorded_norm(self, index: int) -> torch.Tensor:
+        """A parameter's recorded gradient norm on the compute device, for the current stream
+        (computed on the drain lane; complete, since its job synchronised)."""
+        norm = self.norms[index].to(self.device.device)
+        self.device.hand_over(norm)
+        return norm
 
     def clip(self, max_norm: float, norm_type: float = 2.0, error_if_nonfinite: bool = False) -> torch.Tensor:
         """Total L2 norm of the gradients as they stand (after earlier clips of this step, as
@@ -216,8 +227,7 @@ class GradientSink:
         compute device: what torch.linalg.vector_norm(param.grad) would give."""
         self._torch_clip_check("the norm")
         self.wait()
-        norm = self.norms[index].to(self.device.device)
-        self.device.hand_over(norm)  # computed on the drain lane (complete: its job synchronised)
+        norm = self._recorded_norm(index)
         self._asked.add(index)
         return norm if self.scale is None else norm * self.scale
 

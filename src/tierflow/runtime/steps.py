@@ -36,9 +36,7 @@ class OptimizerSteps:
 
     def record(self, hyper_params: dict) -> None:
         """Record an AdamW update for every parameter with a gradient; applied lazily."""
-        self.health.check()
-        with self.health.marks_failure():
-            self.grads.wait()
+        self._gradients_in()
         with self.bookkeeping():
             self._check_last()
             chosen = [(unit, [slot for slot in unit.slots if slot.trainable and slot.index in self.grads.has_grad
@@ -69,13 +67,17 @@ class OptimizerSteps:
 
     def flush(self) -> None:
         """Apply every recorded update now (before reading or saving the state)."""
-        self.health.check()
-        with self.health.marks_failure():
-            self.grads.wait()
+        self._gradients_in()
         with self.bookkeeping():
             for uid in range(len(self.units)):
                 self.residency.update_now(uid)
             self._check_last()
+
+    def _gradients_in(self) -> None:
+        """The engine may still train, and every gradient has reached its tier."""
+        self.health.check()
+        with self.health.marks_failure():
+            self.grads.wait()
 
     def _check_last(self) -> None:
         """Raise (or, with AdamW(skip_nonfinite=True), warn) if the last recorded step had

@@ -51,13 +51,13 @@ class StepGate:
         """True if the gradients were not finite (reads the host copy: waits for it)."""
         if self.found_inf is None:
             return False
-        return bool(self.on(torch.device("cpu"), _block)[1])
+        return bool(self.on(torch.device("cpu"))[1])
 
-    def on(self, device: torch.device, sync) -> tuple:
-        """(scale, found_inf) as tensors on `device`; `sync(event)` blocks the host."""
+    def on(self, device: torch.device) -> tuple:
+        """(scale, found_inf) as tensors on `device` (the host copy waits for its event)."""
         if device.type != "cpu" or self.host is None:
             return self.scale, self.found_inf
-        sync(self.host_ready)
+        self.host_ready.synchronize()
         scale = None if self.scale is None else self.host[0]
         return scale, self.host[1]
 
@@ -73,15 +73,10 @@ class PendingUpdate:
     gate: StepGate | None = None     # the engine's: scale and finiteness, ordered across lanes
 
 
-def _block(event) -> None:
-    if event is not None:
-        event.synchronize()
-
-
 def scale_and_skip(update: PendingUpdate, device: torch.device) -> tuple:
     """The clip coefficient and the found-inf flag as tensors on `device` (either may be None)."""
     if update.gate is not None:
-        return update.gate.on(device, _block)
+        return update.gate.on(device)
     scale = None if update.grad_scale is None else update.grad_scale.to(device)
     return scale, None
 
