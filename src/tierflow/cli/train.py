@@ -314,9 +314,8 @@ def _diverged(step: int, what: str, args: TrainArgs) -> None:
     """Stop with what diverged, what was kept, and what to change."""
     from tierflow.errors import NonFiniteError
 
-    latest = Path(args.output) / checkpointing.LATEST if args.output else None
-    kept = (f"; the last checkpoint, {latest.parent / latest.read_text().strip()}, is untouched"
-            if latest is not None and latest.is_file() else "")
+    last = checkpointing.last_checkpoint(args)
+    kept = f"; the last checkpoint, {last}, is untouched" if last is not None else ""
     raise NonFiniteError(
         f"training diverged at step {step}: {what}. Stopped before the optimizer step, so nothing of "
         f"step {step} was applied or saved{kept}. Lower --lr (now {args.lr:g}) or warm up longer, check "
