@@ -4,7 +4,7 @@ Pure arithmetic over unit sizes, a `plan.Placement` and measured machine figures
 (`Calibration`, from `tierflow bench calibrate`); nothing here touches a device, so
 `tierflow plan` can answer before any memory is allocated.
 
-Step time follows what the engine does in one step (see engine.py):
+Step time follows what the engine does in one step (see runtime/passes.py, runtime/residency.py):
 
 * forward: the transfer thread runs, unit by unit in model order, the lazy AdamW
   update of each unit (reading master, gradient and moments from its home tier,

@@ -2,7 +2,7 @@
 
 Autograd saves tensors in forward for use in backward; with long sequences these
 activations, not the weights, fill the device. The engine already routes every
-saved tensor through its saved-tensor hooks (`Engine.pack_saved`), so it can
+saved tensor through its saved-tensor hooks (`Passes.pack_saved`), so it can
 decide, per layer, what happens to the ones that are not views of parameters:
 
 * keep: they stay on the device, accounted against the device budget (by storage,
@@ -255,7 +255,7 @@ class ActivationManager:
 
     # ---- saved tensors -------------------------------------------------------------------------
     def pack(self, tensor: torch.Tensor):
-        """Engine.pack_saved for a tensor that is not a view of a parameter."""
+        """Passes.pack_saved for a tensor that is not a view of a parameter."""
         ptr = tensor.untyped_storage().data_ptr()
         if ptr in self._buffer_ptrs or not _nbytes(tensor):
             return tensor
