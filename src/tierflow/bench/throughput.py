@@ -27,7 +27,7 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -149,12 +149,30 @@ def torch_stepper(model, device: str, lr: float):
     return step, None
 
 
+def predicted_step_s(model, cfg: ThroughputConfig, kwargs: dict) -> float | None:
+    """The planner's step time for this run (what `tierflow plan` prints), from this machine's
+    cached calibration or the nominal figures; None if it cannot say."""
+    from tierflow.config import OffloadConfig
+    from tierflow.core import figures
+    from tierflow.core.planner import predict
+
+    try:
+        offload_cfg = OffloadConfig.create(**kwargs)
+        cal = figures.for_planning(cfg.device, torch.bfloat16)
+        return predict(model, offload_cfg, cal, cfg.batch, cfg.seq_len).step.step_s
+    except Exception as exc:  # noqa: BLE001 -- a missing prediction is reported, not fatal
+        print(f"no prediction: {type(exc).__name__}: {exc}")
+        return None
+
+
 def tierflow_stepper(model, cfg: ThroughputConfig, host_memory: str, **options):
     import tierflow
 
-    engine = tierflow.offload(model, device=cfg.device, dtype=torch.bfloat16, device_memory=cfg.device_memory,
-                              host_memory=host_memory, nvme=cfg.nvme or tempfile.mkdtemp(prefix="tierflow-tp-"),
-                              **{**cfg.offload_options, **options})
+    kwargs = dict(device=cfg.device, dtype=torch.bfloat16, device_memory=cfg.device_memory, host_memory=host_memory,
+                  nvme=cfg.nvme or tempfile.mkdtemp(prefix="tierflow-tp-"), **{**cfg.offload_options, **options})
+    predicted = predicted_step_s(model, cfg, kwargs)
+    engine = tierflow.offload(model, **kwargs)
+    engine.predicted_step_s = predicted  # (read by run_contender)
     opt = tierflow.AdamW(engine, lr=cfg.lr)
 
     def step(ids):
@@ -218,7 +236,36 @@ def fsdp2_stepper(model, cfg: ThroughputConfig):
     return step, None
 
 
+def split_options(name: str) -> tuple[str, dict]:
+    """'tierflow-host[activations=auto,device_memory=10GiB]' -> ('tierflow-host', {...}): a
+    tierflow contender with `tierflow.offload` keywords changed (device_memory and host_memory
+    replace the run's budgets)."""
+    if not name.endswith("]") or "[" not in name:
+        return name, {}
+    base, _, inner = name[:-1].partition("[")
+    options = {}
+    for item in filter(None, inner.split(",")):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"contender {name!r}: options are key=value, got {item!r}")
+        options[key.strip()] = value.strip()
+    return base, options
+
+
+def check_contender(name: str) -> None:
+    """Raise ValueError for a name `make_stepper` would not know."""
+    base, options = split_options(name)
+    if base not in CONTENDERS + EXTRA_CONTENDERS or (options and not base.startswith("tierflow")):
+        raise ValueError(f"unknown contender {name!r}: choose from {', '.join(CONTENDERS + EXTRA_CONTENDERS)}; "
+                         f"tierflow ones may take [key=value,...] offload options")
+
+
 def make_stepper(name: str, model, cfg: ThroughputConfig):
+    check_contender(name)
+    name, options = split_options(name)
+    if options:
+        budgets = {k: options.pop(k) for k in ("device_memory", "host_memory") if k in options}
+        cfg = replace(cfg, offload_options={**cfg.offload_options, **options}, **budgets)
     if name == "torch":
         return torch_stepper(model, cfg.device, cfg.lr)
     if name == "tierflow-host":
@@ -255,6 +302,9 @@ def run_contender(name: str, cfg: ThroughputConfig) -> dict:
                                          profile_out)
         if engine is not None:
             result["homes"] = {t: engine.plan.homes.count(t) for t in ("device", "host", "nvme")}
+            result["gpu_updates"] = sum(engine.plan.device_updates)
+            result["device_budget"] = engine.budgets["device"].capacity
+            result["predicted_step_s"] = engine.predicted_step_s
             result["io_per_step"] = {k: v / len(batches) for k, v in engine.io_stats().items()}
             if cfg.profile_dir:
                 result["lanes"] = lane_totals(engine, Path(cfg.profile_dir) / f"{name}-timeline.png")
@@ -325,7 +375,13 @@ def report(results: list[dict], cfg: ThroughputConfig) -> str:
         lines.append(f"{r['name']:<18} {t:7.3f} {r['tokens_per_s']:9.0f} {r['tflops']:8.1f} {vs_torch:>8} {vs_ds:>7} "
                      f"{_gib(r['gpu_peak']):>9} {_gib(r['host_peak_rss']):>9}  "
                      f"{[round(x, 4) for x in r['losses'][:4]]}")
-        for key in ("homes", "io_per_step", "lanes"):
+        if r.get("device_budget") and r.get("gpu_peak"):
+            lines.append(f"{'':<18} GPU peak / device_memory budget: {_gib(r['gpu_peak'])} / "
+                         f"{_gib(r['device_budget'])} = {r['gpu_peak'] / r['device_budget']:.2f}")
+        if r.get("predicted_step_s"):
+            lines.append(f"{'':<18} plan predicted {r['predicted_step_s']:.3f} s/step: measured / predicted "
+                         f"{t / r['predicted_step_s']:.2f}")
+        for key in ("homes", "gpu_updates", "io_per_step", "lanes"):
             if key in r:
                 lines.append(f"{'':<18} {key}: {r[key]}")
     lines.append("(vs torch / vs DS: that contender's speed relative to torch's / DeepSpeed's; "
@@ -335,6 +391,8 @@ def report(results: list[dict], cfg: ThroughputConfig) -> str:
 
 def run_throughput_bench(cfg: ThroughputConfig, contenders=CONTENDERS, json_path=None,
                          timeout: float | None = None) -> list[dict]:
+    for name in contenders:  # a typo fails before any model is built
+        check_contender(name)
     results = []
     for name in contenders:
         print(f"[{time.strftime('%H:%M:%S')}] {name} ...", flush=True)

@@ -116,7 +116,9 @@ def add_throughput_arguments(sub) -> None:
 
     tp = sub.add_parser("throughput", help="GPU training throughput: tierflow vs torch, DeepSpeed ZeRO-3 offload, "
                         "FSDP2 offload (each in its own process, same weights and batches)")
-    tp.add_argument("--contenders", nargs="+", default=list(CONTENDERS), choices=CONTENDERS + EXTRA_CONTENDERS)
+    tp.add_argument("--contenders", nargs="+", default=list(CONTENDERS),
+                    help=f"of {', '.join(CONTENDERS + EXTRA_CONTENDERS)}; a tierflow one may take offload options, "
+                         f"e.g. 'tierflow-host[activations=auto,device_memory=10GiB]'")
     tp.add_argument("--device", default="cuda", help="compute device (default cuda)")
     tp.add_argument("--steps", type=int, default=8, help="steps per contender (default 8)")
     tp.add_argument("--warmup", type=int, default=3, help="steps left out of the median (default 3)")
