@@ -46,8 +46,9 @@ CASES = {
     "host-shared": dict(placement="host", update_on="auto"),  # CPU and GPU updates at the same time
     "nvme-cpu": dict(placement="nvme", update_on="cpu"),
     "nvme-device": dict(placement="nvme", update_on="device"),
-    "evict-cpu": dict(placement="host", device_memory=TIGHT, update_on="cpu"),
-    "evict-device": dict(placement="host", device_memory=TIGHT, update_on="device"),
+    # (activations left to autograd, as the default was before it became "auto" with a GPU budget)
+    "evict-cpu": dict(placement="host", device_memory=TIGHT, update_on="cpu", activations="autograd"),
+    "evict-device": dict(placement="host", device_memory=TIGHT, update_on="device", activations="autograd"),
     "act-keep": dict(placement="host", device_memory="128MiB", activations="keep"),  # room for activations
     "act-offload": dict(placement="host", device_memory=TIGHT, activations="offload"),
     "act-recompute": dict(placement="host", device_memory=TIGHT, activations="recompute"),

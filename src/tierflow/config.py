@@ -13,16 +13,27 @@ import torch
 
 from tierflow.errors import ConfigError
 
-MODES = ("keep", "recompute", "offload", "auto")  # activation modes (activations.py)
+MODES = ("keep", "recompute", "offload", "auto", "autograd")  # activation modes (activations.py)
 
 
 def check_mode(mode) -> str | None:
-    """Validate an `activations=` value (None: left to autograd, as before)."""
+    """Validate an `activations=` value (None: the default, see `default_activations`)."""
     if mode is None:
         return None
     if not isinstance(mode, str) or mode.lower() not in MODES:
         raise ConfigError(f"unknown activations mode {mode!r}: use one of {', '.join(MODES)}")
     return mode.lower()
+
+
+def default_activations(mode: str | None, device: torch.device, device_memory: int | None) -> str | None:
+    """The activation mode the engine runs with (None: left to autograd, not accounted).
+
+    Unset (None), it is "auto" on a GPU given a `device_memory` budget, so that the budget
+    bounds the engine's whole use of the GPU, activations included; elsewhere autograd keeps
+    them as usual. "autograd" asks for that explicitly."""
+    if mode is None:
+        return "auto" if device.type == "cuda" and device_memory is not None else None
+    return None if mode == "autograd" else mode
 
 _UNITS = {
     "": 1, "b": 1,
@@ -130,6 +141,9 @@ class OffloadConfig:
             device and accounted; "recompute" = each layer checkpointed; "offload" = copied
             to host memory (NVMe when the host budget is short) and back ahead of backward;
             "auto" = chosen per layer from the budgets and the first step's measurements.
+            `create` resolves the user's value: unset means "auto" on a GPU with a
+            device_memory budget (the budget then bounds all of the engine's GPU memory),
+            else None; "autograd" means None.
         batch_shape: (batch size, sequence length) of one micro-batch, as the planner assumes
             it when it weighs compute against transfers to choose the placement (planner.py);
             it changes where state lives, never what is computed. None = (1, 256).
@@ -192,9 +206,10 @@ class OffloadConfig:
                 batch_shape = ()
             if len(batch_shape) != 2 or min(batch_shape) < 1:
                 raise ConfigError("batch_shape must be (batch size, sequence length), two positive integers")
+        device, device_memory = parse_device(device), parse_size(device_memory, what="device_memory")
         return cls(
-            device=parse_device(device),
-            device_memory=parse_size(device_memory, what="device_memory"),
+            device=device,
+            device_memory=device_memory,
             host_memory=host,
             nvme=Path(nvme).expanduser() if nvme is not None else None,
             dtype=parse_dtype(dtype),
@@ -205,6 +220,6 @@ class OffloadConfig:
             io_threads=int(io_threads),
             direct_io=direct_io,
             update_on=update_on,
-            activations=check_mode(activations),
+            activations=default_activations(check_mode(activations), device, device_memory),
             batch_shape=batch_shape,
         )

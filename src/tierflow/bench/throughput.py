@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 
 from tierflow.bench import gpu
+from tierflow.bench.limits import HOST_BYTES_PER_PARAM, describe_limits, host_memory_bound, limits
 
 CONTENDERS = ("torch", "tierflow-host", "tierflow-nvme", "deepspeed-offload", "fsdp2-offload")
 EXTRA_CONTENDERS = ("tierflow-host-cpu-update",)  # tierflow-host with update_on="cpu"
@@ -304,6 +305,8 @@ def run_contender(name: str, cfg: ThroughputConfig) -> dict:
             result["homes"] = {t: engine.plan.homes.count(t) for t in ("device", "host", "nvme")}
             result["gpu_updates"] = sum(engine.plan.device_updates)
             result["device_budget"] = engine.budgets["device"].capacity
+            result["offdevice_trainable"] = sum(u.trainable_numel for u, h in zip(engine.units, engine.plan.homes)
+                                                if h != "device")
             result["predicted_step_s"] = engine.predicted_step_s
             result["io_per_step"] = {k: v / len(batches) for k, v in engine.io_stats().items()}
             if cfg.profile_dir:
@@ -357,6 +360,8 @@ def _gib(n) -> str:
 
 def report(results: list[dict], cfg: ThroughputConfig) -> str:
     """The comparison table with ratios to torch and to DeepSpeed."""
+    lim = next((r for r in results if r["name"] == "limits" and "error" not in r), None)
+    results = [r for r in results if r["name"] != "limits"]
     ok = {r["name"]: r for r in results if "error" not in r}
     ref, ds = ok.get("torch"), ok.get("deepspeed-offload")
     sums = {round(r["checksum"], 3) for r in ok.values()}
@@ -378,12 +383,19 @@ def report(results: list[dict], cfg: ThroughputConfig) -> str:
         if r.get("device_budget") and r.get("gpu_peak"):
             lines.append(f"{'':<18} GPU peak / device_memory budget: {_gib(r['gpu_peak'])} / "
                          f"{_gib(r['device_budget'])} = {r['gpu_peak'] / r['device_budget']:.2f}")
+        if lim and r.get("offdevice_trainable"):
+            bound = host_memory_bound(r, lim)
+            lines.append(f"{'':<18} host-memory bound {bound:.3f} s/step ({r['offdevice_trainable'] / 1e6:.0f} M "
+                         f"parameters x {HOST_BYTES_PER_PARAM} B at {lim['host_copy_bps'] / 1e9:.0f} GB/s): "
+                         f"measured / bound {t / bound:.2f}")
         if r.get("predicted_step_s"):
             lines.append(f"{'':<18} plan predicted {r['predicted_step_s']:.3f} s/step: measured / predicted "
                          f"{t / r['predicted_step_s']:.2f}")
         for key in ("homes", "gpu_updates", "io_per_step", "lanes"):
             if key in r:
                 lines.append(f"{'':<18} {key}: {r[key]}")
+    if lim:
+        lines.append(describe_limits(lim))
     lines.append("(vs torch / vs DS: that contender's speed relative to torch's / DeepSpeed's; "
                  "higher is faster)")
     return "\n".join(lines)
@@ -393,7 +405,8 @@ def run_throughput_bench(cfg: ThroughputConfig, contenders=CONTENDERS, json_path
                          timeout: float | None = None) -> list[dict]:
     for name in contenders:  # a typo fails before any model is built
         check_contender(name)
-    results = []
+    print(f"[{time.strftime('%H:%M:%S')}] measuring the machine's limits ...", flush=True)
+    results = [run_in_subprocess("limits", cfg, timeout)]
     for name in contenders:
         print(f"[{time.strftime('%H:%M:%S')}] {name} ...", flush=True)
         results.append(run_in_subprocess(name, cfg, timeout))
@@ -403,7 +416,10 @@ def run_throughput_bench(cfg: ThroughputConfig, contenders=CONTENDERS, json_path
     return results
 
 
-if __name__ == "__main__":  # one contender, in its own process (run_in_subprocess)
+if __name__ == "__main__":  # one contender (or the limits), in its own process (run_in_subprocess)
     request = json.loads(sys.argv[1])
-    out = run_contender(request["name"], config_from_dict(request["config"]))
+    if request["name"] == "limits":
+        out = {"name": "limits", **limits(request["config"]["device"])}
+    else:
+        out = run_contender(request["name"], config_from_dict(request["config"]))
     print("RESULT " + json.dumps(out), flush=True)
