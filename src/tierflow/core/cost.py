@@ -306,9 +306,10 @@ def drain_job(unit: Unit, home: str, cal: Calibration, dtype: torch.dtype) -> Jo
         return Job()
     if home == "device" and cal.device != "cpu":
         return Job((("io", fp32 / cal.drain_bps),))  # on the GPU: small next to compute
-    parts = [("cpu", fp32 / cal.drain_bps + (fp32 / cal.memcpy_bps if dtype != torch.float32 else 0.0))]
-    if cal.device != "cpu" and home != "device":
-        parts.insert(0, ("io", fp32 / cal.d2h_bps))
+    if cal.device != "cpu":  # converted and normed on the GPU, copied straight into its pinned array
+        parts = [("io", fp32 / cal.d2h_bps)]
+    else:
+        parts = [("cpu", fp32 / cal.drain_bps + (fp32 / cal.memcpy_bps if dtype != torch.float32 else 0.0))]
     if home == "nvme":
         parts.append(("io", fp32 / cal.nvme_write_bps))
     return Job(tuple(parts))
