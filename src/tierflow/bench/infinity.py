@@ -52,6 +52,7 @@ class InfinityConfig:
     host_memory: str = "1GiB"
     nvme: str = ""      # directory for the spill files (each contender its own subdirectory)
     threads: int = 0    # torch threads per contender (0: torch's default)
+    disk_bytes: int = 1 << 30  # bytes fio (or the O_DIRECT store) reads and writes for the disk bound
 
 
 def peak_rss() -> int:
@@ -188,16 +189,16 @@ def _importable(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
-def disk_gbps(directory: Path) -> tuple[float | None, float | None, str]:
+def disk_gbps(directory: Path, size: int = 1 << 30) -> tuple[float | None, float | None, str]:
     """(read, write) GB/s of the disk under `directory`: fio's best of 4 x 8 MiB psync and
-    libaio QD32 1 MiB, O_DIRECT, 1 GiB; without fio, tierflow's own O_DIRECT store."""
+    libaio QD32 1 MiB, O_DIRECT, `size` bytes; without fio, tierflow's own O_DIRECT store."""
     from tierflow.bench.io import FioJob, find_fio, fio_gbps
 
     fio = find_fio(install=False)
     if fio is not None:
         jobs = (FioJob("", "psync", 8 << 20, 4, 1, "malloc"), FioJob("", "libaio", 1 << 20, 1, 32, "malloc"))
         try:
-            rw = [max(fio_gbps(fio, job, directory, 1 << 30, write=w, direct=True) for job in jobs)
+            rw = [max(fio_gbps(fio, job, directory, size, write=w, direct=True) for job in jobs)
                   for w in (False, True)]
             return rw[0], rw[1], "fio"
         except (subprocess.CalledProcessError, ValueError, KeyError) as exc:
@@ -207,7 +208,7 @@ def disk_gbps(directory: Path) -> tuple[float | None, float | None, str]:
                 f.unlink(missing_ok=True)
     from tierflow.bench.probes import nvme_bps
 
-    read, write = nvme_bps(directory, total=1 << 30)
+    read, write = nvme_bps(directory, total=max(size, 32 << 20))
     return read / 1e9, write / 1e9, "tierflow O_DIRECT store"
 
 
@@ -252,15 +253,20 @@ def disk_bound_lines(tf: dict, disk: tuple) -> list[str]:
 def run_infinity_bench(cfg: InfinityConfig, contenders=CONTENDERS, json_path=None,
                        timeout: float | None = 1800) -> list[dict]:
     """Measure the disk, run each contender in its own process, print and return the results."""
+    from tierflow.errors import ConfigError
+
     unknown = [c for c in contenders if c not in STEPPERS]
     if unknown:
-        raise ValueError(f"unknown contender(s) {unknown}: choose from {', '.join(CONTENDERS)}")
+        raise ConfigError(f"unknown contender(s) {unknown}: choose from {', '.join(CONTENDERS)}")
+    if cfg.warmup < 0 or cfg.steps <= cfg.warmup:
+        raise ConfigError(f"--steps ({cfg.steps}) must exceed --warmup ({cfg.warmup}), which must be >= 0: "
+                          "the median is taken over the steps after the warm-up")
     made = not cfg.nvme
     cfg = replace(cfg, nvme=cfg.nvme or tempfile.mkdtemp(prefix="tierflow-infinity-"))
     directory = Path(cfg.nvme)
     directory.mkdir(parents=True, exist_ok=True)
     try:
-        disk = disk_gbps(directory) if "tierflow-nvme" in contenders else (None, None, "")
+        disk = disk_gbps(directory, cfg.disk_bytes) if "tierflow-nvme" in contenders else (None, None, "")
         results = []
         for name in contenders:
             print(f"[{time.strftime('%H:%M:%S')}] {name} ...", flush=True)
