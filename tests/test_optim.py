@@ -154,3 +154,68 @@ def test_transfer_bench_without_cuda_is_skipped(capsys):
 
     assert run_transfer_bench(nbytes=1 << 20) == []
     assert "no CUDA device: skipped" in capsys.readouterr().out
+
+
+# ---- one fused call per run of contiguous parameters (updates.update_runs) -------------------
+
+def _pending(slots, fused=True, steps=None, scales=None):
+    from tierflow.core.layout import Slot
+
+    hp = HyperParams(1e-3, 0.9, 0.999, 1e-8, 0.0, fused)
+    scale = torch.tensor(0.5)
+    out = []
+    for i, (offset, numel) in enumerate(slots):
+        slot = Slot(f"p{i}", None, (numel,), numel, offset, True)
+        out.append(PendingUpdate(slot, hp, (steps or {}).get(i, 1), (scales or {}).get(i, scale)))
+    return out
+
+
+def test_update_runs_join_contiguous_parameters_without_scalar_tails():
+    from tierflow.runtime.updates import update_runs
+
+    # offsets as the layout pads them (2048 elements): 4096 / 64 / 37 (tail) / 2048 / 100 (tail)
+    pending = _pending([(0, 4096), (4096, 64), (6144, 37), (8192, 2048), (10240, 100)])
+    runs = [(start, numel) for start, numel, _ in update_runs(list(reversed(pending)))]
+    # a tail ends its run (its last elements stay on the kernel's scalar path)
+    assert runs == [(0, 6144 + 37), (8192, 2048 + 100)]
+    # a parameter that is not pending (a gap of a whole segment) splits the run
+    assert [r[:2] for r in update_runs(_pending([(0, 2048), (4096, 2048)]))] == [(0, 2048), (4096, 2048)]
+    # different steps or clip coefficients, or the unfused arithmetic: one call each
+    assert len(update_runs(_pending([(0, 2048), (2048, 2048)], steps={1: 2}))) == 2
+    assert len(update_runs(_pending([(0, 2048), (2048, 2048)], scales={1: torch.tensor(0.5)}))) == 2
+    assert len(update_runs(_pending([(0, 2048), (2048, 2048)], fused=False))) == 2
+
+
+@pytest.mark.parametrize("placement", ["device", "host", "nvme"])
+def test_fused_runs_over_parameters_with_tails_bitwise_equal_to_torch(placement, tmp_path):
+    """Parameters with and without vector tails (37, 185 elements...) in one unit: the joined
+    fused calls must give torch's per-parameter fused AdamW bit for bit, clipping included."""
+    def build():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Linear(96, 64), torch.nn.Tanh(), torch.nn.Linear(64, 37),
+                                   torch.nn.Tanh(), torch.nn.Linear(37, 5), torch.nn.Linear(5, 64))
+
+    def run(model, opt, clip):
+        gen = torch.Generator().manual_seed(3)
+        for _ in range(4):
+            loss = model(torch.randn(8, 96, generator=gen)).pow(2).mean() * 100
+            loss.backward()
+            clip()
+            opt.step()
+            opt.zero_grad()
+
+    ref = build()
+    ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-2, weight_decay=0.01, fused=True)
+    run(ref, ref_opt, lambda: torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.1))
+    engine = tierflow.offload(build(), placement=placement, nvme=tmp_path / "spill", chunk_bytes="32KiB")
+    try:
+        opt = tierflow.AdamW(engine, lr=1e-2, weight_decay=0.01)
+        run(engine, opt, lambda: opt.clip_grad_norm_(0.1))
+        got = engine.state_dict()
+        for name, value in ref.state_dict().items():
+            assert torch.equal(got[name], value), name
+        moments = engine.optimizer_state()
+        for name, param in ref.named_parameters():
+            assert torch.equal(moments[name]["exp_avg_sq"], ref_opt.state[param]["exp_avg_sq"]), name
+    finally:
+        engine.close()

@@ -9,6 +9,7 @@
     tierflow bench scale  step time and per-rank memory of 1 and 2 data-parallel ranks (torchrun)
     tierflow bench generate  generation beyond memory vs accelerate's disk offload (and fio)
     tierflow bench activations  longest trainable sequence in a device budget vs PyTorch and HF checkpointing
+    tierflow bench infinity  NVMe-homed training on the CPU vs DeepSpeed ZeRO-Infinity, and the disk bound
     tierflow bench gpu  the 1 B bf16 run of the NaN report: tierflow vs plain PyTorch losses, PASS/FAIL (CUDA)
     tierflow bench throughput  GPU training throughput vs torch, DeepSpeed ZeRO-3 offload and FSDP2 offload
                       (`tierflow bench train --device cuda` runs it with its defaults)
@@ -107,6 +108,7 @@ def add_arguments(parser) -> None:
     acts.add_argument("--steps", type=int, default=3, help="timed steps (median), after 2 warm-up steps")
     acts.add_argument("--nvme", default=None, help="spill directory for tierflow (default: none)")
     acts.add_argument("--json", default=None)
+    add_infinity_arguments(sub)
     add_gpu_arguments(sub)
     add_throughput_arguments(sub)
 
@@ -148,6 +150,24 @@ def run_throughput(args) -> int:
                            profile_dir=args.profile_dir)
     results = run_throughput_bench(cfg, tuple(args.contenders), args.json, args.timeout)
     return 0 if all("error" not in r for r in results if r["name"].startswith("tierflow")) else 1
+
+
+def add_infinity_arguments(sub) -> None:
+    inf = sub.add_parser("infinity", help="NVMe-homed training on the CPU vs DeepSpeed ZeRO-Infinity (171 M "
+                         "Llama), peak RSS, and tierflow's step against its disk bound")
+    inf.add_argument("--steps", type=int, default=8)
+    inf.add_argument("--warmup", type=int, default=2)
+    inf.add_argument("--batch-size", type=int, default=1)
+    inf.add_argument("--seq-len", type=int, default=128)
+    for name, default in (("hidden", 1024), ("layers", 12), ("intermediate", 2816), ("heads", 16), ("vocab", 8000)):
+        inf.add_argument(f"--{name}", type=int, default=default, help=f"model size (default {default})")
+    inf.add_argument("--device-memory", default="256MiB", help="tierflow's device budget")
+    inf.add_argument("--host-memory", default="1GiB", help="tierflow's host budget")
+    inf.add_argument("--nvme", default=None, help="spill directory (default: a temporary one, removed after)")
+    inf.add_argument("--threads", type=int, default=0, help="torch threads per contender (0: torch's default)")
+    inf.add_argument("--contenders", nargs="+", default=["torch", "tierflow-nvme", "deepspeed-infinity"],
+                     choices=("torch", "tierflow-nvme", "deepspeed-infinity"))
+    inf.add_argument("--json", default=None)
 
 
 def add_gpu_arguments(sub) -> None:
@@ -220,6 +240,15 @@ def run(args) -> int:
         from tierflow.bench.activations import run_activations_bench
         run_activations_bench(args.layers, args.hidden, args.device_memory, args.host_memory, args.grain,
                               args.limit, args.steps, args.nvme, args.json)
+    elif args.bench == "infinity":
+        from tierflow.bench.gpu import ModelShape
+        from tierflow.bench.infinity import InfinityConfig, run_infinity_bench
+        shape = ModelShape(args.hidden, args.layers, args.intermediate, args.heads, args.vocab)
+        cfg = InfinityConfig(shape, args.batch_size, args.seq_len, args.steps, args.warmup,
+                             device_memory=args.device_memory, host_memory=args.host_memory,
+                             nvme=args.nvme or "", threads=args.threads)
+        results = run_infinity_bench(cfg, tuple(args.contenders), args.json)
+        return int(any("error" in r and not r["error"].endswith("skipped") for r in results))
     elif args.bench == "gpu":
         from tierflow.bench.gpu_check import run_gpu_bench
         return run_gpu_bench(args)

@@ -15,7 +15,15 @@ from dataclasses import dataclass
 
 import torch
 
+from tierflow.core.layout import SEGMENT_ALIGN
 from tierflow.memory.tiers import wait_all
+
+# Elements; a multiple of every SIMD width of torch's CPU kernels (8 floats with AVX2, 16 with
+# AVX-512). The fused CPU AdamW kernel runs whole vectors and then a scalar tail, and the two
+# paths may round differently (measured: exp_avg_sq's FMA). A parameter whose size is a
+# multiple of this has no scalar tail, so a fused call over it and its successors computes
+# each element on the same path as a call of its own.
+VECTOR_ELEMENTS = 64
 
 
 @dataclass(frozen=True)
@@ -166,9 +174,35 @@ class DeviceAdamW:
         self.device.synchronize_lane()
 
 
+def same_call(a: PendingUpdate, b: PendingUpdate) -> bool:
+    """Whether `b` may join the fused AdamW call that ends with `a`, with every element computed
+    exactly as by per-parameter calls: the same step and settings, `a` without a scalar tail,
+    and nothing but `a`'s padding between them (any slot is at least SEGMENT_ALIGN long)."""
+    gap = b.slot.offset - (a.slot.offset + a.slot.numel)
+    return (a.hp.fused and a.hp == b.hp and a.step == b.step and a.grad_scale is b.grad_scale
+            and a.gate is b.gate and a.slot.numel % VECTOR_ELEMENTS == 0 and 0 <= gap < SEGMENT_ALIGN)
+
+
+def update_runs(pending: list) -> list[tuple[int, int, PendingUpdate]]:
+    """(start, numel, update) of the element ranges one AdamW call each updates: consecutive
+    parameters of a unit joined while `same_call` allows (a unit's whole trainable range after a
+    plain `step()` of fused AdamW, in a few calls); one parameter per call otherwise. Joined
+    ranges include the padding between parameters: its elements are updated too, harmlessly
+    (elementwise arithmetic; no one reads them)."""
+    runs = []
+    for update in sorted(pending, key=lambda u: u.slot.offset):
+        if runs and same_call(runs[-1][2], update):
+            start = runs[-1][0]
+            runs[-1] = (start, update.slot.offset + update.slot.numel - start, update)
+        else:
+            runs.append((update.slot.offset, update.slot.numel, update))
+    return runs
+
+
 def apply_updates(io, device, state, pending: list, flat: torch.Tensor | None = None,
                   scratch: list | None = None) -> None:
-    """Run AdamW over each updated parameter of one unit, window by window, in its home tier.
+    """Run AdamW over the updated parameters of one unit, window by window, in its home tier:
+    one fused call per run of contiguous parameters (`update_runs`), per window.
 
     Lower-precision compute weights are rewritten from the new master weights; with `flat`
     (the unit's device buffer) each updated window is also copied there as it is produced.
@@ -180,8 +214,8 @@ def apply_updates(io, device, state, pending: list, flat: torch.Tensor | None = 
     names = ("master", "grad", "exp_avg", "exp_avg_sq")
     by_start = {}
     ranges = []
-    for update in pending:
-        for start, count in io.pieces(state, update.slot.offset, update.slot.numel):
+    for first, numel, update in update_runs(pending):
+        for start, count in io.pieces(state, first, numel):
             by_start[start] = update
             ranges.append((start, count))
     writes = []

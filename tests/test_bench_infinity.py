@@ -1,0 +1,36 @@
+"""`tierflow bench infinity` on a tiny model: same weights and batches for every contender,
+tierflow's NVMe run trains exactly like torch, DeepSpeed is skipped cleanly when missing."""
+from __future__ import annotations
+
+import pytest
+
+from tierflow.bench import gpu, infinity
+from tierflow.errors import ConfigError
+
+TINY = gpu.ModelShape(hidden=64, layers=2, intermediate=128, heads=4, vocab=96)
+
+
+def test_infinity_bench_runs_contenders_side_by_side(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(infinity, "_importable", lambda module: False)  # as without DeepSpeed
+    cfg = infinity.InfinityConfig(TINY, seq_len=16, steps=3, warmup=1, device_memory="256KiB",
+                                  host_memory="1MiB", nvme=str(tmp_path / "runs"), disk_bytes=8 << 20)
+    results = infinity.run_infinity_bench(cfg, json_path=tmp_path / "r.json", timeout=600)
+    out = capsys.readouterr().out
+    by_name = {r["name"]: r for r in results}
+    assert "deepspeed is not installed" in by_name["deepspeed-infinity"]["error"]
+    torch_run, tf = by_name["torch"], by_name["tierflow-nvme"]
+    assert torch_run["checksum"] == tf["checksum"]
+    assert torch_run["losses"] == tf["losses"]  # fp32, torch's fused AdamW arithmetic: bitwise
+    assert tf["homes"]["nvme"] > 0 and tf["io_per_step"]["nvme_read"] > 0
+    assert "B/param" in out and "tierflow step / bound" in out and (tmp_path / "r.json").exists()
+
+
+@pytest.mark.parametrize("steps,warmup", [(2, 2), (3, -1)])
+def test_infinity_bench_rejects_steps_without_measurements(steps, warmup, tmp_path):
+    with pytest.raises(ConfigError, match="must exceed --warmup"):
+        infinity.run_infinity_bench(infinity.InfinityConfig(TINY, steps=steps, warmup=warmup, nvme=str(tmp_path)))
+
+
+def test_infinity_bench_rejects_unknown_contenders(tmp_path):
+    with pytest.raises(ConfigError, match="unknown contender"):
+        infinity.run_infinity_bench(infinity.InfinityConfig(TINY, nvme=str(tmp_path)), contenders=("fsdp",))
