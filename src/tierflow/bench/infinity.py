@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 
 from tierflow.bench import gpu
+from tierflow.bench.isolated import checksum, print_result, run_isolated
 
 CONTENDERS = ("torch", "tierflow-nvme", "deepspeed-infinity")
 SHAPE_171M = gpu.ModelShape(hidden=1024, layers=12, intermediate=2816, heads=16, vocab=8000)  # 170.6 M
@@ -62,11 +63,6 @@ def peak_rss() -> int:
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) * 1024
     return 0
-
-
-def checksum(model: torch.nn.Module) -> float:
-    """A fingerprint of the initial weights: the sum of |w| over all parameters."""
-    return float(sum(p.detach().double().abs().sum() for p in model.parameters()))
 
 
 def torch_stepper(model, cfg: InfinityConfig, spill: Path):
@@ -170,17 +166,7 @@ def run_in_subprocess(name: str, cfg: InfinityConfig, timeout: float | None) -> 
     if name == "deepspeed-infinity" and not _importable("deepspeed"):
         return {"name": name, "error": "deepspeed is not installed (DS_BUILD_OPS=0 pip install "
                 "--no-build-isolation deepspeed; its async I/O op needs libaio-dev): skipped"}
-    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]))
-    cmd = [sys.executable, "-m", "tierflow.bench.infinity", json.dumps({"name": name, "config": asdict(cfg)})]
-    try:
-        done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return {"name": name, "error": f"did not finish within {timeout:.0f} s"}
-    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
-    if done.returncode != 0 or not lines:
-        tail = (done.stderr or done.stdout).strip().splitlines()[-4:]
-        return {"name": name, "error": f"exit status {done.returncode}: " + " | ".join(tail)}
-    return json.loads(lines[-1][len("RESULT "):])
+    return run_isolated("tierflow.bench.infinity", name, asdict(cfg), timeout)
 
 
 def _importable(module: str) -> bool:
@@ -285,4 +271,4 @@ if __name__ == "__main__":  # one contender, in its own process (run_in_subproce
     request = json.loads(sys.argv[1])
     config = request["config"]
     out = run_contender(request["name"], InfinityConfig(**{**config, "shape": gpu.ModelShape(**config["shape"])}))
-    print("RESULT " + json.dumps(out), flush=True)
+    print_result(out)

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import threading
@@ -33,6 +32,7 @@ from pathlib import Path
 import torch
 
 from tierflow.bench import gpu
+from tierflow.bench.isolated import checksum, print_result, run_isolated
 from tierflow.bench.limits import HOST_BYTES_PER_PARAM, describe_limits, host_memory_bound, limits
 
 CONTENDERS = ("torch", "tierflow-host", "tierflow-nvme", "deepspeed-offload", "fsdp2-offload")
@@ -86,11 +86,6 @@ class PeakRss:
         self._stop.set()
         self._thread.join()
         self.peak = max(self.peak, self.current())
-
-
-def checksum(model: torch.nn.Module) -> float:
-    """A fingerprint of the initial weights: the sum of |w| over all parameters."""
-    return float(sum(p.detach().double().abs().sum() for p in model.parameters()))
 
 
 def _sync(device: str) -> None:
@@ -336,18 +331,8 @@ def lane_totals(engine, png: Path) -> dict:
 
 
 def run_in_subprocess(name: str, cfg: ThroughputConfig, timeout: float | None = None) -> dict:
-    """`run_contender` in a fresh Python process; a failure is recorded, not raised."""
-    payload = json.dumps({"name": name, "config": asdict(cfg)})
-    cmd = [sys.executable, "-m", "tierflow.bench.throughput", payload]
-    try:
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return {"name": name, "error": f"timed out after {timeout} s"}
-    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
-    if done.returncode != 0 or not lines:
-        tail = (done.stderr or done.stdout).strip().splitlines()[-6:]
-        return {"name": name, "error": f"exit {done.returncode}: " + " | ".join(tail)}
-    return json.loads(lines[-1][len("RESULT "):])
+    """`run_contender` (or `limits`) in a fresh Python process; a failure is recorded, not raised."""
+    return run_isolated("tierflow.bench.throughput", name, asdict(cfg), timeout)
 
 
 def config_from_dict(d: dict) -> ThroughputConfig:
@@ -422,4 +407,4 @@ if __name__ == "__main__":  # one contender (or the limits), in its own process 
         out = {"name": "limits", **limits(request["config"]["device"])}
     else:
         out = run_contender(request["name"], config_from_dict(request["config"]))
-    print("RESULT " + json.dumps(out), flush=True)
+    print_result(out)

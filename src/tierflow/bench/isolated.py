@@ -1,0 +1,46 @@
+"""Running each contender of a side-by-side benchmark in its own Python process.
+
+A process per contender gives each its own peak RSS and keeps DeepSpeed's and FSDP's process
+groups (and their memory) apart; the contenders still start from the same weights, which the
+weight checksum printed by each shows.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+RESULT = "RESULT "  # the line a contender's process prints its figures on (JSON)
+
+
+def checksum(model: torch.nn.Module) -> float:
+    """A fingerprint of the initial weights: the sum of |w| over all parameters."""
+    return float(sum(p.detach().double().abs().sum() for p in model.parameters()))
+
+
+def run_isolated(module: str, name: str, config: dict, timeout: float | None = None) -> dict:
+    """Run `python -m module '{"name": name, "config": config}'` and return the JSON it prints
+    after RESULT; a failure or a time-out is recorded as {"name", "error"}, not raised."""
+    env = None
+    src = str(Path(__file__).resolve().parents[2])
+    if src not in sys.path[:1]:  # an uninstalled checkout (PYTHONPATH=src) still finds tierflow
+        import os
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [src, os.environ.get("PYTHONPATH")])))
+    cmd = [sys.executable, "-m", module, json.dumps({"name": name, "config": config})]
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"name": name, "error": f"did not finish within {timeout:.0f} s"}
+    lines = [line for line in done.stdout.splitlines() if line.startswith(RESULT)]
+    if done.returncode != 0 or not lines:
+        tail = (done.stderr or done.stdout).strip().splitlines()[-6:]
+        return {"name": name, "error": f"exit status {done.returncode}: " + " | ".join(tail)}
+    return json.loads(lines[-1][len(RESULT):])
+
+
+def print_result(result: dict) -> None:
+    """The contender process's side of `run_isolated`."""
+    print(RESULT + json.dumps(result), flush=True)
