@@ -1,0 +1,208 @@
+"""Mixture-of-experts models: loading from per-expert checkpoints (transformers' conversion rules),
+experts fetched one by one as the router picks them, the expert cache, and training.
+
+Mixtral and Qwen3-MoE are built from tiny configs with random weights and saved with
+`save_pretrained` (which writes the per-expert form, `experts.N.w1.weight`)."""
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+import torch
+
+import tierflow
+from tierflow.checkpoint.files import CheckpointError
+from tierflow.core.layout import is_routed, partition
+
+from conftest import SMALL_UNITS, VOCAB, assert_bitwise, lm_batch, make_batches, torch_clip, train
+
+NEW = 6
+
+
+def moe_config(arch: str):
+    import transformers
+
+    common = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=64, num_experts_per_tok=2)
+    if arch == "mixtral":
+        return transformers.MixtralConfig(intermediate_size=32, num_local_experts=8, **common)
+    return transformers.Qwen3MoeConfig(moe_intermediate_size=32, intermediate_size=64, num_experts=8,
+                                       head_dim=8, **common)
+
+
+def make_moe(arch: str, seed: int = 0):
+    import transformers
+
+    torch.manual_seed(seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return transformers.AutoModelForCausalLM.from_config(moe_config(arch)).eval()
+
+
+def saved(tmp_path, arch):
+    model = make_moe(arch)
+    out = tmp_path / f"hf-{arch}"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.save_pretrained(out)
+    return out, model
+
+
+def prompts(batch=2, tokens=5, seed=0):
+    return torch.randint(1, VOCAB, (batch, tokens), generator=torch.Generator().manual_seed(seed))
+
+
+def greedy(model, ids):
+    return model.generate(ids, max_new_tokens=NEW, do_sample=False, pad_token_id=0)
+
+
+def load(path, tmp_path, engines, placement, **kwargs):
+    options = dict(SMALL_UNITS, device_memory="400KiB", host_memory="640KiB", placement=placement,
+                   nvme=tmp_path / "spill", trainable=False)
+    options.update(kwargs)
+    engine = tierflow.load(path, **options)
+    engines.append(engine)
+    return engine
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe"])
+def test_checkpoint_holds_experts_one_by_one(tmp_path, arch):
+    """The premise: save_pretrained writes per-expert tensors, the model holds fused ones."""
+    path, model = saved(tmp_path, arch)
+    from tierflow.checkpoint.files import TensorFileReader
+
+    keys = TensorFileReader(path / "model.safetensors").keys()
+    assert any(".experts.0." in k for k in keys) and not any(k.endswith("experts.gate_up_proj") for k in keys)
+    assert any(n.endswith("experts.gate_up_proj") for n, _ in model.named_parameters())
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe"])
+@pytest.mark.parametrize("placement", ["device", "host", "nvme", "auto"])
+def test_greedy_output_equals_transformers(tmp_path, engines, arch, placement):
+    path, model = saved(tmp_path, arch)
+    ids = prompts()
+    engine = load(path, tmp_path, engines, placement, **({"device_memory": "4MiB"} if placement == "device" else {}))
+    assert torch.equal(engine.generate(ids, max_new_tokens=NEW, do_sample=False, pad_token_id=0), greedy(model, ids))
+    homes = {engine.plan.homes[u.uid] for u in engine.units if u.name.endswith(".experts")}
+    assert placement == "auto" or homes == {placement}
+    if "nvme" in homes:  # NVMe-homed experts are fetched one by one
+        stats = engine.experts.stats()
+        assert stats["requests"] > 0 and stats["bytes_read"] > 0
+    else:  # device- or (on a CPU) host-homed experts stay attached, nothing is fetched
+        assert engine.experts is None
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe"])
+def test_loaded_state_equals_the_model(tmp_path, engines, arch):
+    path, model = saved(tmp_path, arch)
+    engine = load(path, tmp_path, engines, "nvme")
+    got = engine.state_dict()
+    for name, value in model.state_dict().items():
+        assert torch.equal(got[name], value), name
+
+
+def test_decode_reads_only_the_routed_experts(tmp_path, engines):
+    """Each decode step reads at most the experts its tokens were routed to (a cache hit reads
+    nothing), and far less than all the NVMe-homed experts."""
+    path, model = saved(tmp_path, "mixtral")
+    engine = load(path, tmp_path, engines, "nvme")
+    experts_bytes = sum(p.numel() * 4 for n, p in model.named_parameters() if ".experts." in n)
+    engine.generate(prompts(batch=1), max_new_tokens=NEW, do_sample=False, pad_token_id=0)
+    stats = engine.experts.stats()
+    assert stats["bytes_read"] <= stats["bytes_routed"] + stats["prefetched"] * stats["bytes_routed"]
+    for step in engine.last_generation.decode_steps:
+        assert step.nvme_read < engine.plan.tier_bytes["nvme"] - experts_bytes // 2, step.nvme_read
+    assert stats["hits"] + stats["misses"] == stats["requests"]
+
+
+def test_a_batch_shares_one_fetch_per_expert(tmp_path, engines):
+    """Tokens of a batch routed to the same expert share its fetch: a layer call never asks for
+    more experts than the layer has, whatever the batch."""
+    path, _ = saved(tmp_path, "mixtral")
+    engine = load(path, tmp_path, engines, "nvme")
+    store = engine.experts
+    calls = []
+    original = store.take
+    store.take = lambda layer, experts: calls.append(list(experts)) or original(layer, experts)
+    engine.generate(prompts(batch=8), max_new_tokens=2, do_sample=False, pad_token_id=0)
+    assert calls and all(len(c) == len(set(c)) <= 8 for c in calls)
+    assert max(len(c) for c in calls) > 2  # a batch of 8 routes to more than top-2 experts
+
+
+def test_the_cache_keeps_hot_experts_within_its_slots(tmp_path, engines):
+    path, model = saved(tmp_path, "mixtral")
+    engine = load(path, tmp_path, engines, "nvme", device_memory="1MiB")
+    store = engine.experts
+    assert 0 < store.slots <= 8
+    ids = prompts(batch=1)
+    first = engine.generate(ids, max_new_tokens=NEW, do_sample=False, pad_token_id=0)
+    before = dict(store.stats())
+    again = engine.generate(ids, max_new_tokens=NEW, do_sample=False, pad_token_id=0)
+    after = store.stats()
+    assert torch.equal(first, again)
+    assert after["hits"] > before["hits"], "the same prompt again must hit cached experts"
+    assert all(len(layer.entries) <= store.slots for layer in store.layers)
+    assert engine.budget_peaks()["device"][0] <= engine.budget_peaks()["device"][1]
+
+
+def test_prediction_prefetches_next_layer_experts(tmp_path, engines):
+    path, _ = saved(tmp_path, "mixtral")
+    engine = load(path, tmp_path, engines, "nvme")
+    engine.generate(prompts(batch=1), max_new_tokens=NEW, do_sample=False, pad_token_id=0)
+    stats = engine.experts.stats()
+    assert all(layer.router_weight is not None for layer in engine.experts.layers[1:])
+    assert stats["prefetched"] > 0 and 0 <= stats["prefetch_hits"] <= stats["prefetched"]
+
+
+def test_routed_experts_are_units_of_their_own_without_fetch_hooks():
+    model = make_moe("mixtral").requires_grad_(False)
+    units, hooked = partition(model, 1 << 30)
+    experts = [m for m in model.modules() if is_routed(m)]
+    assert len(experts) == 2 and not set(experts) & set(hooked)
+    for module in experts:
+        owners = {u.uid for u in units for s in u.slots if any(s.param is p for p in module.parameters())}
+        assert len(owners) == 1
+        (unit,) = [u for u in units if u.uid in owners]
+        assert len(unit.slots) == 2
+    trainable = make_moe("mixtral")
+    assert not any(is_routed(m) for m in trainable.modules())  # trainable experts stream whole
+
+
+def test_wrong_expert_shape_fails_before_loading(tmp_path):
+    path, _ = saved(tmp_path, "mixtral")
+    config = json.loads((path / "config.json").read_text())
+    config["intermediate_size"] = 48
+    (path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=r"converted into model\.layers\.0\.mlp\.experts\.\w+.*expects"):
+        tierflow.load(path, trainable=False)
+
+
+def test_missing_expert_fails_before_loading(tmp_path):
+    path, _ = saved(tmp_path, "mixtral")
+    config = json.loads((path / "config.json").read_text())
+    config["num_local_experts"] = 9
+    (path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="expects"):
+        tierflow.load(path, trainable=False)
+
+
+@pytest.mark.parametrize("placement", ["host", "nvme"])
+def test_training_equals_torch_bitwise(tmp_path, engines, placement):
+    """Trainable experts stream as whole units: the fused parameters' gradients (zero rows for
+    experts no token picked) and AdamW steps are torch's, bitwise."""
+    batches = make_batches(4, batch=2, seq=8)
+    ref = make_moe("mixtral").train()
+    ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-2, weight_decay=0.1, fused=True)
+    ref_losses, ref_norms = train(ref, ref_opt, torch_clip(ref), batches, accum=2)
+    model = make_moe("mixtral").train()
+    engine = tierflow.offload(model, device_memory="400KiB", host_memory="4MiB" if placement == "host" else "640KiB",
+                              nvme=tmp_path / "spill", placement=placement, **SMALL_UNITS)
+    engines.append(engine)
+    opt = tierflow.AdamW(engine, lr=1e-2, weight_decay=0.1, fused=True)
+    losses, norms = train(engine, opt, opt.clip_grad_norm_, batches, accum=2)
+    assert_bitwise(ref_losses, losses, "losses")
+    assert_bitwise(ref_norms, norms, "grad norms")
+    got = engine.state_dict()
+    for name, value in ref.state_dict().items():
+        assert torch.equal(got[name], value), name
