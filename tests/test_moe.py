@@ -206,3 +206,59 @@ def test_training_equals_torch_bitwise(tmp_path, engines, placement):
     got = engine.state_dict()
     for name, value in ref.state_dict().items():
         assert torch.equal(got[name], value), name
+
+
+def test_training_around_frozen_experts_equals_torch_bitwise(tmp_path, engines):
+    """Frozen experts, the rest trained (as LoRA on attention would): the experts unit is held
+    whole while autograd needs it, and everything is torch's, bitwise."""
+    def frozen_experts(model):
+        for name, module in model.named_modules():
+            if name.endswith(".experts"):
+                module.requires_grad_(False)
+        return model
+
+    batches = make_batches(4, batch=2, seq=8)
+    ref = frozen_experts(make_moe("mixtral").train())
+    assert sum(is_routed(m) for m in ref.modules()) == 2
+    ref_opt = torch.optim.AdamW([p for p in ref.parameters() if p.requires_grad], lr=1e-2, fused=True)
+    ref_losses, ref_norms = train(ref, ref_opt, torch_clip(ref), batches, accum=2)
+    model = frozen_experts(make_moe("mixtral").train())
+    engine = tierflow.offload(model, device_memory="400KiB", host_memory="640KiB", nvme=tmp_path / "spill",
+                              placement="nvme", **SMALL_UNITS)
+    engines.append(engine)
+    assert engine.experts is not None
+    opt = tierflow.AdamW(engine, lr=1e-2, fused=True)
+    losses, norms = train(engine, opt, opt.clip_grad_norm_, batches, accum=2)
+    assert_bitwise(ref_losses, losses, "losses")
+    assert_bitwise(ref_norms, norms, "grad norms")
+    got = engine.state_dict()
+    for name, value in ref.state_dict().items():
+        assert torch.equal(got[name], value), name
+    with torch.no_grad():  # and inference of the trained model routes experts again
+        ids = prompts(batch=1)
+        assert torch.equal(engine.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=0),
+                           ref.eval().generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=0))
+    assert engine.experts.stats()["requests"] > 0
+
+
+def test_offload_of_a_frozen_model_in_memory_routes_experts(tmp_path, engines):
+    model = make_moe("qwen3_moe")
+    ids = prompts()
+    expected = greedy(model, ids)
+    engine = tierflow.offload(model.requires_grad_(False), device_memory="400KiB", host_memory="640KiB",
+                              nvme=tmp_path / "spill", placement="nvme", **SMALL_UNITS)
+    engines.append(engine)
+    assert torch.equal(engine.generate(ids, max_new_tokens=NEW, do_sample=False, pad_token_id=0), expected)
+    assert engine.experts.stats()["misses"] > 0
+
+
+def test_bf16_experts_equal_transformers(tmp_path, engines):
+    model = make_moe("mixtral").to(torch.bfloat16)
+    path = tmp_path / "bf16"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.save_pretrained(path)
+    ids = prompts()
+    engine = load(path, tmp_path, engines, "nvme")
+    assert torch.equal(engine.generate(ids, max_new_tokens=NEW, do_sample=False, pad_token_id=0), greedy(model, ids))
+    assert engine.experts.stats()["bytes_read"] > 0

@@ -330,6 +330,13 @@ class _Hooks:
         bound = self.signature.bind(*args, **kwargs)
         index = bound.arguments["top_k_index"]
         hidden = next(iter(bound.arguments.values()))
+        if torch.is_grad_enabled() and isinstance(hidden, torch.Tensor) and hidden.requires_grad:
+            # Training through frozen experts (e.g. LoRA on attention): autograd keeps the
+            # weights it saw until backward, so the unit is held whole, as any unit, and its
+            # saved views become tokens (passes.pack_saved) instead of stacks outside the budget.
+            self.engine.passes.enter_module([self.layer.uid])
+            self.saved.append(None)
+            return None
         count = module.num_experts
         with self.engine.bookkeeping():
             experts = [e for e in torch.unique(index).tolist() if 0 <= e < count]
@@ -349,7 +356,11 @@ class _Hooks:
     def post(self, module, args, output):
         if not self.saved:
             return
-        originals, count, used = self.saved.pop()
+        saved = self.saved.pop()
+        if saved is None:
+            self.engine.passes.exit_module([self.layer.uid])
+            return
+        originals, count, used = saved
         module._parameters.update(originals)
         module.num_experts = count
         with self.engine.bookkeeping():
