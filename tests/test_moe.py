@@ -262,3 +262,34 @@ def test_bf16_experts_equal_transformers(tmp_path, engines):
     engine = load(path, tmp_path, engines, "nvme")
     assert torch.equal(engine.generate(ids, max_new_tokens=NEW, do_sample=False, pad_token_id=0), greedy(model, ids))
     assert engine.experts.stats()["bytes_read"] > 0
+
+
+def test_moe_shape_predicts_routed_bytes_per_decode_step():
+    from tierflow.core.moe import moe_shape
+
+    model = make_moe("mixtral")
+    shape = moe_shape(model, torch.float32)
+    per_expert = 3 * 32 * 32 * 4  # gate, up and down rows of one expert, fp32
+    assert (shape.layers, shape.experts, shape.top_k, shape.expert_bytes) == (2, 8, 2, per_expert)
+    assert shape.total_bytes == 2 * 8 * per_expert
+    assert shape.experts_per_step(1) == pytest.approx(2.0)
+    assert 2.0 < shape.experts_per_step(4) < shape.experts_per_step(64) <= 8.0
+    assert shape.routed_bytes(1) == pytest.approx(2 * 2 * per_expert)
+    assert moe_shape(make_moe("qwen3_moe"), torch.bfloat16).expert_bytes == 3 * 32 * 32 * 2
+
+
+def test_plan_reports_experts(tmp_path, monkeypatch, capsys):
+    from test_plan import fake_calibration
+
+    from tierflow.bench import calibrate
+    from tierflow.cli.main import main
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    calibrate.save(fake_calibration(), torch.float32)
+    path, _ = saved(tmp_path, "mixtral")
+    out = tmp_path / "plan.json"
+    assert main(["plan", "--model", str(path), "--device-memory", "1MiB", "--json", str(out)]) == 0
+    experts = json.loads(out.read_text())["experts"]
+    assert experts["experts"] == 8 and experts["top_k"] == 2
+    assert experts["routed_bytes_per_decode_step"] == 2 * 2 * experts["expert_bytes"]
+    assert "mixture of experts: 2 layers x 8 experts (top-2)" in capsys.readouterr().out
