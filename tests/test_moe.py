@@ -293,3 +293,22 @@ def test_plan_reports_experts(tmp_path, monkeypatch, capsys):
     assert experts["experts"] == 8 and experts["top_k"] == 2
     assert experts["routed_bytes_per_decode_step"] == 2 * 2 * experts["expert_bytes"]
     assert "mixture of experts: 2 layers x 8 experts (top-2)" in capsys.readouterr().out
+
+
+def test_overwritten_experts_are_not_served_from_the_cache(tmp_path, engines):
+    """engine.write_array (as resume does) drops the unit's cached experts."""
+    path, model = saved(tmp_path, "mixtral")
+    engine = load(path, tmp_path, engines, "nvme", device_memory="1MiB")
+    ids = prompts(batch=1)
+    engine.generate(ids, max_new_tokens=2, do_sample=False, pad_token_id=0)
+    assert any(layer.entries for layer in engine.experts.layers)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if ".experts." in name:
+                param.mul_(-1.5)
+    slots = {id(s.param): (u, s) for u, s in engine.named_slots()}
+    for name, param in engine.module.named_parameters():
+        if ".experts." in name:
+            engine.write_array(*slots[id(param)], "master", dict(model.named_parameters())[name].detach())
+    assert not any(layer.entries for layer in engine.experts.layers)
+    assert torch.equal(engine.generate(ids, max_new_tokens=NEW, do_sample=False, pad_token_id=0), greedy(model, ids))

@@ -195,6 +195,16 @@ class ExpertStore:
         layer.entries.pop(e)
         self.budget.release(layer.expert_bytes)
 
+    def forget(self, uid: int) -> None:
+        """Drop every cached expert of unit `uid` (its weights were overwritten)."""
+        for layer in self.layers:
+            if layer.uid == uid:
+                for e, entry in list(layer.entries.items()):
+                    if entry.refs:
+                        raise RuntimeError(f"expert {e} of '{layer.name}' is in use")
+                    self._finish(entry)  # an in-flight read must not land after the drop
+                    self._evict(layer, e)
+
     def reclaim(self, nbytes: int) -> bool:
         """Residency needs device memory: give up idle experts, least recently used first."""
         idle = sorted(((entry.last_use, layer, e) for layer in self.layers
