@@ -40,7 +40,8 @@ from torch import nn
 from tierflow.core.layout import is_routed
 from tierflow.errors import ConfigError
 
-CACHE_SHARE = 0.5  # of the device room left after the streamed units' needs, for cached experts
+CACHE_SHARE = 0.75  # of the device room left after the streamed units' needs, for cached experts
+# (the rest: the stack of the experts in use, router copies)
 
 
 @dataclass
@@ -295,18 +296,19 @@ def _router_of(parent: nn.Module | None, experts: nn.Module) -> nn.Module | None
 
 def cache_slots(engine, layers: list[RoutedLayer]) -> int:
     """Experts per layer kept on the device: a share of what the device budget leaves once the
-    streamed units (the largest two, and the prefetch window) have their room."""
+    streamed units have room (the largest two in use and as many in flight; the plan's prefetch
+    window is sized by the largest unit, an experts unit here, which is never prefetched whole)."""
     experts = max(layer.module.num_experts for layer in layers)
     budget = engine.budgets["device"]
     if budget.capacity is None:
         return experts
     from tierflow.core.plan import working_bytes
 
+    routed = {layer.uid for layer in layers}
     streamed = sorted((working_bytes(u, engine.compute_dtype) for u in engine.units
-                       if not engine.residency.is_permanent(u.uid) and u.uid not in {l.uid for l in layers}),
-                      reverse=True)
-    room = budget.room() - sum(streamed[:2]) - engine.plan.prefetch_bytes
-    per_layer = max(0, int(room * CACHE_SHARE)) // (len(layers) * max(l.expert_bytes for l in layers))
+                       if not engine.residency.is_permanent(u.uid) and u.uid not in routed), reverse=True)
+    needed = sum(streamed[:2]) + min(engine.plan.prefetch_bytes, sum(streamed[:2]))
+    per_layer = max(0, int((budget.room() - needed) * CACHE_SHARE)) // (len(layers) * max(l.expert_bytes for l in layers))
     return min(experts, per_layer)
 
 
