@@ -312,3 +312,25 @@ def test_overwritten_experts_are_not_served_from_the_cache(tmp_path, engines):
             engine.write_array(*slots[id(param)], "master", dict(model.named_parameters())[name].detach())
     assert not any(layer.entries for layer in engine.experts.layers)
     assert torch.equal(engine.generate(ids, max_new_tokens=NEW, do_sample=False, pad_token_id=0), greedy(model, ids))
+
+
+def test_experts_whose_rows_are_not_4k_aligned(tmp_path, engines):
+    """Experts of 3,840 and 1,920 bytes: NVMe reads are widened to the O_DIRECT alignment, and
+    only the expert's own elements are used."""
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.MixtralConfig(vocab_size=VOCAB, hidden_size=24, intermediate_size=20, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, num_local_experts=8,
+                                        num_experts_per_tok=2, max_position_embeddings=64)
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    path = tmp_path / "odd"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.save_pretrained(path)
+    ids = prompts()
+    engine = load(path, tmp_path, engines, "nvme")
+    assert torch.equal(engine.generate(ids, max_new_tokens=NEW, do_sample=False, pad_token_id=0), greedy(model, ids))
+    stats = engine.experts.stats()
+    reads = stats["misses"] + stats["prefetched"]  # one read per fused parameter of each: >= 4 KiB each
+    assert stats["misses"] > 0 and stats["bytes_read"] >= reads * 2 * 4096 > reads * 3 * 24 * 20 * 4
