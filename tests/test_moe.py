@@ -334,3 +334,36 @@ def test_experts_whose_rows_are_not_4k_aligned(tmp_path, engines):
     stats = engine.experts.stats()
     reads = stats["misses"] + stats["prefetched"]  # one read per fused parameter of each: >= 4 KiB each
     assert stats["misses"] > 0 and stats["bytes_read"] >= reads * 2 * 4096 > reads * 3 * 24 * 20 * 4
+
+
+def test_load_and_generate_peak_rss_stays_near_the_budgets(tmp_path):
+    """A ~170 MB Mixtral, 7x the 24 MiB budgets, from per-expert tensors: loading converts one
+    fused parameter at a time, so the process grows by about the budgets plus a fixed overhead
+    (the conversion of one fused parameter, a prefill's stack of experts), not by the model."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import transformers
+    from test_generate import _RSS_CHILD
+
+    config = transformers.MixtralConfig(vocab_size=512, hidden_size=256, intermediate_size=192, num_hidden_layers=32,
+                                        num_attention_heads=4, num_key_value_heads=2, num_local_experts=8,
+                                        num_experts_per_tok=2, max_position_embeddings=64)
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = transformers.MixtralForCausalLM(config)
+        model.save_pretrained(tmp_path / "hf", max_shard_size="50MB")
+    model_bytes = sum(p.numel() * 4 for p in model.parameters())
+    del model
+    env = dict(PYTHONPATH=str(Path(tierflow.__file__).parent.parent), PATH="/usr/bin:/bin")
+    out = subprocess.run([sys.executable, "-c", _RSS_CHILD, str(tmp_path / "hf"), str(tmp_path / "spill")],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    figures = json.loads(out.stdout.strip().splitlines()[-1])
+    growth = figures["peak"] - figures["base"]
+    assert figures["nvme"] > model_bytes / 2
+    assert model_bytes > 7 * 24 * 2**20
+    assert growth < (24 + 40) * 2**20 and growth < model_bytes / 2.5, \
+        f"peak RSS grew by {growth / 2**20:.1f} MiB for a {model_bytes / 2**20:.0f} MiB model: {figures}"
