@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from tierflow.core.layout import is_routed
-from tierflow.errors import ConfigError
+from tierflow.errors import ConfigError, TierflowError
 
 CACHE_SHARE = 0.75  # of the device room left after the streamed units' needs, for cached experts
 # (the rest: the stack of the experts in use, router copies)
@@ -127,24 +127,25 @@ class ExpertStore:
         self.budget.release(count * layer.expert_bytes)
 
     # ---- fetching ----------------------------------------------------------------------------
-    def _start(self, layer: RoutedLayer, e: int, required: bool) -> Entry | None:
-        """Reserve an expert's room and queue its fetch on the transfer thread."""
+    def _start(self, layer: RoutedLayer, e: int, required: bool, keep=()) -> Entry | None:
+        """Reserve an expert's room and queue its fetch on the transfer thread (a speculative
+        one only into free room or an idle slot of an expert not in `keep`)."""
         what = f"expert {e} of '{layer.name}'"
         if required:
             self.residency.reserve_device(layer.expert_bytes, what, required=True)
-        elif not self._room_for(layer):
+        elif not self._room_for(layer, keep):
             return None
         entry = Entry()
         layer.entries[e] = entry
         entry.fetch = self.residency.transfer.submit(self._fetch_job, layer, e)
         return entry
 
-    def _room_for(self, layer: RoutedLayer) -> bool:
+    def _room_for(self, layer: RoutedLayer, keep) -> bool:
         """Room for one speculative fetch: a free slot of the layer within the free budget, or
-        the slot of the layer's least recently used idle expert."""
+        the slot of the layer's least recently used idle expert (not one in `keep`)."""
         if len(layer.entries) < self.slots and self.budget.try_reserve(layer.expert_bytes):
             return True
-        idle = [e for e, entry in layer.entries.items() if self._idle(entry)]
+        idle = [e for e, entry in layer.entries.items() if self._idle(entry) and e not in keep]
         if not idle:
             return False
         self._evict(layer, idle[0])
@@ -202,7 +203,7 @@ class ExpertStore:
             if layer.uid == uid:
                 for e, entry in list(layer.entries.items()):
                     if entry.refs:
-                        raise RuntimeError(f"expert {e} of '{layer.name}' is in use")
+                        raise TierflowError(f"cannot overwrite expert {e} of '{layer.name}' while a forward uses it")
                     self._finish(entry)  # an in-flight read must not land after the drop
                     self._evict(layer, e)
 
@@ -240,9 +241,10 @@ class ExpertStore:
             logits = nn.functional.linear(hidden.to(nxt.router_weight.dtype), nxt.router_weight)
             k = min(getattr(nxt.router, "top_k", top_k), logits.shape[-1], self.slots)
             guess = torch.unique(torch.topk(logits, k, dim=-1).indices).tolist()
-        for e in guess[:self.slots]:
+        guess = guess[:self.slots]
+        for e in guess:
             if e not in nxt.entries:
-                entry = self._start(nxt, e, required=False)
+                entry = self._start(nxt, e, required=False, keep=set(guess))
                 if entry is None:
                     return
                 entry.speculative = True
