@@ -147,10 +147,13 @@ def test_the_cache_keeps_hot_experts_within_its_slots(tmp_path, engines):
 
 
 def test_prediction_prefetches_next_layer_experts(tmp_path, engines):
-    path, _ = saved(tmp_path, "mixtral")
+    path, model = saved(tmp_path, "mixtral")
     engine = load(path, tmp_path, engines, "nvme")
-    engine.generate(prompts(batch=1), max_new_tokens=NEW, do_sample=False, pad_token_id=0)
+    engine.experts.set_slots(2)  # a small cache, so that predictions find experts to fetch
+    ids = prompts(batch=1)
+    assert torch.equal(engine.generate(ids, max_new_tokens=NEW, do_sample=False, pad_token_id=0), greedy(model, ids))
     stats = engine.experts.stats()
+    assert all(len(layer.entries) <= 2 for layer in engine.experts.layers)
     assert all(layer.router_weight is not None for layer in engine.experts.layers[1:])
     assert stats["prefetched"] > 0 and 0 <= stats["prefetch_hits"] <= stats["prefetched"]
 
@@ -293,6 +296,13 @@ def test_plan_reports_experts(tmp_path, monkeypatch, capsys):
     assert experts["experts"] == 8 and experts["top_k"] == 2
     assert experts["routed_bytes_per_decode_step"] == 2 * 2 * experts["expert_bytes"]
     assert "mixture of experts: 2 layers x 8 experts (top-2)" in capsys.readouterr().out
+
+
+def test_cache_slots_bad_value(tmp_path, engines):
+    path, _ = saved(tmp_path, "mixtral")
+    engine = load(path, tmp_path, engines, "nvme")
+    with pytest.raises(tierflow.ConfigError, match="slots"):
+        engine.experts.set_slots(-1)
 
 
 def test_overwritten_experts_are_not_served_from_the_cache(tmp_path, engines):

@@ -197,6 +197,14 @@ class ExpertStore:
         layer.entries.pop(e)
         self.budget.release(layer.expert_bytes)
 
+    def set_slots(self, slots: int) -> None:
+        """Keep at most `slots` experts per layer cached from now on (0: none)."""
+        if not isinstance(slots, int) or slots < 0:
+            raise ConfigError(f"expert cache slots must be an integer >= 0, got {slots!r}")
+        self.slots = slots
+        for layer in self.layers:
+            self._trim(layer)
+
     def forget(self, uid: int) -> None:
         """Drop every cached expert of unit `uid` (its weights were overwritten)."""
         for layer in self.layers:
