@@ -123,7 +123,7 @@ class OffloadConfig:
             "device" (on the GPU: the state is copied there, updated and copied back, 16 B
             in and 12 B out per parameter over PCIe); "auto" (per unit, where the planner
             predicts it faster, planner.update_sites). A GPU-side update needs free device
-            room for 4 scratch buffers at that moment, else it runs on the CPU. On a CPU
+            room for 8 scratch buffers (two sets of four) at that moment, else it runs on the CPU. On a CPU
             device all three are the same.
         activations: what happens to the tensors autograd saves for backward (see
             activations.py): None = left to autograd (not accounted); "keep" = kept on the
