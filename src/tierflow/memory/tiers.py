@@ -225,25 +225,32 @@ class StateIO:
             finally:
                 self.close(window)
 
-    def read_range(self, state: UnitState, name: str, start: int, dst: torch.Tensor) -> int:
-        """Copy elements [start, start + dst.numel()) of an array into `dst` (e.g. one expert's
-        rows of a fused parameter). On NVMe the read is widened to the O_DIRECT alignment.
-        Returns the bytes read from the home."""
-        name, end = state.key(name), start + dst.numel()
+    def read_ranges(self, state: UnitState, name: str, requests) -> int:
+        """Copy elements [start, start + dst.numel()) of an array into `dst`, for each (start,
+        dst) of `requests` (e.g. some experts' rows of fused parameters), all in one pipeline of
+        reads (the next ones in flight while one is copied). On NVMe each range is widened to
+        the O_DIRECT alignment. Returns the bytes read from the home."""
+        name, itemsize = state.key(name), state.dtypes[state.key(name)].itemsize
         if state.home != "nvme":
-            dst.copy_(state.arrays[name][start - state.base:end - state.base], non_blocking=True)
-            return dst.numel() * state.dtypes[name].itemsize
-        align = ALIGN // state.dtypes[name].itemsize
-        lo, hi = start // align * align, min(_round_up(end, align), state.limit or 1 << 62)
+            for start, dst in requests:
+                dst.copy_(state.arrays[name][start - state.base:start - state.base + dst.numel()], non_blocking=True)
+            return sum(dst.numel() for _, dst in requests) * itemsize
+        align, pieces, owners = ALIGN // itemsize, [], []
+        for i, (start, dst) in enumerate(requests):
+            lo, hi = start // align * align, _round_up(start + dst.numel(), align)
+            for piece in self.pieces(state, lo, hi - lo):
+                pieces.append(piece)
+                owners.append(i)
         ahead = 1 if self.pool is None else max(1, min(READ_AHEAD, self.pool.count - 2))
-        for window in self.windows(state, (name,), self.pieces(state, lo, hi - lo), ahead=ahead):
+        for window, i in zip(self.windows(state, (name,), pieces, ahead=ahead), owners):
+            start, dst = requests[i]
             try:
-                a, b = max(start, window.start), min(end, window.start + window.views[0].numel())
+                a, b = max(start, window.start), min(start + dst.numel(), window.start + window.views[0].numel())
                 dst[a - start:b - start].copy_(window.views[0][a - window.start:b - window.start], non_blocking=True)
                 self.device.synchronize_event(self.device.record_event())  # the staging buffer goes back
             finally:
                 self.close(window)
-        return (hi - lo) * state.dtypes[name].itemsize
+        return sum(count for _, count in pieces) * itemsize
 
     def write_from(self, state: UnitState, name: str, src: torch.Tensor, start: int = 0) -> None:
         """Copy `src` (flat) into elements [start, start+numel) of an array, piece by piece."""

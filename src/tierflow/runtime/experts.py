@@ -48,8 +48,10 @@ CACHE_SHARE = 0.75  # of the device room left after the streamed units' needs, f
 class Entry:
     """One expert of one layer on the device (or on its way there)."""
 
+    expert: int
     tensors: dict | None = None        # parameter name -> this expert's rows (device)
-    fetch: Future | None = None        # in-flight fetch (result: (tensors, event))
+    fetch: Future | None = None        # in-flight fetch, shared by the experts read together
+                                       # (result: ({expert: tensors}, event))
     refs: int = 0                      # held by a forward that is using it
     last_use: int = 0
     speculative: bool = False          # fetched ahead on a prediction, not used since
@@ -95,10 +97,10 @@ class ExpertStore:
                 self.counters["hits"] += 1
                 self.counters["prefetch_hits"] += entry.speculative
                 entry.refs += 1
-        for e in experts:
-            if e not in layer.entries:
-                self.counters["misses"] += 1
-                self._start(layer, e, required=True).refs += 1
+        misses = [e for e in experts if e not in layer.entries]
+        self.counters["misses"] += len(misses)
+        for entry in self._start(layer, misses, required=True):
+            entry.refs += 1
         for e in experts:
             entry = layer.entries[e]
             entry.speculative, entry.last_use = False, next(self._tick)
@@ -127,18 +129,25 @@ class ExpertStore:
         self.budget.release(count * layer.expert_bytes)
 
     # ---- fetching ----------------------------------------------------------------------------
-    def _start(self, layer: RoutedLayer, e: int, required: bool, keep=()) -> Entry | None:
-        """Reserve an expert's room and queue its fetch on the transfer thread (a speculative
-        one only into free room or an idle slot of an expert not in `keep`)."""
-        what = f"expert {e} of '{layer.name}'"
-        if required:
-            self.residency.reserve_device(layer.expert_bytes, what, required=True)
-        elif not self._room_for(layer, keep):
-            return None
-        entry = Entry()
-        layer.entries[e] = entry
-        entry.fetch = self.residency.transfer.submit(self._fetch_job, layer, e)
-        return entry
+    def _start(self, layer: RoutedLayer, experts: list[int], required: bool, keep=()) -> list[Entry]:
+        """Reserve the experts' room and queue one fetch of them all on the transfer thread (a
+        speculative fetch takes only free room or idle slots of experts not in `keep`, and may
+        start fewer)."""
+        chosen = []
+        for e in experts:  # (all reservations first: one may give up idle experts)
+            if required:
+                self.residency.reserve_device(layer.expert_bytes, f"expert {e} of '{layer.name}'", required=True)
+            elif not self._room_for(layer, keep):
+                break
+            chosen.append(e)
+        for e in chosen:
+            layer.entries[e] = Entry(e)
+        if not chosen:
+            return []
+        future = self.residency.transfer.submit(self._fetch_job, layer, chosen)
+        for e in chosen:
+            layer.entries[e].fetch = future
+        return [layer.entries[e] for e in chosen]
 
     def _room_for(self, layer: RoutedLayer, keep) -> bool:
         """Room for one speculative fetch: a free slot of the layer within the free budget, or
@@ -151,20 +160,24 @@ class ExpertStore:
         self._evict(layer, idle[0])
         return self.budget.try_reserve(layer.expert_bytes)
 
-    def _fetch_job(self, layer: RoutedLayer, e: int):
-        """Transfer thread: each fused parameter's rows of expert `e`, from the unit's home."""
+    def _fetch_job(self, layer: RoutedLayer, experts: list[int]):
+        """Transfer thread: each fused parameter's rows of the experts, from the unit's home,
+        in one pipeline of reads. Returns ({expert: {name: rows}}, event)."""
         state = self.engine.states[layer.uid]
-        tensors, read = {}, 0
+        out, requests = {}, []
         with self.device.lane("copy"):
-            for name, (slot, per_expert) in layer.params.items():
-                dst = self.device.empty(per_expert, self.engine.compute_dtype)
-                read += self.engine.io.read_range(state, "master", slot.offset + e * per_expert, dst)
-                tensors[name] = dst.view(slot.shape[1:])
+            for e in experts:
+                out[e] = {}
+                for name, (slot, per_expert) in layer.params.items():
+                    dst = self.device.empty(per_expert, self.engine.compute_dtype)
+                    requests.append((slot.offset + e * per_expert, dst))
+                    out[e][name] = dst.view(slot.shape[1:])
+            read = self.engine.io.read_ranges(state, "master", requests)
             event = self.device.record_event()
-        self.engine.count("host_to_device", layer.expert_bytes)
+        self.engine.count("host_to_device", len(experts) * layer.expert_bytes)
         with self._lock:
             self.counters["bytes_read"] += read
-        return tensors, event
+        return out, event
 
     def _finish(self, entry: Entry) -> None:
         if entry.fetch is None:
@@ -176,9 +189,9 @@ class ExpertStore:
             self.engine.health.fail(exc)
             raise
         self.device.wait_event(event)
-        for tensor in tensors.values():
+        entry.tensors = tensors[entry.expert]
+        for tensor in entry.tensors.values():
             self.device.hand_over(tensor)  # allocated on the copy lane, read by compute kernels
-        entry.tensors = tensors
 
     # ---- the cache -------------------------------------------------------------------------------
     @staticmethod
@@ -250,13 +263,9 @@ class ExpertStore:
             k = min(getattr(nxt.router, "top_k", top_k), logits.shape[-1], self.slots)
             guess = torch.unique(torch.topk(logits, k, dim=-1).indices).tolist()
         guess = guess[:self.slots]
-        for e in guess:
-            if e not in nxt.entries:
-                entry = self._start(nxt, e, required=False, keep=set(guess))
-                if entry is None:
-                    return
-                entry.speculative = True
-                self.counters["prefetched"] += 1
+        for entry in self._start(nxt, [e for e in guess if e not in nxt.entries], required=False, keep=set(guess)):
+            entry.speculative = True
+            self.counters["prefetched"] += 1
 
     # ---- reports -----------------------------------------------------------------------------------
     def stats(self) -> dict:
