@@ -164,16 +164,14 @@ class ExpertStore:
         """Transfer thread: each fused parameter's rows of the experts, from the unit's home,
         in one pipeline of reads. Returns ({expert: {name: rows}}, event)."""
         state = self.engine.states[layer.uid]
-        out, requests = {}, []
+        wanted = [(e, name, slot, per_expert) for e in experts for name, (slot, per_expert) in layer.params.items()]
         with self.device.lane("copy"):
-            for e in experts:
-                out[e] = {}
-                for name, (slot, per_expert) in layer.params.items():
-                    dst = self.device.empty(per_expert, self.engine.compute_dtype)
-                    requests.append((slot.offset + e * per_expert, dst))
-                    out[e][name] = dst.view(slot.shape[1:])
-            read = self.engine.io.read_ranges(state, "master", requests)
+            rows, read = self.engine.io.read_ranges(state, "master", [(slot.offset + e * per_expert, per_expert)
+                                                                      for e, _, slot, per_expert in wanted])
             event = self.device.record_event()
+        out = {e: {} for e in experts}
+        for (e, name, slot, _), tensor in zip(wanted, rows):
+            out[e][name] = tensor.view(slot.shape[1:])
         self.engine.count("host_to_device", len(experts) * layer.expert_bytes)
         with self._lock:
             self.counters["bytes_read"] += read
