@@ -347,9 +347,10 @@ def test_experts_whose_rows_are_not_4k_aligned(tmp_path, engines):
 
 
 def test_load_and_generate_peak_rss_stays_near_the_budgets(tmp_path):
-    """A ~170 MB Mixtral, 7x the 24 MiB budgets, from per-expert tensors: loading converts one
+    """A ~210 MB Mixtral, 8x the 24 MiB budgets, from per-expert tensors: loading converts one
     fused parameter at a time, so the process grows by about the budgets plus a fixed overhead
-    (the conversion of one fused parameter, a prefill's stack of experts), not by the model."""
+    (the conversion of one fused parameter, staging, experts read ahead, allocator slack:
+    measured 54-63 MiB in all with 32 layers), not by the model."""
     import subprocess
     import sys
     from pathlib import Path
@@ -357,7 +358,7 @@ def test_load_and_generate_peak_rss_stays_near_the_budgets(tmp_path):
     import transformers
     from test_generate import _RSS_CHILD
 
-    config = transformers.MixtralConfig(vocab_size=512, hidden_size=256, intermediate_size=192, num_hidden_layers=32,
+    config = transformers.MixtralConfig(vocab_size=512, hidden_size=256, intermediate_size=192, num_hidden_layers=40,
                                         num_attention_heads=4, num_key_value_heads=2, num_local_experts=8,
                                         num_experts_per_tok=2, max_position_embeddings=64)
     torch.manual_seed(0)
@@ -374,6 +375,6 @@ def test_load_and_generate_peak_rss_stays_near_the_budgets(tmp_path):
     figures = json.loads(out.stdout.strip().splitlines()[-1])
     growth = figures["peak"] - figures["base"]
     assert figures["nvme"] > model_bytes / 2
-    assert model_bytes > 7 * 24 * 2**20
-    assert growth < (24 + 40) * 2**20 and growth < model_bytes / 2.5, \
+    assert model_bytes > 8 * 24 * 2**20
+    assert growth < (24 + 56) * 2**20 and growth < model_bytes / 2.5, \
         f"peak RSS grew by {growth / 2**20:.1f} MiB for a {model_bytes / 2**20:.0f} MiB model: {figures}"

@@ -42,6 +42,7 @@ from tierflow.errors import ConfigError, TierflowError
 
 CACHE_SHARE = 0.75  # of the device room left after the streamed units' needs, for cached experts
 # (the rest: the stack of the experts in use, router copies)
+SPARE_EXPERTS = 4  # CPU: experts the reused stack buffer holds (a decode step's top-k for a few tokens)
 
 
 @dataclass
@@ -82,6 +83,7 @@ class ExpertStore:
         self.budget = engine.budgets["device"]
         self._tick = itertools.count(1)
         self._lock = threading.Lock()  # bytes_read is counted on the transfer thread
+        self.spare: torch.Tensor | None = None  # CPU: the reused buffer of compact parameters
         self.counters = dict.fromkeys(("requests", "hits", "misses", "prefetched", "prefetch_hits",
                                        "bytes_read", "bytes_routed"), 0)
 
@@ -116,17 +118,40 @@ class ExpertStore:
         return stacked
 
     def _stack(self, layer: RoutedLayer, experts: list[int]) -> dict:
+        """The compact parameters, in a reused buffer on a CPU when they fit (fresh memory costs
+        a page fault per 4 KiB, more than the copy itself), else in new memory."""
         nbytes = len(experts) * layer.expert_bytes
-        self.residency.reserve_device(nbytes, f"the {len(experts)} experts of '{layer.name}' in use", required=True)
-        out = {}
+        spare = self._spare_for(nbytes)
+        if spare is None:
+            self.residency.reserve_device(nbytes, f"the {len(experts)} experts of '{layer.name}' in use", required=True)
+        out, offset = {}, 0
         for name, param in layer.module.named_parameters(recurse=False):
             rows = [layer.entries[e].tensors[name] for e in experts]
-            out[name] = torch.stack(rows) if rows else param.new_empty((0,) + tuple(param.shape[1:]),
-                                                                       device=self.device.device)
+            shape = (len(rows),) + tuple(param.shape[1:])
+            if spare is not None:
+                count = len(rows) * layer.params[name][1]
+                target = spare[offset:offset + count].view(shape)
+                out[name] = torch.stack(rows, out=target) if rows else target
+                offset += count
+            else:
+                out[name] = torch.stack(rows) if rows else param.new_empty(shape, device=self.device.device)
         return out
 
+    def _spare_for(self, nbytes: int) -> torch.Tensor | None:
+        """The CPU stack buffer (kept reserved in the device budget) if `nbytes` fit in it; it
+        is made on first use, as big as SPARE_EXPERTS of the largest experts."""
+        if self.device.is_cuda:
+            return None
+        if self.spare is None:
+            size = SPARE_EXPERTS * max(layer.expert_bytes for layer in self.layers)
+            if not self.budget.try_reserve(size):
+                return None
+            self.spare = torch.empty(size // self.engine.compute_dtype.itemsize, dtype=self.engine.compute_dtype)
+        return self.spare if nbytes <= self.spare.numel() * self.spare.element_size() else None
+
     def release_stack(self, layer: RoutedLayer, count: int) -> None:
-        self.budget.release(count * layer.expert_bytes)
+        if self._spare_for(count * layer.expert_bytes) is None:
+            self.budget.release(count * layer.expert_bytes)
 
     # ---- fetching ----------------------------------------------------------------------------
     def _start(self, layer: RoutedLayer, experts: list[int], required: bool, keep=()) -> list[Entry]:
