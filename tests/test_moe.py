@@ -378,3 +378,20 @@ def test_load_and_generate_peak_rss_stays_near_the_budgets(tmp_path):
     assert model_bytes > 8 * 24 * 2**20
     assert growth < (24 + 56) * 2**20 and growth < model_bytes / 2.5, \
         f"peak RSS grew by {growth / 2**20:.1f} MiB for a {model_bytes / 2**20:.0f} MiB model: {figures}"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe"])
+@pytest.mark.parametrize("placement", ["host", "nvme"])
+def test_cuda_routed_experts_equal_transformers(tmp_path, engines, arch, placement):
+    """On a GPU, host- and NVMe-homed experts are routed (copy lane, staging buffers, router
+    copies and predictions on the device): the same tokens as transformers on the GPU."""
+    path, model = saved(tmp_path, arch)
+    ids = prompts(batch=3).cuda()
+    expected = greedy(model.cuda(), ids)
+    engine = load(path, tmp_path, engines, placement, device="cuda")
+    engine.experts.set_slots(2)
+    for _ in range(2):  # the second time with cached experts and predictions
+        assert torch.equal(engine.generate(ids, max_new_tokens=NEW, do_sample=False, pad_token_id=0), expected)
+    stats = engine.experts.stats()
+    assert stats["misses"] > 0 and stats["hits"] > 0 and stats["bytes_read"] > 0
