@@ -22,6 +22,7 @@ from torch import nn
 
 from tierflow.config import parse_dtype, parse_size
 from tierflow.errors import ConfigError
+from tierflow.checkpoint.conversion import readings
 from tierflow.checkpoint.files import (CheckpointError, TensorFileReader, TensorFileWriter, fsync_dir, os_reason,
                                        read_windows, remove_stale_temporaries, temporary_name, write_bytes_durably)
 
@@ -231,7 +232,7 @@ def load(path, device="cpu", device_memory=None, host_memory=None, nvme=None, dt
         keys = _match_keys(model, readers, path)
         _load_buffers(model, readers)
         return make_engine(model, device=device, device_memory=device_memory, host_memory=host_memory, nvme=nvme,
-                       dtype=dtype, placement=placement, source=lambda name: keys[name][0].read(keys[name][1]),
+                       dtype=dtype, placement=placement, source=lambda name: keys[name].read(),
                        **options)
     finally:
         for reader in readers:
@@ -299,36 +300,32 @@ def _open_shards(path: Path) -> list[TensorFileReader]:
 
 
 def _match_keys(model: nn.Module, readers: list, path: Path) -> dict:
-    """Model parameter name -> (reader, key); every parameter must be found with its shape."""
-    available = {key: reader for reader in readers for key in reader.keys()}
-    prefix = getattr(model, "base_model_prefix", "") or ""
+    """Model parameter name -> its Reading (conversion.py: the checkpoint tensors that make it,
+    by transformers' conversion rules); every parameter must be found with its shape."""
+    found = readings(model, readers)
     groups: dict[int, tuple[nn.Parameter, list[str]]] = {}
     for name, param in model.named_parameters(remove_duplicate=False):
         groups.setdefault(id(param), (param, []))[1].append(name)
     keys = {}
     for param, names in groups.values():
-        key = next((k for k in _candidates(names, prefix) if k in available), None)
-        if key is None:
+        reading = next((found[n] for n in names if n in found), None)
+        if reading is None:
             raise CheckpointError(f"{path}: no tensor for parameter {names[0]} in "
                                   f"{', '.join(r.path.name for r in readers)}")
-        reader = available[key]
-        if reader.shape(key) != tuple(param.shape):
-            raise CheckpointError(f"{reader.path}: tensor {key} has shape {list(reader.shape(key))}, the model "
+        reader, key = reading.first
+        what = f"tensor {key}" if reading.converter is None else f"the tensors converted into {reading.target} ({key}, ...)"
+        bad = [d for d in reading.dtypes() if not d.is_floating_point]
+        if bad:
+            raise CheckpointError(f"{reader.path}: {what} has dtype {bad[0]}, not floating point")
+        try:
+            shape = reading.shape()
+        except (RuntimeError, ValueError, IndexError) as exc:
+            raise CheckpointError(f"{reader.path}: {what} cannot be converted into {names[0]} ({exc})") from None
+        if shape != tuple(param.shape):
+            raise CheckpointError(f"{reader.path}: {what} has shape {list(shape)}, the model "
                                   f"expects {list(param.shape)} (does config.json match the weights?)")
-        if not reader.dtype(key).is_floating_point:
-            raise CheckpointError(f"{reader.path}: tensor {key} has dtype {reader.dtype(key)}, not floating point")
-        keys.update({name: (reader, key) for name in names})
+        keys.update({name: reading for name in names})
     return keys
-
-
-def _candidates(names: list[str], prefix: str):
-    """Keys under which a parameter may be stored: each of its names, with or without the
-    base model's prefix (checkpoints of the bare model, or of a model with a head)."""
-    for name in names:
-        yield name
-        if prefix:
-            yield name.removeprefix(prefix + ".")
-            yield f"{prefix}.{name}"
 
 
 def _load_buffers(model: nn.Module, readers: list) -> None:

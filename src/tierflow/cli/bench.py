@@ -8,6 +8,7 @@
     tierflow bench plan-accuracy  the cost model's predictions against real training steps
     tierflow bench scale  step time and per-rank memory of 1 and 2 data-parallel ranks (torchrun)
     tierflow bench generate  generation beyond memory vs accelerate's disk offload (and fio)
+    tierflow bench moe    a mixture of experts beyond memory: routed experts only vs accelerate's disk offload
     tierflow bench activations  longest trainable sequence in a device budget vs PyTorch and HF checkpointing
     tierflow bench infinity  NVMe-homed training on the CPU vs DeepSpeed ZeRO-Infinity, and the disk bound
     tierflow bench gpu  the 1 B bf16 run of the NaN report: tierflow vs plain PyTorch losses, PASS/FAIL (CUDA)
@@ -97,6 +98,23 @@ def add_arguments(parser) -> None:
     gen.add_argument("--new-tokens", type=int, default=8)
     gen.add_argument("--threads", type=int, default=2, help="torch threads of each contender")
     gen.add_argument("--json", default=None)
+    moe = sub.add_parser("moe", help="a mixture-of-experts model bigger than memory: experts fetched as "
+                         "routed vs accelerate disk offload")
+    moe.add_argument("--dir", default="/tmp/tierflow-moe-bench", help="directory for the model and spill files")
+    moe.add_argument("--hidden", type=int, default=1024)
+    moe.add_argument("--layers", type=int, default=16)
+    moe.add_argument("--intermediate", type=int, default=1408, help="each expert's intermediate size")
+    moe.add_argument("--experts", type=int, default=8)
+    moe.add_argument("--top-k", type=int, default=2)
+    moe.add_argument("--vocab", type=int, default=8000)
+    moe.add_argument("--device-memory", default="384MiB")
+    moe.add_argument("--host-memory", default="128MiB")
+    moe.add_argument("--limit", default=None, help="cgroup memory limit (default: the budgets + 640MiB)")
+    moe.add_argument("--batch", type=int, default=1)
+    moe.add_argument("--prompt-len", type=int, default=16)
+    moe.add_argument("--new-tokens", type=int, default=8)
+    moe.add_argument("--threads", type=int, default=2)
+    moe.add_argument("--json", default=None)
     acts = sub.add_parser("activations", help="longest sequence within a device budget: tierflow auto vs "
                           "PyTorch and Hugging Face gradient checkpointing, and step time")
     acts.add_argument("--layers", type=int, default=16)
@@ -236,6 +254,11 @@ def run(args) -> int:
         run_generate_bench(args.dir, args.hidden, args.layers, args.intermediate, args.vocab, args.device,
                            args.device_memory, args.host_memory, args.limit, tuple(args.batches),
                            args.prompt_len, args.new_tokens, args.threads, args.json)
+    elif args.bench == "moe":
+        from tierflow.bench.moe import run_moe_bench
+        run_moe_bench(args.dir, args.hidden, args.layers, args.intermediate, args.experts, args.top_k, args.vocab,
+                      args.device_memory, args.host_memory, args.limit, args.batch, args.prompt_len,
+                      args.new_tokens, args.threads, args.json)
     elif args.bench == "activations":
         from tierflow.bench.activations import run_activations_bench
         run_activations_bench(args.layers, args.hidden, args.device_memory, args.host_memory, args.grain,

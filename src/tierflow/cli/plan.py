@@ -77,9 +77,12 @@ def run(args: argparse.Namespace) -> int:
                                 "predicted_step_s": None, "bottleneck": None})
         return EXIT_DOES_NOT_FIT
     report = as_json(pred, cfg, args)
+    report["experts"] = experts_report(model, pred.compute_dtype, args.batch_size)
     disk_short = _disk_short(cfg, report["peak_bytes"]["nvme"])
     report["fits"] = disk_short is None
     print_report(pred, cfg, args, _param_count(model), cached)
+    if report["experts"]:
+        print(describe_experts(report["experts"]))
     if disk_short:
         report["short"] = disk_short
         print(f"does not fit: {disk_short}")
@@ -200,6 +203,32 @@ def print_report(pred, cfg, args, n_params: int, cached: bool = True) -> None:
                   f"(each alone; they overlap); bottleneck: [bold]{step.bottleneck}[/]"
                   + ("" if cached else " (calibrated now, cached for next time)"), soft_wrap=True,
                   highlight=False)
+
+
+def experts_report(model, dtype, batch: int) -> dict | None:
+    """A mixture of experts' figures: its experts, and the expert bytes a decode step of `batch`
+    tokens reads when the experts are fetched as the router picks them (core/moe.py)."""
+    from tierflow.core.moe import moe_shape
+
+    shape = moe_shape(model, dtype)
+    if shape is None:
+        return None
+    return {"layers": shape.layers, "experts": shape.experts, "top_k": shape.top_k,
+            "expert_bytes": shape.expert_bytes, "experts_total_bytes": shape.total_bytes,
+            "experts_per_layer_per_decode_step": shape.experts_per_step(batch),
+            "routed_bytes_per_decode_step": int(shape.routed_bytes(batch))}
+
+
+def describe_experts(report: dict) -> str:
+    from tierflow.config import format_size
+
+    used = report["experts_per_layer_per_decode_step"]
+    return (f"mixture of experts: {report['layers']} layers x {report['experts']} experts (top-{report['top_k']}), "
+            f"{format_size(report['experts_total_bytes'])} of experts; for inference (trainable=False) a decode "
+            f"step reads only the routed ones: ~{used:.1f} experts per layer, "
+            f"~{format_size(report['routed_bytes_per_decode_step'])} per step "
+            f"({report['routed_bytes_per_decode_step'] / report['experts_total_bytes']:.0%} of the experts; "
+            f"cache hits read nothing; docs/moe.md)")
 
 
 def describe_choice(plan) -> str:

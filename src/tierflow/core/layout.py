@@ -13,6 +13,7 @@ NVMe (O_DIRECT reads and writes a parameter on its own).
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 
 import torch
@@ -68,6 +69,34 @@ def _param_bytes(module: nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in module.parameters())
 
 
+def is_fused_experts(module: nn.Module) -> bool:
+    """A mixture of experts' expert weights kept fused, as transformers 5 does (`gate_up_proj`
+    [experts, 2 x intermediate, hidden], `down_proj` [experts, hidden, intermediate]): a
+    module with an integer `num_experts`, no submodule parameters, and only direct parameters
+    whose first dimension is the expert (at least one of them 3-D)."""
+    count = getattr(module, "num_experts", None)
+    params = list(module.parameters(recurse=False))
+    return (isinstance(count, int) and count > 1 and bool(params)
+            and len(params) == sum(1 for _ in module.parameters())
+            and all(p.dim() >= 2 and p.shape[0] == count for p in params) and any(p.dim() == 3 for p in params))
+
+
+def is_routed(module: nn.Module) -> bool:
+    """Fused experts fetched expert by expert (runtime/experts.py): frozen ones whose forward
+    takes the router's choice as `top_k_index`. Their module is a unit of its own and gets no
+    fetch hook; trainable experts stream as a whole, as any unit."""
+    if not is_fused_experts(module) or any(p.requires_grad for p in module.parameters()):
+        return False
+    try:
+        return "top_k_index" in inspect.signature(module.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _holds_routed(module: nn.Module) -> bool:
+    return any(is_routed(m) for m in module.modules())
+
+
 def partition(model: nn.Module, unit_bytes: int,
               allow_meta: bool = False, world_size: int = 1) -> tuple[list[Unit], dict[nn.Module, set[int]]]:
     """Split `model` into units of at most ~`unit_bytes` parameter bytes.
@@ -78,6 +107,7 @@ def partition(model: nn.Module, unit_bytes: int,
     the state (see distributed.py).
     """
     _check_params(model, allow_meta)
+    route = world_size == 1  # data-parallel ranks gather whole units: experts are not routed there
     owner: dict[int, Unit] = {}
     units: list[Unit] = []
     hooked: dict[nn.Module, set[int]] = {}
@@ -95,7 +125,7 @@ def partition(model: nn.Module, unit_bytes: int,
             owner[id(param)] = unit
 
     def visit(module: nn.Module, prefix: str) -> None:
-        if _param_bytes(module) <= unit_bytes:
+        if _param_bytes(module) <= unit_bytes and (is_routed(module) or not route or not _holds_routed(module)):
             claim(module, prefix, module.named_parameters(prefix=prefix, remove_duplicate=True))
             return
         claim(module, prefix, module.named_parameters(prefix=prefix, recurse=False))
@@ -109,11 +139,11 @@ def partition(model: nn.Module, unit_bytes: int,
     for unit in units:
         for slot in unit.slots:
             slot.index = order[id(slot.param)]
-    _assign_hooks(model, owner, hooked, unit_bytes)
+    _assign_hooks(model, owner, hooked, unit_bytes, route)
     return units, hooked
 
 
-def _assign_hooks(model, owner, hooked, unit_bytes) -> None:
+def _assign_hooks(model, owner, hooked, unit_bytes, route: bool = True) -> None:
     """Decide which modules get fetch hooks and which units each must hold.
 
     A unit root needs every unit its subtree uses (its own, plus tied parameters
@@ -121,7 +151,9 @@ def _assign_hooks(model, owner, hooked, unit_bytes) -> None:
     direct parameters (its own unit or a tied one) is hooked for those.
     """
     def visit(module: nn.Module) -> None:
-        if _param_bytes(module) <= unit_bytes:
+        if route and is_routed(module):
+            return  # its experts are fetched one by one as the router picks them (runtime/experts.py)
+        if _param_bytes(module) <= unit_bytes and not (route and _holds_routed(module)):
             needed = {owner[id(p)].uid for p in module.parameters()}
             if needed:
                 hooked[module] = needed

@@ -30,7 +30,7 @@ from tierflow.core.layout import ALIGN, ARRAY_CLASS, FP32, Unit, array_specs  # 
 from tierflow.memory.budget import Budget
 from tierflow.memory.device import ComputeDevice
 from tierflow.memory.nvme import Extent, NvmeStore
-from tierflow.memory.pool import BufferPool
+from tierflow.memory.pool import BufferPool, aligned_empty
 
 READ_AHEAD = 3  # staging buffers read ahead when a whole array is copied out (weights fetch)
 
@@ -224,6 +224,46 @@ class StateIO:
                     self.device.synchronize_event(self.device.record_event())
             finally:
                 self.close(window)
+
+    def read_ranges(self, state: UnitState, name: str, ranges) -> tuple[list, int]:
+        """Elements [start, start + numel) of an array for each (start, numel) of `ranges` (e.g.
+        some experts' rows of fused parameters), as new tensors on the device, and the bytes read
+        from the home. NVMe ranges are widened to the O_DIRECT alignment; on a CPU they are read
+        straight into aligned buffers, all in flight at once (no staging copy); for a GPU they
+        go through the staging buffers in one pipeline of reads."""
+        name = state.key(name)
+        dtype = state.dtypes[name]
+        if state.home != "nvme":
+            out = [self.device.empty(numel, dtype) for _, numel in ranges]
+            for (start, numel), dst in zip(ranges, out):
+                local = start - state.base
+                dst.copy_(state.arrays[name][local:local + numel], non_blocking=True)
+            return out, sum(numel for _, numel in ranges) * dtype.itemsize
+        align = ALIGN // dtype.itemsize
+        spans = [(start // align * align, _round_up(start + numel, align)) for start, numel in ranges]
+        nbytes = sum(hi - lo for lo, hi in spans) * dtype.itemsize
+        if not self.device.is_cuda:
+            buffers = [aligned_empty((hi - lo) * dtype.itemsize).view(dtype) for lo, hi in spans]
+            wait_all([self.nvme.read_async(state.arrays[name], buf.view(torch.uint8), (lo - state.base) * dtype.itemsize)
+                      for (lo, _), buf in zip(spans, buffers)])
+            return [buf[start - lo:start - lo + numel] for (start, numel), (lo, _), buf
+                    in zip(ranges, spans, buffers)], nbytes
+        out = [self.device.empty(numel, dtype) for _, numel in ranges]
+        pieces, owners = [], []
+        for i, (lo, hi) in enumerate(spans):
+            for piece in self.pieces(state, lo, hi - lo):
+                pieces.append(piece)
+                owners.append(i)
+        ahead = 1 if self.pool is None else max(1, min(READ_AHEAD, self.pool.count - 2))
+        for window, i in zip(self.windows(state, (name,), pieces, ahead=ahead), owners):
+            (start, numel), dst = ranges[i], out[i]
+            try:
+                a, b = max(start, window.start), min(start + numel, window.start + window.views[0].numel())
+                dst[a - start:b - start].copy_(window.views[0][a - window.start:b - window.start], non_blocking=True)
+                self.device.synchronize_event(self.device.record_event())  # the staging buffer goes back
+            finally:
+                self.close(window)
+        return out, nbytes
 
     def write_from(self, state: UnitState, name: str, src: torch.Tensor, start: int = 0) -> None:
         """Copy `src` (flat) into elements [start, start+numel) of an array, piece by piece."""

@@ -64,6 +64,9 @@ class Residency:
         # CPU only: buffers of evicted units, reused by the next fetches of the same size.
         # Fresh memory costs a page fault per 4 KiB: measured ~3x the copy itself.
         self.spare: dict[int, list[torch.Tensor]] = {}
+        # Other holders of device memory that give it back when units need it (the expert
+        # cache, experts.py): callables (nbytes) -> True if they freed any.
+        self.reclaimers: list = []
 
     def __getitem__(self, uid: int) -> UnitResidency:
         return self.of[uid]
@@ -278,6 +281,8 @@ class Residency:
                 continue
             if not required:
                 return False
+            if any(reclaim(nbytes) for reclaim in self.reclaimers):
+                continue
             inflight = [uid for uid, res in enumerate(self.of) if res.fetch is not None]
             if not inflight:
                 break

@@ -63,6 +63,8 @@ class StateAccess:
                 io.write_from(state, "weights", value.to(engine.compute_dtype), slot.offset)
             if name == "master" and res.flat is not None and not engine.residency.is_permanent(unit.uid):
                 engine.residency.evict(unit.uid)
+            if name == "master" and engine.experts is not None:  # cached experts of the unit are stale
+                engine.experts.forget(unit.uid)
 
     def iter_windows(self, unit: Unit, slot: Slot, names=("master",)):
         """Yield one parameter's arrays `names` window by window as CPU tensors (NVMe state through

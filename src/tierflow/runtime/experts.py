@@ -1,0 +1,421 @@
+"""Mixture-of-experts layers whose experts are fetched one by one, as the router picks them.
+
+transformers 5 keeps a layer's experts fused: `gate_up_proj` [E, 2I, H] and `down_proj`
+[E, H, I] in one experts module, called as `experts(hidden, top_k_index, top_k_weights)` after
+the router. When these weights are frozen (`layout.is_routed`), the experts module is a unit of
+its own that is never fetched whole; instead its forward is wrapped:
+
+* the pre-hook reads `top_k_index`, the experts the router picked for the current tokens, and
+  gets each of them from the `ExpertStore`: a hit is on the device already, a miss is read
+  from the unit's home right away (only that expert's rows of each fused parameter). Tokens of
+  a batch that pick the same expert share one fetch.
+* The picked experts are stacked into compact parameters [k, ...] and `top_k_index` is mapped
+  onto them (expert e -> its position among the k, ascending). transformers' own forward then
+  runs unchanged on the compact module (whatever `experts_implementation` it uses), visiting
+  the same experts in the same order with the same weights: the output is bitwise the same as
+  with all experts resident. The post-hook puts the parameters back.
+* Cache: each layer keeps up to `slots` experts on the device (least recently used goes
+  first); the slots come from what the device budget leaves after the streamed units.
+* Prefetch: the current hidden state, run through the next layer's router (a device copy of
+  its weight, taken the first time it ran), predicts the next layer's experts; those not
+  cached are fetched ahead on the transfer thread into free or idle slots (as in
+  mixtral-offloading and Pre-gated MoE). A wrong guess costs bytes, not correctness.
+
+Experts that are device-homed (or, on a CPU, host-homed) are attached for good like any unit
+and need none of this. Trainable experts stream as whole units (the gradient of a fused
+parameter covers every expert).
+"""
+from __future__ import annotations
+
+import inspect
+import itertools
+import threading
+from collections import OrderedDict
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from tierflow.core.layout import is_routed
+from tierflow.errors import ConfigError, TierflowError
+
+CACHE_SHARE = 0.75  # of the device room left after the streamed units' needs, for cached experts
+# (the rest: the stack of the experts in use, router copies)
+SPARE_EXPERTS = 4  # CPU: experts the reused stack buffer holds (a decode step's top-k for a few tokens)
+
+
+@dataclass
+class Entry:
+    """One expert of one layer on the device (or on its way there)."""
+
+    expert: int
+    tensors: dict | None = None        # parameter name -> this expert's rows (device)
+    fetch: Future | None = None        # in-flight fetch, shared by the experts read together
+                                       # (result: ({expert: tensors}, event))
+    refs: int = 0                      # held by a forward that is using it
+    last_use: int = 0
+    speculative: bool = False          # fetched ahead on a prediction, not used since
+
+
+@dataclass
+class RoutedLayer:
+    """A routed experts module: which unit holds its fused parameters and where each expert's
+    rows are in the unit's flat arrays."""
+
+    index: int
+    name: str
+    module: nn.Module
+    uid: int
+    params: dict                      # name -> (Slot, elements per expert)
+    router: nn.Module | None          # the sibling module whose `weight` [E, H] routes tokens
+    expert_bytes: int
+    entries: OrderedDict = field(default_factory=OrderedDict)  # expert -> Entry, least recent first
+    router_weight: torch.Tensor | None = None                  # device copy, for predictions
+
+
+class ExpertStore:
+    """Fetch, cache and prefetch single experts of routed layers within the device budget."""
+
+    def __init__(self, engine, layers: list[RoutedLayer], slots: int):
+        self.engine, self.layers, self.slots = engine, layers, slots
+        self.residency, self.device = engine.residency, engine.device
+        self.budget = engine.budgets["device"]
+        self._tick = itertools.count(1)
+        self._lock = threading.Lock()  # bytes_read is counted on the transfer thread
+        self.spare: torch.Tensor | None = None  # CPU: the reused buffer of compact parameters
+        self.counters = dict.fromkeys(("requests", "hits", "misses", "prefetched", "prefetch_hits",
+                                       "bytes_read", "bytes_routed"), 0)
+
+    # ---- the forward of a routed layer ---------------------------------------------------------
+    def take(self, layer: RoutedLayer, experts: list[int]) -> dict:
+        """Compact parameters [len(experts), ...] of the picked experts (ascending), each fetched
+        at most once; misses are read at once, all of them in flight together."""
+        self.counters["requests"] += len(experts)
+        self.counters["bytes_routed"] += len(experts) * layer.expert_bytes
+        for e in experts:  # hold the hits first: a miss's reservation may give up idle experts
+            entry = layer.entries.get(e)
+            if entry is not None:
+                self.counters["hits"] += 1
+                self.counters["prefetch_hits"] += entry.speculative
+                entry.refs += 1
+        misses = [e for e in experts if e not in layer.entries]
+        self.counters["misses"] += len(misses)
+        for entry in self._start(layer, misses, required=True):
+            entry.refs += 1
+        for e in experts:
+            entry = layer.entries[e]
+            entry.speculative, entry.last_use = False, next(self._tick)
+            layer.entries.move_to_end(e)
+        try:
+            for e in experts:
+                self._finish(layer.entries[e])
+            stacked = self._stack(layer, experts)
+        finally:
+            for e in experts:
+                layer.entries[e].refs -= 1
+            self._trim(layer)
+        return stacked
+
+    def _stack(self, layer: RoutedLayer, experts: list[int]) -> dict:
+        """The compact parameters, in a reused buffer on a CPU when they fit (fresh memory costs
+        a page fault per 4 KiB, more than the copy itself), else in new memory."""
+        nbytes = len(experts) * layer.expert_bytes
+        spare = self._spare_for(nbytes)
+        if spare is None:
+            self.residency.reserve_device(nbytes, f"the {len(experts)} experts of '{layer.name}' in use", required=True)
+        out, offset = {}, 0
+        for name, param in layer.module.named_parameters(recurse=False):
+            rows = [layer.entries[e].tensors[name] for e in experts]
+            shape = (len(rows),) + tuple(param.shape[1:])
+            if spare is not None:
+                count = len(rows) * layer.params[name][1]
+                target = spare[offset:offset + count].view(shape)
+                out[name] = torch.stack(rows, out=target) if rows else target
+                offset += count
+            else:
+                out[name] = torch.stack(rows) if rows else param.new_empty(shape, device=self.device.device)
+        return out
+
+    def _spare_for(self, nbytes: int) -> torch.Tensor | None:
+        """The CPU stack buffer (kept reserved in the device budget) if `nbytes` fit in it; it
+        is made on first use, as big as SPARE_EXPERTS of the largest experts."""
+        if self.device.is_cuda:
+            return None
+        if self.spare is None:
+            size = SPARE_EXPERTS * max(layer.expert_bytes for layer in self.layers)
+            if not self.budget.try_reserve(size):
+                return None
+            self.spare = torch.empty(size // self.engine.compute_dtype.itemsize, dtype=self.engine.compute_dtype)
+        return self.spare if nbytes <= self.spare.numel() * self.spare.element_size() else None
+
+    def release_stack(self, layer: RoutedLayer, count: int) -> None:
+        if self._spare_for(count * layer.expert_bytes) is None:
+            self.budget.release(count * layer.expert_bytes)
+
+    # ---- fetching ----------------------------------------------------------------------------
+    def _start(self, layer: RoutedLayer, experts: list[int], required: bool, keep=()) -> list[Entry]:
+        """Reserve the experts' room and queue one fetch of them all on the transfer thread (a
+        speculative fetch takes only free room or idle slots of experts not in `keep`, and may
+        start fewer)."""
+        chosen = []
+        for e in experts:  # (all reservations first: one may give up idle experts)
+            if required:
+                self.residency.reserve_device(layer.expert_bytes, f"expert {e} of '{layer.name}'", required=True)
+            elif not self._room_for(layer, keep):
+                break
+            chosen.append(e)
+        for e in chosen:
+            layer.entries[e] = Entry(e)
+        if not chosen:
+            return []
+        future = self.residency.transfer.submit(self._fetch_job, layer, chosen)
+        for e in chosen:
+            layer.entries[e].fetch = future
+        return [layer.entries[e] for e in chosen]
+
+    def _room_for(self, layer: RoutedLayer, keep) -> bool:
+        """Room for one speculative fetch: a free slot of the layer within the free budget, or
+        the slot of the layer's least recently used idle expert (not one in `keep`)."""
+        if len(layer.entries) < self.slots and self.budget.try_reserve(layer.expert_bytes):
+            return True
+        idle = [e for e, entry in layer.entries.items() if self._idle(entry) and e not in keep]
+        if not idle:
+            return False
+        self._evict(layer, idle[0])
+        return self.budget.try_reserve(layer.expert_bytes)
+
+    def _fetch_job(self, layer: RoutedLayer, experts: list[int]):
+        """Transfer thread: each fused parameter's rows of the experts, from the unit's home,
+        in one pipeline of reads. Returns ({expert: {name: rows}}, event)."""
+        state = self.engine.states[layer.uid]
+        wanted = [(e, name, slot, per_expert) for e in experts for name, (slot, per_expert) in layer.params.items()]
+        with self.device.lane("copy"):
+            rows, read = self.engine.io.read_ranges(state, "master", [(slot.offset + e * per_expert, per_expert)
+                                                                      for e, _, slot, per_expert in wanted])
+            event = self.device.record_event()
+        out = {e: {} for e in experts}
+        for (e, name, slot, _), tensor in zip(wanted, rows):
+            out[e][name] = tensor.view(slot.shape[1:])
+        self.engine.count("host_to_device", len(experts) * layer.expert_bytes)
+        with self._lock:
+            self.counters["bytes_read"] += read
+        return out, event
+
+    def _finish(self, entry: Entry) -> None:
+        if entry.fetch is None:
+            return
+        future, entry.fetch = entry.fetch, None
+        try:
+            tensors, event = future.result()
+        except BaseException as exc:
+            self.engine.health.fail(exc)
+            raise
+        self.device.wait_event(event)
+        entry.tensors = tensors[entry.expert]
+        for tensor in entry.tensors.values():
+            self.device.hand_over(tensor)  # allocated on the copy lane, read by compute kernels
+
+    # ---- the cache -------------------------------------------------------------------------------
+    @staticmethod
+    def _idle(entry: Entry) -> bool:
+        """Not in use and not being read (a finished speculative read that was never used is idle)."""
+        return entry.refs == 0 and (entry.fetch is None or entry.fetch.done())
+
+    def _trim(self, layer: RoutedLayer) -> None:
+        """Down to the layer's slots, least recently used first (after a call that needed more)."""
+        for e in [e for e, entry in layer.entries.items() if self._idle(entry)]:
+            if len(layer.entries) <= self.slots:
+                return
+            self._evict(layer, e)
+
+    def _evict(self, layer: RoutedLayer, e: int) -> None:
+        layer.entries.pop(e)
+        self.budget.release(layer.expert_bytes)
+
+    def set_slots(self, slots: int) -> None:
+        """Keep at most `slots` experts per layer cached from now on (0: none)."""
+        if not isinstance(slots, int) or slots < 0:
+            raise ConfigError(f"expert cache slots must be an integer >= 0, got {slots!r}")
+        self.slots = slots
+        for layer in self.layers:
+            self._trim(layer)
+
+    def forget(self, uid: int) -> None:
+        """Drop every cached expert of unit `uid` (its weights were overwritten)."""
+        for layer in self.layers:
+            if layer.uid == uid:
+                for e, entry in list(layer.entries.items()):
+                    if entry.refs:
+                        raise TierflowError(f"cannot overwrite expert {e} of '{layer.name}' while a forward uses it")
+                    self._finish(entry)  # an in-flight read must not land after the drop
+                    self._evict(layer, e)
+
+    def reclaim(self, nbytes: int) -> bool:
+        """Residency needs device memory: give up idle experts, least recently used first."""
+        idle = sorted(((entry.last_use, layer, e) for layer in self.layers
+                       for e, entry in layer.entries.items() if self._idle(entry)), key=lambda t: t[0])
+        freed = False
+        for _, layer, e in idle:
+            if self.budget.room() >= nbytes:
+                break
+            self._evict(layer, e)
+            freed = True
+        return freed
+
+    # ---- prediction --------------------------------------------------------------------------------
+    def remember_router(self, layer: RoutedLayer) -> None:
+        """A device copy of the layer's router weight (its unit has just run), for predictions."""
+        weight = getattr(layer.router, "weight", None)
+        if layer.router_weight is not None or weight is None:
+            return
+        if weight.device != self.device.device or 0 in weight.stride():  # not resident: a placeholder
+            return
+        if self.budget.try_reserve(weight.numel() * weight.element_size()):
+            layer.router_weight = weight.detach().clone()
+
+    def prefetch_next(self, layer: RoutedLayer, hidden: torch.Tensor, top_k: int) -> None:
+        """Fetch ahead the experts the next routed layer's router would pick for `hidden`."""
+        if layer.index + 1 >= len(self.layers) or not self.slots:
+            return
+        nxt = self.layers[layer.index + 1]
+        if nxt.router_weight is None:
+            return
+        with torch.no_grad():
+            logits = nn.functional.linear(hidden.to(nxt.router_weight.dtype), nxt.router_weight)
+            k = min(getattr(nxt.router, "top_k", top_k), logits.shape[-1], self.slots)
+            guess = torch.unique(torch.topk(logits, k, dim=-1).indices).tolist()
+        guess = guess[:self.slots]
+        for entry in self._start(nxt, [e for e in guess if e not in nxt.entries], required=False, keep=set(guess)):
+            entry.speculative = True
+            self.counters["prefetched"] += 1
+
+    # ---- reports -----------------------------------------------------------------------------------
+    def stats(self) -> dict:
+        """Counters since the engine was built: requests (expert uses), hits, misses, prefetched
+        and prefetch_hits, bytes_read (from the homes) and bytes_routed (of the experts used),
+        hit_rate and the cache's slots per layer."""
+        out = dict(self.counters, slots=self.slots, layers=len(self.layers))
+        out["hit_rate"] = out["hits"] / out["requests"] if out["requests"] else 0.0
+        return out
+
+
+# ==== installing ==========================================================================================
+def routed_layers(engine, model: nn.Module) -> list[RoutedLayer]:
+    """The routed experts modules that are not attached for good (permanent units need nothing)."""
+    owner = {id(s.param): (u, s) for u in engine.units for s in u.slots}
+    parents = {id(child): module for module in model.modules() for child in module.children()}
+    layers = []
+    for name, module in model.named_modules():
+        if not is_routed(module) or id(next(module.parameters())) not in owner:
+            continue
+        unit = owner[id(next(module.parameters()))][0]
+        if engine.residency.is_permanent(unit.uid):
+            continue
+        params = {}
+        for pname, param in module.named_parameters(recurse=False):
+            unit_of, slot = owner[id(param)]
+            if unit_of is not unit:
+                return []  # split over units: cannot happen with layout.partition; stream as a unit
+            params[pname] = (slot, slot.numel // module.num_experts)
+        nbytes = sum(per for _, per in params.values()) * engine.compute_dtype.itemsize
+        layers.append(RoutedLayer(len(layers), name, module, unit.uid, params,
+                                  _router_of(parents.get(id(module)), module), nbytes))
+    return layers
+
+
+def _router_of(parent: nn.Module | None, experts: nn.Module) -> nn.Module | None:
+    """The sibling whose `weight` is [experts, hidden]: the router (Mixtral's and Qwen's `gate`)."""
+    if parent is None:
+        return None
+    for child in parent.children():
+        weight = getattr(child, "weight", None)
+        if child is not experts and isinstance(weight, torch.Tensor) and weight.dim() == 2 \
+                and weight.shape[0] == experts.num_experts:
+            return child
+    return None
+
+
+def cache_slots(engine, layers: list[RoutedLayer]) -> int:
+    """Experts per layer kept on the device: a share of what the device budget leaves once the
+    streamed units have room (the largest two in use and as many in flight; the plan's prefetch
+    window is sized by the largest unit, an experts unit here, which is never prefetched whole)."""
+    experts = max(layer.module.num_experts for layer in layers)
+    budget = engine.budgets["device"]
+    if budget.capacity is None:
+        return experts
+    from tierflow.core.plan import working_bytes
+
+    routed = {layer.uid for layer in layers}
+    streamed = sorted((working_bytes(u, engine.compute_dtype) for u in engine.units
+                       if not engine.residency.is_permanent(u.uid) and u.uid not in routed), reverse=True)
+    needed = sum(streamed[:2]) + min(engine.plan.prefetch_bytes, sum(streamed[:2]))
+    per_layer = max(0, int((budget.room() - needed) * CACHE_SHARE)) // (len(layers) * max(l.expert_bytes for l in layers))
+    return min(experts, per_layer)
+
+
+def install(engine, model: nn.Module) -> tuple[ExpertStore | None, list]:
+    """Wrap every routed experts module's forward (module hooks); returns the store (None when
+    the model has none) and the hook handles."""
+    layers = routed_layers(engine, model)
+    if not layers:
+        return None, []
+    if engine.dist is not None:
+        raise ConfigError("frozen mixture-of-experts layers with data-parallel ranks are not supported")
+    store = ExpertStore(engine, layers, cache_slots(engine, layers))
+    engine.residency.reclaimers.append(store.reclaim)
+    handles = []
+    for layer in layers:
+        hook = _Hooks(engine, store, layer)
+        handles.append(layer.module.register_forward_pre_hook(hook.pre, with_kwargs=True))
+        handles.append(layer.module.register_forward_hook(hook.post, always_call=True))
+    return store, handles
+
+
+class _Hooks:
+    """The pre- and post-hook of one routed experts module."""
+
+    def __init__(self, engine, store: ExpertStore, layer: RoutedLayer):
+        self.engine, self.store, self.layer = engine, store, layer
+        self.signature = inspect.signature(layer.module.forward)
+        self.saved: list = []
+
+    def pre(self, module, args, kwargs):
+        bound = self.signature.bind(*args, **kwargs)
+        index = bound.arguments["top_k_index"]
+        hidden = next(iter(bound.arguments.values()))
+        if torch.is_grad_enabled() and isinstance(hidden, torch.Tensor) and hidden.requires_grad:
+            # Training through frozen experts (e.g. LoRA on attention): autograd keeps the
+            # weights it saw until backward, so the unit is held whole, as any unit, and its
+            # saved views become tokens (passes.pack_saved) instead of stacks outside the budget.
+            self.engine.passes.enter_module([self.layer.uid])
+            self.saved.append(None)
+            return None
+        count = module.num_experts
+        with self.engine.bookkeeping():
+            experts = [e for e in torch.unique(index).tolist() if 0 <= e < count]
+            stacked = self.store.take(self.layer, experts)
+            self.store.remember_router(self.layer)
+            self.store.prefetch_next(self.layer, hidden, index.shape[-1])
+        lookup = torch.full((count + 1,), len(experts), dtype=index.dtype, device=index.device)
+        lookup[experts] = torch.arange(len(experts), dtype=index.dtype, device=index.device)
+        bound.arguments["top_k_index"] = lookup[index.clamp(0, count)]
+        # Compact parameters for the duration of this call (plain tensors: no on-demand fetch).
+        originals = {name: module._parameters[name] for name in stacked}
+        self.saved.append((originals, count, len(experts)))
+        module._parameters.update(stacked)
+        module.num_experts = len(experts)
+        return bound.args, bound.kwargs
+
+    def post(self, module, args, output):
+        if not self.saved:
+            return
+        saved = self.saved.pop()
+        if saved is None:
+            self.engine.passes.exit_module([self.layer.uid])
+            return
+        originals, count, used = saved
+        module._parameters.update(originals)
+        module.num_experts = count
+        with self.engine.bookkeeping():
+            self.store.release_stack(self.layer, used)
