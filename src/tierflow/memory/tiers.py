@@ -110,10 +110,13 @@ class StateIO:
         state.arrays.clear()
 
     # ---- windows ----------------------------------------------------------------------
-    def piece_elements(self) -> int:
-        """Largest NVMe window, in elements, that one staging buffer holds for fp32 arrays."""
+    def piece_elements(self, state: UnitState | None = None) -> int:
+        """Largest NVMe window, in elements, that one staging buffer holds for fp32 arrays (for
+        a compressed unit's byte array: a whole staging buffer, memory/packed.py)."""
         if self.pool is None:
             return 1 << 62
+        if state is not None and set(state.dtypes.values()) == {torch.uint8}:
+            return self.pool.nbytes // ALIGN * ALIGN
         return self.pool.nbytes // 4 // 2048 * 2048
 
     def pieces(self, state: UnitState, start: int, numel: int):
@@ -122,7 +125,7 @@ class StateIO:
         end = start + numel
         if state.limit is not None:  # a rank's shard: only its part of the range
             start, end = max(start, state.base), min(end, state.limit)
-        step = self.piece_elements() if state.home == "nvme" else max(end - start, 1)
+        step = self.piece_elements(state) if state.home == "nvme" else max(end - start, 1)
         for offset in range(start, end, step):
             yield offset, min(step, end - offset)
 

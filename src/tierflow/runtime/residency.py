@@ -22,6 +22,7 @@ from tierflow.core.plan import Placement, working_bytes
 from tierflow.core.schedule import eviction_order, prefetch_window
 from tierflow.errors import TierflowError
 from tierflow.memory.device import ComputeDevice
+from tierflow.memory.packed import PackedWeights
 from tierflow.memory.tiers import StateIO, UnitState
 from tierflow.runtime.updates import apply_updates
 
@@ -59,6 +60,7 @@ class Residency:
         # CPU only: buffers of evicted units, reused by the next fetches of the same size.
         # Fresh memory costs a page fault per 4 KiB: measured ~3x the copy itself.
         self.spare: dict[int, list[torch.Tensor]] = {}
+        self.packed = PackedWeights(io, compute_dtype)  # compressed frozen units (memory/packed.py)
 
     def __getitem__(self, uid: int) -> UnitResidency:
         return self.of[uid]
@@ -129,8 +131,9 @@ class Residency:
     def is_permanent(self, uid: int) -> bool:
         """Device-homed units stay attached (one process: a rank's device-resident state is only
         its shard, the full weights are gathered). So do frozen host-homed units when the
-        compute device is the CPU: host memory is device memory there, a copy would only cost time."""
-        if self.dist is not None:
+        compute device is the CPU: host memory is device memory there, a copy would only cost time.
+        Compressed units never do: they are dequantized into a buffer at each fetch."""
+        if self.dist is not None or self.units[uid].weights is not None:
             return False
         home = self.plan.homes[uid]
         return home == "device" or (home == "host" and not self.device.is_cuda
@@ -232,8 +235,12 @@ class Residency:
                 self._apply_fetched_updates(uid, pending, flat, scratch_numel)
                 if not copy:  # only the update: the caller's stream waits for it
                     return self.device_view(uid), self.device.record_event()
-                if not (pending and len(pending) == len(unit.slots)):
-                    with self.events.span("fetch", unit.name, flat.numel() * flat.element_size()):
+                moved = flat.numel() * flat.element_size()
+                if unit.weights is not None:  # compressed: its bytes come, dequantized on the device
+                    with self.events.span("fetch", unit.name, moved):
+                        moved = self.packed.fetch_into(state, unit, flat)
+                elif not (pending and len(pending) == len(unit.slots)):
+                    with self.events.span("fetch", unit.name, moved):
                         self.io.read_into(state, "weights" if "weights" in state.arrays else "master", flat)
                 event = self.device.record_event()
         finally:
@@ -241,7 +248,7 @@ class Residency:
                 self.budgets["device"].release(scratch_bytes(scratch_numel))
         res.copied = event  # (only this thread reads it, before the unit's next update)
         if not scratch_numel:  # (a GPU-side update counted its own copies)
-            self.count("host_to_device", flat.numel() * flat.element_size())
+            self.count("host_to_device", moved)
         return flat, event
 
     def _apply_fetched_updates(self, uid: int, pending: list, flat, scratch_numel: int) -> None:
