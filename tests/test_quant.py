@@ -13,6 +13,7 @@ from torch import nn
 
 import tierflow
 from tierflow.core import quant
+from tierflow.memory import packed
 from tierflow.errors import ConfigError
 
 from conftest import SMALL_UNITS, assert_bitwise, lm_batch, make_batches, make_tiny, torch_clip, train
@@ -26,7 +27,7 @@ def dequantized_copy(model, fmt, dtype=torch.float32):
     with torch.no_grad():
         for param in ref.parameters():
             if not param.requires_grad:
-                param.data = quant.dequantized(param, fmt, dtype)
+                param.data = packed.dequantized(param, fmt, dtype)
     return ref
 
 
@@ -36,9 +37,9 @@ def test_dequantized_values_are_the_nearest_codes(fmt):
     torch.manual_seed(0)
     w = torch.randn(48, 64) * torch.linspace(0.01, 3, 48)[:, None]  # groups of very different scales
     w[3] = 0  # an all-zero group stays zero
-    data = quant.quantize(w, fmt, torch.float32)
+    data = packed.quantize(w, fmt, torch.float32)
     assert data.dtype == torch.uint8 and data.numel() == quant.slot_bytes(w.numel(), w.shape, fmt, torch.float32)
-    got = quant.dequantized(w, fmt, torch.float32)
+    got = packed.dequantized(w, fmt, torch.float32)
     groups, deq = w.reshape(-1, quant.GROUP), got.reshape(-1, quant.GROUP)
     absmax = groups.abs().amax(1, keepdim=True).half().float()
     if fmt == "int8":  # within half a step of the group's scale (plus the fp16 rounding of the scale)
@@ -57,16 +58,16 @@ def test_sizes_and_vectors_kept_exact():
     assert quant.slot_bytes(4096, (64, 64), "int8", torch.float32) == 4096 + 128
     assert quant.slot_bytes(4096, (64, 64), "int4", torch.float32) == 2048 + 128
     bias = torch.randn(100)  # vectors stay in the compute dtype, not grouped
-    assert torch.equal(quant.dequantized(bias, "int4", torch.float32), bias)
-    assert torch.equal(quant.dequantized(bias, "int8", torch.bfloat16), bias.bfloat16())
+    assert torch.equal(packed.dequantized(bias, "int4", torch.float32), bias)
+    assert torch.equal(packed.dequantized(bias, "int8", torch.bfloat16), bias.bfloat16())
 
 
 def test_chunked_dequantization_equals_one_pass(monkeypatch):
     w = torch.randn(256, 64)
     for fmt in FORMATS:
-        whole = quant.dequantized(w, fmt, torch.float32)
-        monkeypatch.setattr(quant, "CHUNK", 1024)
-        assert torch.equal(quant.dequantized(w, fmt, torch.float32), whole)
+        whole = packed.dequantized(w, fmt, torch.float32)
+        monkeypatch.setattr(packed, "CHUNK", 1024)
+        assert torch.equal(packed.dequantized(w, fmt, torch.float32), whole)
         monkeypatch.undo()
 
 

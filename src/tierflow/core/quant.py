@@ -27,8 +27,8 @@ subclass replacing module weights, not a storable format. The arithmetic here is
 torch ops, runs wherever torch runs (CPU and GPU alike), and the NF4 levels are QLoRA's
 (identical to bitsandbytes' `get_4bit_type("nf4")`).
 
-This module is pure: formats, sizes, layout and the (de)quantization arithmetic on tensors
-it is handed; it allocates nothing but its results and touches no tier.
+This module is pure: formats, sizes and layout. The arithmetic that quantizes and dequantizes
+tensors lives with the storage, in memory/packed.py.
 """
 from __future__ import annotations
 
@@ -42,7 +42,6 @@ GROUP = 64             # elements per scale (QLoRA's block size)
 SLOT_ALIGN = 4096      # bytes: every parameter's bytes start O_DIRECT-aligned
 SCALE_DTYPE = torch.float16
 FP16_MAX = 65504.0
-CHUNK = 1 << 20        # elements dequantized at a time (bounded scratch, warm caches)
 
 # QLoRA's NormalFloat4 levels (bitsandbytes functional.get_4bit_type("nf4")).
 NF4_LEVELS = (-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
@@ -104,79 +103,3 @@ def check_groupable(name: str, shape, numel: int, fmt: str) -> None:
     if is_quantized(shape) and numel % GROUP:
         raise ConfigError(f"weights={fmt!r}: parameter {name} of shape {list(shape)} has {numel} elements, "
                           f"not a multiple of the group size {GROUP}: it cannot be grouped (pass weights=None)")
-
-
-# ---- the arithmetic ----------------------------------------------------------------------------
-def quantize(value: torch.Tensor, fmt: str, compute_dtype: torch.dtype, name: str = "tensor") -> torch.Tensor:
-    """One parameter's bytes in the compressed array (uint8, `slot_bytes` long)."""
-    flat = value.detach().reshape(-1)
-    if not is_quantized(value.shape):
-        return flat.to(compute_dtype).view(torch.uint8)
-    groups = flat.to(torch.float32).view(-1, GROUP)
-    absmax = groups.abs().amax(dim=1, keepdim=True)
-    scale = absmax / 127 if fmt == "int8" else absmax
-    if not torch.isfinite(scale).all() or scale.max() > FP16_MAX:
-        raise ConfigError(f"weights={fmt!r}: {name} has values beyond what fp16 scales hold (|w| up to "
-                          f"{absmax.max().item():.3g}): load it uncompressed")
-    scale = scale.to(SCALE_DTYPE)
-    divisor = torch.where(scale == 0, 1.0, scale.float())  # an all-zero group stays zero
-    if fmt == "int8":
-        codes = torch.round(groups / divisor).clamp_(-127, 127).to(torch.int8).view(torch.uint8).reshape(-1)
-    else:
-        levels = torch.tensor(NF4_LEVELS)
-        nearest = torch.bucketize((groups / divisor).reshape(-1), (levels[1:] + levels[:-1]) / 2)
-        nearest = nearest.to(torch.uint8)
-        codes = (nearest[0::2] << 4) | nearest[1::2]
-    return torch.cat([codes, scale.reshape(-1).view(torch.uint8)])
-
-
-def nf4_pair_table(device) -> torch.Tensor:
-    """Byte -> its two NF4 levels (high nibble first), as 256 float64 cells of two fp32 each:
-    one index_select per byte dequantizes two weights (measured ~4x a per-nibble lookup on CPU)."""
-    levels = torch.tensor(NF4_LEVELS, dtype=torch.float32)
-    pairs = torch.stack([levels.repeat_interleave(16), levels.repeat(16)], dim=1).contiguous()
-    return pairs.view(torch.float64).reshape(-1).to(device)
-
-
-def dequantize(data: torch.Tensor, numel: int, fmt: str, out: torch.Tensor, scratch=None) -> None:
-    """Write the `numel` weights held in `data` (uint8, on the compute device) into `out`
-    (flat, the compute dtype), CHUNK elements at a time, on `data`'s device. `scratch`: a
-    dict of reusable buffers (kept by the caller across calls)."""
-    scratch = {} if scratch is None else scratch
-    codes = code_bytes(numel, fmt)
-    scales = data[codes:codes + scale_bytes(numel)].view(SCALE_DTYPE)
-    for start in range(0, numel, CHUNK):
-        count = min(CHUNK, numel - start)
-        target = out[start:start + count]
-        work = target if target.dtype == torch.float32 else _buffer(scratch, "fp32", count, torch.float32, out.device)
-        if fmt == "int8":
-            work.copy_(data[start:start + count].view(torch.int8))
-        else:
-            table = scratch.get("nf4") if scratch.get("nf4") is not None else nf4_pair_table(out.device)
-            scratch["nf4"] = table
-            index = _buffer(scratch, "index", count // 2, torch.int32, out.device)
-            index.copy_(data[start // 2:(start + count) // 2])  # into a kept buffer: no page faults
-            torch.index_select(table, 0, index, out=work.view(torch.float64))
-        group_scales = _buffer(scratch, "scales", count // GROUP, torch.float32, out.device)
-        group_scales.copy_(scales[start // GROUP:(start + count) // GROUP])
-        work.view(-1, GROUP).mul_(group_scales.view(-1, 1))
-        if work is not target:
-            target.copy_(work)
-
-
-def _buffer(scratch: dict, key: str, count: int, dtype: torch.dtype, device) -> torch.Tensor:
-    held = scratch.get(key)
-    if held is None or held.numel() < count or held.device != torch.device(device):
-        held = scratch[key] = torch.empty(count, dtype=dtype, device=device)
-    return held[:count]
-
-
-def dequantized(value: torch.Tensor, fmt: str, compute_dtype: torch.dtype) -> torch.Tensor:
-    """What the engine computes with for a parameter loaded compressed (same shape, compute
-    dtype): quantize then dequantize. Used to check results, and by tests as the reference."""
-    data = quantize(value, fmt, compute_dtype)
-    if not is_quantized(value.shape):
-        return data.view(compute_dtype).reshape(value.shape).clone()
-    out = torch.empty(value.numel(), dtype=compute_dtype)
-    dequantize(data, value.numel(), fmt, out)
-    return out.view(value.shape)
