@@ -95,8 +95,8 @@ def _run_child(spec: dict, cgroup: Path | None, timeout: float) -> dict:
     return json.loads(lines[-1][len("RESULT "):])
 
 
-def run_speed(directory, hidden=1024, layers=16, intermediate=2816, vocab=8000, device="cpu",
-              device_memory="128MiB", host_memory="192MiB", limit="800MiB", batch=1, prompt=12, new_tokens=8,
+def run_speed(directory, hidden=1024, layers=24, intermediate=2816, vocab=8000, device="cpu",
+              device_memory="128MiB", host_memory="192MiB", limit="920MiB", batch=1, prompt=12, new_tokens=8,
               threads=2, placements=("nvme", "auto"), timeout=900.0) -> tuple[list, dict]:
     from tierflow.config import format_size, parse_size
 

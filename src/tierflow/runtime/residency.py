@@ -309,8 +309,9 @@ class Residency:
             slot.param.data = self.placeholder(slot)
         self._owner.pop(res.flat.untyped_storage().data_ptr(), None)
         flat, res.flat = res.flat, None
-        if not self._keep_spare(flat):
-            self.budgets["device"].release(working_bytes(self.units[uid], self.compute_dtype))
+        kept = self._keep_spare(flat)  # a spare keeps its own bytes (not a compressed unit's extra ones)
+        self.budgets["device"].release(working_bytes(self.units[uid], self.compute_dtype)
+                                       - (flat.numel() * flat.element_size() if kept else 0))
 
     def _keep_spare(self, flat: torch.Tensor) -> bool:
         """Keep an evicted CPU buffer for reuse when nothing else holds a view of it (the storage
