@@ -44,16 +44,31 @@ class PackedWeights:
 
     def fetch_into(self, state: UnitState, unit, flat: torch.Tensor) -> int:
         """Dequantize the unit's weights into `flat` (its device buffer, compute dtype) on the
-        device; returns the bytes moved to get them there."""
-        data, moved = self._on_device(state, flat.device)
-        for slot, where in zip(unit.slots, self._layout(unit)):
-            piece = data[where.offset:where.offset + where.nbytes]
-            target = flat[slot.offset:slot.offset + slot.numel]
-            if where.quantized:
-                dequantize(piece, slot.numel, unit.weights, target, self.scratch)
-            else:
-                target.copy_(piece.view(self.compute_dtype))
-        return moved
+        device; returns the bytes moved to get them there. Each parameter is dequantized as
+        soon as its bytes have arrived, while the reads of the next ones are in flight."""
+        slots = list(zip(unit.slots, self._layout(unit)))
+        array = state.arrays[ARRAY]
+        if isinstance(array, torch.Tensor) and array.device == flat.device:  # already there
+            for slot, where in slots:
+                self._dequantize(unit, slot, where, array, flat)
+            return array.numel()
+        nbytes = state.nbytes(ARRAY)  # (whole slots of 4 KiB: as an NVMe extent holds them)
+        if self.buffer is None or self.buffer.numel() < nbytes or self.buffer.device != flat.device:
+            self.buffer = torch.empty(nbytes, dtype=torch.uint8, device=flat.device)
+        data, done = self.buffer[:nbytes], 0
+        for arrived in self.io.read_progressively(state, ARRAY, data):
+            while done < len(slots) and slots[done][1].offset + slots[done][1].nbytes <= arrived:
+                self._dequantize(unit, *slots[done], data, flat)
+                done += 1
+        return nbytes
+
+    def _dequantize(self, unit, slot, where, data: torch.Tensor, flat: torch.Tensor) -> None:
+        piece = data[where.offset:where.offset + where.nbytes]
+        target = flat[slot.offset:slot.offset + slot.numel]
+        if where.quantized:
+            dequantize(piece, slot.numel, unit.weights, target, self.scratch)
+        else:
+            target.copy_(piece.view(self.compute_dtype))
 
     def read_slot(self, state: UnitState, unit, index: int) -> torch.Tensor:
         """Parameter `index` dequantized, as a new fp32 CPU tensor of its shape."""
@@ -70,18 +85,6 @@ class PackedWeights:
         if unit.uid not in self.layouts:
             self.layouts[unit.uid] = quant.layout(unit, self.compute_dtype)
         return self.layouts[unit.uid]
-
-    def _on_device(self, state: UnitState, device: torch.device) -> tuple[torch.Tensor, int]:
-        """The unit's compressed bytes on `device`: the array itself when it already lives
-        there (device home; host home with a CPU device), else read into the reused buffer."""
-        array = state.arrays[ARRAY]
-        if isinstance(array, torch.Tensor) and array.device == device:
-            return array, array.numel()
-        nbytes = state.nbytes(ARRAY)  # (whole slots of 4 KiB: as an NVMe extent holds them)
-        if self.buffer is None or self.buffer.numel() < nbytes or self.buffer.device != device:
-            self.buffer = torch.empty(nbytes, dtype=torch.uint8, device=device)
-        self.io.read_into(state, ARRAY, self.buffer[:nbytes])
-        return self.buffer[:nbytes], nbytes
 
     def _read(self, state: UnitState, out: torch.Tensor, offset: int) -> None:
         """Bytes [offset, offset + out.numel()) of the unit's array into `out` (CPU)."""
