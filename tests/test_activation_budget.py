@@ -97,3 +97,18 @@ def test_budget_rejected_up_front_leaves_the_model_as_it_was(tmp_path):
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules()), "hooks left behind"
     ids = _batch()
     assert torch.isfinite(model(input_ids=ids, labels=ids).loss)
+
+
+def test_default_activation_mode_keeps_a_gpu_budget_whole():
+    """Unset, activations are managed ("auto") on a GPU given a device budget, so that budget
+    bounds all of the engine's GPU memory; elsewhere, and with "autograd", autograd keeps them."""
+    from tierflow.config import OffloadConfig, check_mode, default_activations
+
+    gpu, cpu = torch.device("cuda", 0), torch.device("cpu")
+    assert default_activations(None, gpu, 2**30) == "auto"
+    assert default_activations(None, gpu, None) is None          # no budget to keep
+    assert default_activations(None, cpu, 2**30) is None
+    assert default_activations(check_mode("AutoGrad"), gpu, 2**30) is None
+    assert default_activations(check_mode("offload"), cpu, None) == "offload"
+    assert OffloadConfig.create(device="cpu", device_memory="1GiB").activations is None
+    assert OffloadConfig.create(device="cpu", activations="autograd").activations is None

@@ -42,7 +42,7 @@ def test_cuda_matches_torch(tmp_path, placement, update_on):
     ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-3, fused=True)
     expected = _train(ref, ref_opt, lambda: torch.nn.utils.clip_grad_norm_(ref.parameters(), 1.0), batches)
     kwargs = dict(placement=placement) if placement != "auto" else dict(
-        device_memory="512KiB", host_memory="2MiB", unit_bytes="32KiB")
+        device_memory="512KiB", host_memory="2MiB", unit_bytes="32KiB", activations="autograd")
     engine = tierflow.offload(model, device="cuda", nvme=tmp_path, update_on=update_on, **kwargs)
     opt = tierflow.AdamW(engine, lr=1e-3)
     got = _train(engine, opt, lambda: opt.clip_grad_norm_(1.0), batches)
@@ -60,6 +60,7 @@ def test_cuda_matches_torch(tmp_path, placement, update_on):
 @pytest.mark.parametrize("update_on", ["cpu", "device"])
 def test_cuda_bf16_trains(tmp_path, update_on):
     engine = tierflow.offload(_tiny_llama(), device="cuda", dtype=torch.bfloat16, device_memory="512KiB",
+                              activations="autograd",
                               host_memory="2MiB", nvme=tmp_path, unit_bytes="32KiB", update_on=update_on)
     opt = tierflow.AdamW(engine, lr=1e-2)
     ids = torch.randint(0, 96, (2, 16))

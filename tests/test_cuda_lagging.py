@@ -43,15 +43,17 @@ CASES = {
     "device": dict(placement="device"),
     "host-cpu": dict(placement="host", update_on="cpu"),
     "host-device": dict(placement="host", update_on="device"),
+    "host-shared": dict(placement="host", update_on="auto"),  # CPU and GPU updates at the same time
     "nvme-cpu": dict(placement="nvme", update_on="cpu"),
     "nvme-device": dict(placement="nvme", update_on="device"),
-    "evict-cpu": dict(placement="host", device_memory=TIGHT, update_on="cpu"),
-    "evict-device": dict(placement="host", device_memory=TIGHT, update_on="device"),
+    # (activations left to autograd, as the default was before it became "auto" with a GPU budget)
+    "evict-cpu": dict(placement="host", device_memory=TIGHT, update_on="cpu", activations="autograd"),
+    "evict-device": dict(placement="host", device_memory=TIGHT, update_on="device", activations="autograd"),
     "act-keep": dict(placement="host", device_memory="128MiB", activations="keep"),  # room for activations
     "act-offload": dict(placement="host", device_memory=TIGHT, activations="offload"),
     "act-recompute": dict(placement="host", device_memory=TIGHT, activations="recompute"),
 }
-BF16_CASES = ["device", "host-cpu", "host-device", "nvme-device", "evict-device", "act-offload", "act-recompute"]
+BF16_CASES = ["device", "host-cpu", "host-device", "host-shared", "nvme-device", "evict-device", "act-offload", "act-recompute"]
 
 _REFERENCE: dict = {}
 
@@ -89,6 +91,8 @@ def run_case(initial, case, dtype, tmp_path):
     got = gpu.run_tierflow(case, model, batches, DEVICE, dtype, LR, kwargs, lag_ms=LAG_MS,
                            keep_state=True)
     assert_budget_respected(got, kwargs, dtype)
+    if case == "host-shared" and DEVICE == "cuda":  # both kinds of update really ran
+        assert 0 < got.info["gpu_updates"] < got.info["homes"]["host"], got.info
     return got
 
 

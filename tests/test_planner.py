@@ -12,7 +12,7 @@ from torch import nn
 import tierflow
 from tierflow.core import figures
 from tierflow.config import OffloadConfig
-from tierflow.core.cost import workload
+from tierflow.core.cost import update_job, workload
 from tierflow.core.planner import predict
 from tierflow.core.plan import GREEDY, Variant, plan_placement
 from tierflow.core.planner import MIN_GAIN, VARIANTS, choose_placement, update_sites
@@ -105,15 +105,27 @@ def gpu_config(tmp_path, update_on="auto"):
     return dataclasses.replace(mlp_config(tmp_path, update_on=update_on), device=torch.device("cuda", 0))
 
 
-def test_update_sites_follow_the_predicted_faster_side(tmp_path):
+def test_update_sites_share_host_units_between_cpu_and_gpu(tmp_path):
+    """With update_on="auto" the CPU and the GPU update host-homed units at the same time, so
+    the units are shared out until both sides' predicted totals are level."""
     model, units = meta_mlp(12, WIDTH)
     plan = plan_placement(units, mlp_config(tmp_path), torch.float32, 0)
-    fast_link = fake_calibration(device="cuda", h2d_bps=50 * G, d2h_bps=50 * G, device_adamw_params_per_s=100 * G)
-    slow_link = fake_calibration(device="cuda", h2d_bps=0.1 * G, d2h_bps=0.1 * G)
+    host = [uid for uid, h in enumerate(plan.homes) if h == "host" and units[uid].trainable_numel]
+    assert len(host) >= 6
+    fast_link = fake_calibration(device="cuda", h2d_bps=50 * G, d2h_bps=50 * G, device_adamw_params_per_s=100 * G,
+                                 adamw_params_per_s=2 * G)
+    slow_link = fake_calibration(device="cuda", h2d_bps=0.01 * G, d2h_bps=0.01 * G, adamw_params_per_s=2 * G)
     sites = update_sites(units, plan, gpu_config(tmp_path), fast_link, torch.float32)
-    assert sites == tuple(h != "device" for h in plan.homes) and any(sites)
-    assert update_sites(units, plan, gpu_config(tmp_path), slow_link, torch.float32) == ()
-    assert update_sites(units, plan, gpu_config(tmp_path, "device"), slow_link, torch.float32) == sites
+    on_gpu = [uid for uid in host if sites[uid]]
+    assert 0 < len(on_gpu) < len(host) and not any(s for s, h in zip(sites, plan.homes) if h == "device")
+    seconds = {side: sum(update_job(units[uid], "host", fast_link, torch.float32, on_device=side == "gpu").seconds()
+                         for uid in host if sites[uid] == (side == "gpu")) for side in ("gpu", "cpu")}
+    largest = max(update_job(units[uid], "host", fast_link, torch.float32).seconds() for uid in host)
+    assert abs(seconds["gpu"] - seconds["cpu"]) <= largest  # level within one unit's update
+    # A link so slow that a GPU-side update costs 4x the CPU's: the GPU takes one unit at most.
+    assert sum(update_sites(units, plan, gpu_config(tmp_path), slow_link, torch.float32)) <= 1
+    every = update_sites(units, plan, gpu_config(tmp_path, "device"), slow_link, torch.float32)
+    assert every == tuple(h != "device" and units[uid].trainable_numel > 0 for uid, h in enumerate(plan.homes))
     assert update_sites(units, plan, gpu_config(tmp_path, "cpu"), fast_link, torch.float32) == ()
     assert update_sites(units, plan, mlp_config(tmp_path), fast_link, torch.float32) == ()  # CPU device
     work = workload(model, units, 1, 256, torch.float32)
@@ -136,10 +148,13 @@ def test_unknown_placement_names_the_choices():
         plan_placement(units, OffloadConfig.create(), torch.float32, 0, variant=Variant("random"))
 
 
-def test_nominal_gpu_figures_run_adamw_of_host_state_on_the_gpu(tmp_path):
-    """Before a GPU machine is calibrated, its host-homed units update on the GPU, as measured
-    faster on the H100 (docs/benchmarks.md: 0.137 vs 0.154 s per step)."""
+def test_nominal_gpu_figures_run_most_adamw_of_host_state_on_the_gpu(tmp_path):
+    """Before a GPU machine is calibrated, most host-homed units update on the GPU (faster per
+    unit, as measured on the H100 and H200: docs/benchmarks.md) and the CPU takes a share at
+    the same time; NVMe-homed units update on the GPU too."""
     _model, units = meta_mlp(12, WIDTH)
     plan = plan_placement(units, mlp_config(tmp_path), torch.float32, 0)
     sites = update_sites(units, plan, gpu_config(tmp_path), figures.nominal("cuda", torch.float32), torch.float32)
-    assert sites == tuple(h != "device" for h in plan.homes)
+    host = [s for s, h in zip(sites, plan.homes) if h == "host"]
+    assert len(host) / 2 < sum(host) < len(host)
+    assert all(s for s, h in zip(sites, plan.homes) if h == "nvme")

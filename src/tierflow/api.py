@@ -76,11 +76,12 @@ def offload(model: nn.Module, device="cpu", device_memory=None, host_memory=None
         source: optional callable (parameter name) -> tensor with each parameter's initial
             value, read one tensor at a time (checkpoints, safetensors shards); the model's
             parameters may then be on the meta device, so it is never whole in memory.
-        activations: what happens to the tensors autograd saves for backward: None (default:
-            left to autograd, not accounted), "keep" (on the device, accounted), "recompute"
-            (checkpoint every layer), "offload" (to host memory, NVMe when host is short, and
-            back ahead of backward) or "auto" (per layer, from the budgets). See
-            docs/activations.md.
+        activations: what happens to the tensors autograd saves for backward: "keep" (on
+            the device, accounted), "recompute" (checkpoint every layer), "offload" (to host
+            memory, NVMe when host is short, and back ahead of backward), "auto" (per layer,
+            from the budgets) or "autograd" (left to autograd, not accounted). None (the
+            default): "auto" on a GPU with a `device_memory` budget, so that the budget bounds
+            the engine's whole use of the GPU; "autograd" otherwise. See docs/activations.md.
         **options: advanced knobs of `OffloadConfig` (unit_bytes, prefetch_bytes, chunk_bytes,
             staging_buffers, io_threads, direct_io, update_on, batch_shape), and `weights`: None,
             "int8" or "int4" (NF4) to keep frozen weights compressed in their tier and dequantize

@@ -13,17 +13,28 @@ import torch
 
 from tierflow.errors import ConfigError
 
-MODES = ("keep", "recompute", "offload", "auto")  # activation modes (activations.py)
+MODES = ("keep", "recompute", "offload", "auto", "autograd")  # activation modes (activations.py)
 WEIGHT_FORMATS = ("int8", "int4")  # compressed frozen weights (core/quant.py)
 
 
 def check_mode(mode) -> str | None:
-    """Validate an `activations=` value (None: left to autograd, as before)."""
+    """Validate an `activations=` value (None: the default, see `default_activations`)."""
     if mode is None:
         return None
     if not isinstance(mode, str) or mode.lower() not in MODES:
         raise ConfigError(f"unknown activations mode {mode!r}: use one of {', '.join(MODES)}")
     return mode.lower()
+
+
+def default_activations(mode: str | None, device: torch.device, device_memory: int | None) -> str | None:
+    """The activation mode the engine runs with (None: left to autograd, not accounted).
+
+    Unset (None), it is "auto" on a GPU given a `device_memory` budget, so that the budget
+    bounds the engine's whole use of the GPU, activations included; elsewhere autograd keeps
+    them as usual. "autograd" asks for that explicitly."""
+    if mode is None:
+        return "auto" if device.type == "cuda" and device_memory is not None else None
+    return None if mode == "autograd" else mode
 
 _UNITS = {
     "": 1, "b": 1,
@@ -124,13 +135,16 @@ class OffloadConfig:
             "device" (on the GPU: the state is copied there, updated and copied back, 16 B
             in and 12 B out per parameter over PCIe); "auto" (per unit, where the planner
             predicts it faster, planner.update_sites). A GPU-side update needs free device
-            room for 4 scratch buffers at that moment, else it runs on the CPU. On a CPU
+            room for 8 scratch buffers (two sets of four) at that moment, else it runs on the CPU. On a CPU
             device all three are the same.
         activations: what happens to the tensors autograd saves for backward (see
             activations.py): None = left to autograd (not accounted); "keep" = kept on the
             device and accounted; "recompute" = each layer checkpointed; "offload" = copied
             to host memory (NVMe when the host budget is short) and back ahead of backward;
             "auto" = chosen per layer from the budgets and the first step's measurements.
+            `create` resolves the user's value: unset means "auto" on a GPU with a
+            device_memory budget (the budget then bounds all of the engine's GPU memory),
+            else None; "autograd" means None.
         batch_shape: (batch size, sequence length) of one micro-batch, as the planner assumes
             it when it weighs compute against transfers to choose the placement (planner.py);
             it changes where state lives, never what is computed. None = (1, 256).
@@ -200,9 +214,10 @@ class OffloadConfig:
         if weights is not None and (not isinstance(weights, str) or weights.lower() not in WEIGHT_FORMATS):
             raise ConfigError(f"unknown weights format {weights!r}: use one of {', '.join(WEIGHT_FORMATS)} "
                               f"(or None for uncompressed weights)")
+        device, device_memory = parse_device(device), parse_size(device_memory, what="device_memory")
         return cls(
-            device=parse_device(device),
-            device_memory=parse_size(device_memory, what="device_memory"),
+            device=device,
+            device_memory=device_memory,
             host_memory=host,
             nvme=Path(nvme).expanduser() if nvme is not None else None,
             dtype=parse_dtype(dtype),
@@ -213,7 +228,7 @@ class OffloadConfig:
             io_threads=int(io_threads),
             direct_io=direct_io,
             update_on=update_on,
-            activations=check_mode(activations),
+            activations=default_activations(check_mode(activations), device, device_memory),
             batch_shape=batch_shape,
             weights=weights.lower() if weights is not None else None,
         )

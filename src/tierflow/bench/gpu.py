@@ -306,6 +306,7 @@ def engine_info(engine, io_before: dict, steps: int) -> dict:
     """Homes per tier, bytes moved per step and the budgets' high-water marks."""
     io_after = engine.io_stats()
     return {"homes": {tier: engine.plan.homes.count(tier) for tier in ("device", "host", "nvme")},
+            "gpu_updates": sum(engine.plan.device_updates),
             "io_per_step": {k: (io_after[k] - io_before.get(k, 0)) / max(steps, 1) for k in io_after},
             "budget_peaks": {tier: list(v) for tier, v in engine.budget_peaks().items()}}
 

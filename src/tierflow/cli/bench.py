@@ -11,6 +11,8 @@
     tierflow bench quant     compressed frozen weights (int8 / int4) vs fp32: bytes, tokens/s, quality
     tierflow bench activations  longest trainable sequence in a device budget vs PyTorch and HF checkpointing
     tierflow bench gpu  the 1 B bf16 run of the NaN report: tierflow vs plain PyTorch losses, PASS/FAIL (CUDA)
+    tierflow bench throughput  GPU training throughput vs torch, DeepSpeed ZeRO-3 offload and FSDP2 offload
+                      (`tierflow bench train --device cuda` runs it with its defaults)
 """
 from __future__ import annotations
 
@@ -124,6 +126,46 @@ def add_arguments(parser) -> None:
     acts.add_argument("--nvme", default=None, help="spill directory for tierflow (default: none)")
     acts.add_argument("--json", default=None)
     add_gpu_arguments(sub)
+    add_throughput_arguments(sub)
+
+
+def add_throughput_arguments(sub) -> None:
+    from tierflow.bench.throughput import CONTENDERS, EXTRA_CONTENDERS
+
+    tp = sub.add_parser("throughput", help="GPU training throughput: tierflow vs torch, DeepSpeed ZeRO-3 offload, "
+                        "FSDP2 offload (each in its own process, same weights and batches)")
+    tp.add_argument("--contenders", nargs="+", default=list(CONTENDERS),
+                    help=f"of {', '.join(CONTENDERS + EXTRA_CONTENDERS)}; a tierflow one may take offload options, "
+                         f"e.g. 'tierflow-host[activations=auto,device_memory=10GiB]'")
+    tp.add_argument("--device", default="cuda", help="compute device (default cuda)")
+    tp.add_argument("--steps", type=int, default=8, help="steps per contender (default 8)")
+    tp.add_argument("--warmup", type=int, default=3, help="steps left out of the median (default 3)")
+    tp.add_argument("--batch-size", type=int, default=4, help="sequences per step (default 4)")
+    tp.add_argument("--seq-len", type=int, default=1024, help="tokens per sequence (default 1024)")
+    for name, default in (("hidden", 2048), ("layers", 16), ("intermediate", 5504), ("heads", 32), ("vocab", 32000)):
+        tp.add_argument(f"--{name}", type=int, default=default, help=f"model size (default {default})")
+    tp.add_argument("--device-memory", default="4GiB", help="tierflow's device budget (default 4GiB)")
+    tp.add_argument("--host-memory", default="64GiB", help="tierflow-host's host budget (default 64GiB)")
+    tp.add_argument("--nvme-host-memory", default="8GiB", help="tierflow-nvme's host budget (default 8GiB)")
+    tp.add_argument("--nvme", default=None, help="tierflow's spill directory (default: a temporary one)")
+    tp.add_argument("--profile-dir", default=None,
+                    help="write tierflow's timeline, lane totals and a torch.profiler table of its last step here")
+    tp.add_argument("--timeout", type=float, default=None, help="seconds per contender before it is stopped")
+    tp.add_argument("--json", default=None)
+
+
+def run_throughput(args) -> int:
+    from tierflow.bench.gpu import ModelShape
+    from tierflow.bench.throughput import ThroughputConfig, run_throughput_bench
+
+    shape = ModelShape(hidden=args.hidden, layers=args.layers, intermediate=args.intermediate, heads=args.heads,
+                       vocab=args.vocab)
+    cfg = ThroughputConfig(shape=shape, batch=args.batch_size, seq_len=args.seq_len, steps=args.steps,
+                           warmup=args.warmup, device=args.device, device_memory=args.device_memory,
+                           host_memory=args.host_memory, nvme_host_memory=args.nvme_host_memory, nvme=args.nvme,
+                           profile_dir=args.profile_dir)
+    results = run_throughput_bench(cfg, tuple(args.contenders), args.json, args.timeout)
+    return 0 if all("error" not in r for r in results if r["name"].startswith("tierflow")) else 1
 
 
 def add_gpu_arguments(sub) -> None:
@@ -158,6 +200,13 @@ def run(args) -> int:
     if args.bench == "io":
         from tierflow.bench.io import run_io_bench
         run_io_bench(args.dir, parse_size(args.size, what="--size"), args.json, repeats=args.repeats)
+    elif args.bench == "throughput":
+        return run_throughput(args)
+    elif args.bench == "train" and args.device.startswith("cuda"):
+        import argparse
+        sub = argparse.ArgumentParser(prog="tierflow bench throughput")
+        add_arguments(sub)
+        return run_throughput(sub.parse_args(["throughput", "--device", args.device]))
     elif args.bench == "train":
         from tierflow.bench.train import run_train_bench
         run_train_bench(args.model, args.steps, args.warmup, args.seq_len, args.device_memory,

@@ -184,8 +184,14 @@ def print_report(pred, cfg, args, n_params: int, cached: bool = True) -> None:
     table.add_row("[bold]predicted peak", *[format_size(pred.peaks[t]) for t in _TIERS], end_section=True)
     table.add_row("[bold]budget", *[_budget_text(budgets[t]) for t in _TIERS])
     console.print(table)
-    console.print("activations are an estimate and lie outside the device budget; predicted peaks are "
-                  "the engine's accounted bytes (budget_peaks)", style="dim", soft_wrap=True)
+    if cfg.activations is None:
+        console.print("activations are an estimate and lie outside the device budget (left to autograd: "
+                      "`tierflow train --activations auto` keeps them inside); predicted peaks are the engine's accounted "
+                      "bytes (budget_peaks)", style="dim", soft_wrap=True)
+    else:
+        console.print(f"activations are managed inside the device budget (activations={cfg.activations!r}: "
+                      f"half of the room the working set leaves is theirs); predicted peaks are the engine's "
+                      f"accounted bytes (budget_peaks)", style="dim", soft_wrap=True)
     step = pred.step
     if pred.world_size > 1:
         moved = pred.collectives

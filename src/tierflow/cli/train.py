@@ -74,8 +74,9 @@ class TrainArgs:
     export: str | None = _flag(None, "DIR", "at the end, write the model in Hugging Face format (config.json + "
                                "safetensors) to DIR")
     activations: str | None = _flag(None, "MODE", "saved activations: keep (on the device, accounted), "
-                                    "recompute, offload (to host/NVMe) or auto (per layer, from the budgets); "
-                                    "default: left to autograd, not accounted")
+                                    "recompute, offload (to host/NVMe), auto (per layer, from the budgets) or autograd "
+                                    "(left to autograd, not accounted); default: auto on a GPU with "
+                                    "--device-memory, else autograd")
     timeline: str | None = _flag(None, "FILE.png", "save a picture of the run: bytes per tier over time and "
                                  "compute, transfer, update and drain spans")
     #: The flags given on the command line (set by from_namespace); --resume takes the others from the checkpoint.

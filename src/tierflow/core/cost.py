@@ -268,7 +268,8 @@ def update_job(unit: Unit, home: str, cal: Calibration, dtype: torch.dtype, on_d
         parts.append(("io", t * ADAMW_READ / cal.nvme_read_bps))
     if on_device and home != "device" and cal.device != "cpu":
         back = ADAMW_WRITE + (dtype.itemsize if dtype != torch.float32 else 0)  # + host copy of the weights
-        parts.append(("io", t * ADAMW_READ / cal.h2d_bps + t / cal.device_adamw_params_per_s + t * back / cal.d2h_bps))
+        # Uploads and downloads overlap (updates.DeviceAdamW uses both directions of the link).
+        parts.append(("io", max(t * ADAMW_READ / cal.h2d_bps, t * back / cal.d2h_bps) + t / cal.device_adamw_params_per_s))
         if home == "nvme":
             parts.append(("io", t * back / cal.nvme_write_bps))
         job = Job(tuple(parts))
@@ -305,9 +306,10 @@ def drain_job(unit: Unit, home: str, cal: Calibration, dtype: torch.dtype) -> Jo
         return Job()
     if home == "device" and cal.device != "cpu":
         return Job((("io", fp32 / cal.drain_bps),))  # on the GPU: small next to compute
-    parts = [("cpu", fp32 / cal.drain_bps + (fp32 / cal.memcpy_bps if dtype != torch.float32 else 0.0))]
-    if cal.device != "cpu" and home != "device":
-        parts.insert(0, ("io", fp32 / cal.d2h_bps))
+    if cal.device != "cpu":  # converted and normed on the GPU, copied straight into its pinned array
+        parts = [("io", fp32 / cal.d2h_bps)]
+    else:
+        parts = [("cpu", fp32 / cal.drain_bps + (fp32 / cal.memcpy_bps if dtype != torch.float32 else 0.0))]
     if home == "nvme":
         parts.append(("io", fp32 / cal.nvme_write_bps))
     return Job(tuple(parts))

@@ -137,19 +137,21 @@ def save(cal: Calibration, dtype: torch.dtype, path: Path | None = None) -> Path
 def nominal(device: str = "cpu", dtype: torch.dtype = torch.float32) -> Calibration:
     """Typical figures to plan with before this machine has been calibrated: a small CPU
     server (those of the 2-core machine tierflow's CPU benchmarks ran on, rounded) or a
-    PCIe 5 GPU server (the H100 host measured in docs/benchmarks.md, rounded: 50 GB/s
-    pinned copies, ~1 G params/s CPU AdamW). Only the planner's choices rest on them;
-    `tierflow bench calibrate` replaces them with measured ones."""
+    PCIe 5 GPU server (the 16-core H200 host of docs/benchmarks.md, "GPU training
+    throughput", rounded: 55 GB/s pinned copies each way, ~28 GB/s host copies, 2.5 G
+    params/s fused CPU AdamW, ~250 TFLOP/s bf16 blocks). Only the planner's choices rest
+    on them; `tierflow bench calibrate` replaces them with measured ones."""
     g = 1e9
-    common = dict(dtype=str(dtype).removeprefix("torch."), memcpy_bps=10 * g, drain_bps=5 * g,
-                  nvme_read_bps=1.5 * g, nvme_write_bps=1.5 * g, cores=torch.get_num_threads(), host="nominal")
+    common = dict(dtype=str(dtype).removeprefix("torch."), nvme_read_bps=1.5 * g, nvme_write_bps=1.5 * g,
+                  cores=torch.get_num_threads(), host="nominal")
     if torch.device(device).type == "cuda":
-        rate = 100e12 if dtype != torch.float32 else 40e12
+        rate = 250e12 if dtype != torch.float32 else 50e12
         return Calibration(device="cuda", matmul_flops=2 * rate, block_flops=((2048, rate, rate, 0.002, 0.004),),
-                           h2d_bps=50 * g, d2h_bps=50 * g, adamw_params_per_s=1 * g,
-                           device_adamw_params_per_s=20 * g, contention=(0.0, 0.0, 0.0),
+                           memcpy_bps=28 * g, drain_bps=25 * g, h2d_bps=55 * g, d2h_bps=55 * g,
+                           adamw_params_per_s=2.5 * g, device_adamw_params_per_s=20 * g, contention=(0.0, 0.0, 0.0),
                            unit_overhead_s=(0.3e-3, 0.5e-3), **common)
-    return Calibration(device="cpu", matmul_flops=100 * g, block_flops=((512, 60 * g, 60 * g, 0.0, 0.0),),
+    return Calibration(device="cpu", memcpy_bps=10 * g, drain_bps=5 * g,
+                       matmul_flops=100 * g, block_flops=((512, 60 * g, 60 * g, 0.0, 0.0),),
                        h2d_bps=10 * g, d2h_bps=10 * g, adamw_params_per_s=0.7 * g,
                        device_adamw_params_per_s=0.7 * g, contention=(0.15, 0.8, 0.15),
                        unit_overhead_s=(1.5e-3, 1.7e-3), **common)

@@ -133,13 +133,17 @@ def plan_placement(units: list[Unit], cfg: OffloadConfig, compute_dtype: torch.d
     prefetch = cfg.prefetch_bytes
     if prefetch is None:
         prefetch = int(variant.prefetch_scale * 2 * working_bytes(largest, compute_dtype))
+    manages_activations = cfg.activations is not None and device_cap is not None
     if device_cap is not None:
-        prefetch = max(0, min(prefetch, device_cap - need_working))
+        # When the engine manages activations, prefetch may take at most half of the spare room:
+        # the rest is theirs (with every placement, not only "auto").
+        spare = device_cap - need_working
+        prefetch = max(0, min(prefetch, spare // 2 if manages_activations else spare))
     device_working = need_working + prefetch
 
     staging = (cfg.staging_buffers + DRAIN_BUFFERS) * cfg.chunk_bytes
     activation_bytes = 0
-    if cfg.activations is not None and device_cap is not None and placement == "auto":
+    if manages_activations:
         # Without room, every activation would have to leave the device: keep half for them.
         activation_bytes = (device_cap - device_working) // 2
     homes, tier_bytes = _assign(units, cfg, compute_dtype, placement, device_cap,

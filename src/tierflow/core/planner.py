@@ -67,23 +67,36 @@ def choose_placement(units: list[Unit], cfg, compute_dtype: torch.dtype, buffer_
 
 
 def update_sites(units: list[Unit], plan: Placement, cfg, cal: Calibration, compute_dtype: torch.dtype) -> tuple:
-    """Per unit, whether AdamW of its host- or NVMe-homed state runs on the GPU: where that is
-    predicted faster than on the CPU (`update_on="auto"`), always (`"device"`) or never (`"cpu"`,
-    and on a CPU device). The engine still runs it on the CPU when the device has no free room
-    for the scratch buffers at that moment."""
+    """Per unit, whether AdamW of its host- or NVMe-homed state runs on the GPU: always
+    (`update_on="device"`), never (`"cpu"`, and on a CPU device), or with `"auto"`:
+
+    * host-homed units are shared between the CPU and the GPU so that both finish together:
+      the engine runs the two kinds at the same time (CPU updates on their own thread,
+      `residency.Residency`), so each unit goes where the predicted total so far plus its
+      own time is smaller ("Deep Optimizer States": interleaved CPU and GPU updates);
+    * NVMe-homed units (updated on the transfer thread) go where each alone is faster.
+
+    The engine still runs a GPU-side update on the CPU when the device has no free room for
+    the scratch buffers at that moment."""
     if cfg.device.type == "cpu" or cfg.update_on == "cpu":
         return ()
-
-    def faster_on_gpu(unit: Unit, home: str) -> bool:
+    sites = [False] * len(units)
+    totals = {"gpu": 0.0, "cpu": 0.0}
+    for uid, (unit, home) in enumerate(zip(units, plan.homes)):
         if home == "device" or not unit.trainable_numel:
-            return False
+            continue
         if cfg.update_on == "device":
-            return True
+            sites[uid] = True
+            continue
         gpu = update_job(unit, home, cal, compute_dtype, on_device=True).seconds()
-        return gpu < update_job(unit, home, cal, compute_dtype).seconds()
-
-    sites = tuple(faster_on_gpu(u, h) for u, h in zip(units, plan.homes))
-    return sites if any(sites) else ()
+        cpu = update_job(unit, home, cal, compute_dtype).seconds()
+        if home == "nvme":
+            sites[uid] = gpu < cpu
+        elif totals["gpu"] + gpu <= totals["cpu"] + cpu:
+            sites[uid], totals["gpu"] = True, totals["gpu"] + gpu
+        else:
+            totals["cpu"] += cpu
+    return tuple(sites) if any(sites) else ()
 
 
 def has_choice(plan: Placement, capacity: int | None) -> bool:

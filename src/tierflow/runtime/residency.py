@@ -3,11 +3,13 @@
 A unit is *acquired* by the module (or backward) that needs it and *released* after; a
 released unit stays cached on the device until its room is needed (least recently used
 goes first). A fetch job runs on the transfer thread: it applies the unit's recorded AdamW
-updates, then copies its weights to the device, on the copy lane (device.py). Device-homed
+updates, then copies its weights to the device, on the copy lane (device.py). On a GPU the
+fetch jobs of host-homed units whose AdamW runs on the CPU have a thread of their own (the
+update thread), so CPU and GPU updates of different units run at the same time. Device-homed
 units never move; their updates are queued on the compute stream.
 
 All bookkeeping runs under the engine's lock, on the thread that runs forward/backward;
-the transfer thread only moves and computes data.
+the transfer and update threads only move and compute data.
 """
 from __future__ import annotations
 
@@ -26,8 +28,8 @@ from tierflow.memory.packed import PackedWeights
 from tierflow.memory.tiers import StateIO, UnitState
 from tierflow.runtime.updates import apply_updates
 
-SCRATCH_ELEMENTS = 1 << 22  # per device buffer of a GPU-side AdamW of host/NVMe state (4 x 16 MiB)
-SCRATCH_BUFFERS = 4         # master, gradient and both moments, fp32
+SCRATCH_ELEMENTS = 1 << 22  # per device buffer of a GPU-side AdamW of host/NVMe state (8 x 16 MiB)
+SCRATCH_BUFFERS = 8         # master, gradient and both moments, fp32, twice (updates.DeviceAdamW)
 BUDGET_WAIT_S = 120.0  # how long a fetch waits for in-flight gradients to free device memory
 
 
@@ -55,6 +57,9 @@ class Residency:
         self.count, self.health = count, health        # count(key, nbytes); health.fail(exc)
         self.of = [UnitResidency() for _ in units]
         self.transfer = ThreadPoolExecutor(1, thread_name_prefix="tierflow-transfer")
+        # On a GPU, host-homed units updated on the CPU get their own thread: their AdamW runs
+        # while the transfer thread streams weights and runs other units' updates on the GPU.
+        self.updater = ThreadPoolExecutor(1, thread_name_prefix="tierflow-update") if device.is_cuda else None
         self._tick = itertools.count(1)
         self._owner: dict[int, int] = {}  # data_ptr of a streamed unit's device buffer -> unit id
         # CPU only: buffers of evicted units, reused by the next fetches of the same size.
@@ -165,7 +170,9 @@ class Residency:
                 res.fetch.set_result((self.device_view(uid), None))
             return True
         scratch = self._reserve_update_scratch(uid, pending) if nbytes else 0
-        res.fetch = self.transfer.submit(self._fetch_job, uid, pending, nbytes > 0, scratch)
+        on_cpu_thread = self.updater is not None and pending and not scratch and self.plan.homes[uid] == "host"
+        executor = self.updater if on_cpu_thread else self.transfer
+        res.fetch = executor.submit(self._fetch_job, uid, pending, nbytes > 0, scratch)
         return True
 
     def finish_fetch(self, uid: int) -> None:
@@ -381,6 +388,8 @@ class Residency:
 
     def close(self) -> None:
         self.transfer.shutdown(wait=True)
+        if self.updater is not None:
+            self.updater.shutdown(wait=True)
         if self.dist is not None:  # no all-gather left in flight when the ranks tear down
             for uid in range(len(self.units)):
                 try:

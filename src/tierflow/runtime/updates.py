@@ -111,23 +111,59 @@ def adamw_(master: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_
     master.addcdiv_(exp_avg, denom, value=-step_size)
 
 
-def adamw_via_device(views, update: PendingUpdate, scratch: list, out: torch.Tensor) -> None:
-    """AdamW of host-side arrays (a home array or an NVMe staging window) run on the GPU: each
-    chunk of master, gradient and moments is copied into `scratch` (four fp32 device buffers),
-    updated by the device's kernel and copied back; the new weights also go to `out` (the
-    unit's device buffer). The copies are queued on the current stream: synchronise before
-    the host reads the arrays."""
-    master, _grad, exp_avg, exp_avg_sq = views
-    chunk = scratch[0].numel()
-    for a in range(0, master.numel(), chunk):
-        b = min(a + chunk, master.numel())
-        dev = [buf[:b - a] for buf in scratch]
-        for target, source in zip(dev, views):
-            target.copy_(source[a:b], non_blocking=True)
-        adamw_(*dev, update)
-        for target, source in ((master, dev[0]), (exp_avg, dev[2]), (exp_avg_sq, dev[3])):
-            target[a:b].copy_(source, non_blocking=True)
-        out[a:b].copy_(dev[0], non_blocking=True)
+class DeviceAdamW:
+    """AdamW of host-side arrays (a home array or an NVMe staging window) run on the GPU, as
+    a pipeline over chunks that uses both directions of the PCIe link at once.
+
+    `scratch` holds two sets of four fp32 device buffers (master, gradient, moments). For
+    each chunk, on the current lane (copy): wait until the drain lane has read the set back,
+    upload the chunk, run the kernel, copy the new weights into the unit's device buffer;
+    then on the drain lane: wait for that, download master and moments. So chunk i+1 goes up
+    while chunk i comes down (one stream would serialise them: half the link idle).
+    `finish()` blocks until the host arrays are final.
+    """
+
+    SETS = 2
+    ARRAYS = 4
+
+    def __init__(self, device, scratch: list):
+        self.device = device
+        self.sets = [scratch[i * self.ARRAYS:(i + 1) * self.ARRAYS] for i in range(self.SETS)]
+        self.freed = [None] * self.SETS   # drain-lane event per set: its buffers may be refilled
+        self.turn = 0
+        for buf in scratch:  # allocated on the copy lane, read by the drain lane too
+            device.hand_over_to_lane(buf, "drain")
+
+    def update(self, views, update: PendingUpdate, out: torch.Tensor, host_weights=None) -> None:
+        """Queue the update of one window (`views`: master, grad, exp_avg, exp_avg_sq on the
+        host); the new weights also go to `out`, a device buffer, and from there to
+        `host_weights` (the unit's compute-dtype host copy, if it has one)."""
+        master = views[0]
+        chunk = self.sets[0][0].numel()
+        for a in range(0, master.numel(), chunk):
+            b = min(a + chunk, master.numel())
+            s, self.turn = self.turn, (self.turn + 1) % self.SETS
+            dev = [buf[:b - a] for buf in self.sets[s]]
+            self.device.wait_event(self.freed[s])
+            for target, source in zip(dev, views):
+                target.copy_(source[a:b], non_blocking=True)
+            adamw_(*dev, update)
+            out[a:b].copy_(dev[0], non_blocking=True)
+            computed = self.device.record_event()
+            with self.device.lane("drain"):
+                self.device.wait_event(computed)
+                for target, source in ((views[0], dev[0]), (views[2], dev[2]), (views[3], dev[3])):
+                    target[a:b].copy_(source, non_blocking=True)
+                if host_weights is not None:
+                    host_weights[a:b].copy_(out[a:b], non_blocking=True)
+                self.freed[s] = self.device.record_event()
+
+    def finish(self) -> None:
+        """Block until every queued download is done (then the host may read or reuse the
+        arrays), and the current lane's work with it."""
+        for event in self.freed:
+            self.device.synchronize_event(event)
+        self.device.synchronize_lane()
 
 
 def apply_updates(io, device, state, pending: list, flat: torch.Tensor | None = None,
@@ -137,8 +173,10 @@ def apply_updates(io, device, state, pending: list, flat: torch.Tensor | None = 
     Lower-precision compute weights are rewritten from the new master weights; with `flat`
     (the unit's device buffer) each updated window is also copied there as it is produced.
     On NVMe the next window is read while the current one is computed and written back.
-    With `scratch` (device buffers, and `flat` given) the arithmetic runs on the GPU.
+    With `scratch` (two sets of four device buffers, and `flat` given) the arithmetic runs on
+    the GPU (`DeviceAdamW`).
     """
+    on_device = DeviceAdamW(device, scratch) if scratch is not None else None
     names = ("master", "grad", "exp_avg", "exp_avg_sq")
     by_start = {}
     ranges = []
@@ -152,29 +190,29 @@ def apply_updates(io, device, state, pending: list, flat: torch.Tensor | None = 
             start, count = window.start, window.views[0].numel()
             try:
                 staged = bool(window.buffers)
-                if scratch is not None:
-                    adamw_via_device(window.views, by_start[start], scratch, flat[start:start + count])
+                weights = io.open(state, ("weights",), start, count, read=False) if "weights" in state.arrays else None
+                staged = staged or bool(weights is not None and weights.buffers)
+                if on_device is not None:  # (the new weights reach the host copy on the drain lane)
+                    on_device.update(window.views, by_start[start], flat[start:start + count],
+                                     weights.views[0] if weights is not None else None)
                 else:
                     adamw_(*window.views, by_start[start])
-                if "weights" in state.arrays:
-                    weights = io.open(state, ("weights",), start, count, read=False)
-                    staged = staged or bool(weights.buffers)
-                    source = flat[start:start + count] if scratch is not None else window.views[0]
-                    weights.views[0].copy_(source, non_blocking=scratch is not None)
+                    if weights is not None:
+                        weights.views[0].copy_(window.views[0])
                 if flat is not None and scratch is None:
                     # From the compute-dtype host copy when there is one: same dtype, so a true
                     # async copy from pinned memory (fp32 -> bf16 would convert on the host first).
                     source = weights.views[0] if "weights" in state.arrays else window.views[0]
                     flat[start:start + count].copy_(source, non_blocking=True)
                 if staged:  # staging buffers are written back and reused once the copies are done
-                    device.synchronize_event(device.record_event())
-                if "weights" in state.arrays:
+                    on_device.finish() if on_device is not None else device.synchronize_lane()
+                if weights is not None:
                     writes += io.close(weights, write=("weights",), wait=False)
             except BaseException:
                 io.discard(window)
                 raise
             writes += io.close(window, write=("master", "exp_avg", "exp_avg_sq"), wait=False)
-        if scratch is not None:  # the host arrays are final before anyone reads them
-            device.synchronize_event(device.record_event())
+        if on_device is not None:  # the host arrays are final before anyone reads them
+            on_device.finish()
     finally:
         wait_all(writes)

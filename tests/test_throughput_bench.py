@@ -1,0 +1,32 @@
+"""`tierflow bench throughput` on the CPU with a tiny model: the contenders train the same
+weights on the same batches, and the report carries the ratios and bounds it promises."""
+from __future__ import annotations
+
+import pytest
+
+from tierflow.bench import gpu
+from tierflow.bench.throughput import ThroughputConfig, check_contender, report, run_contender, split_options
+
+TINY = ThroughputConfig(shape=gpu.TINY, batch=2, seq_len=16, steps=3, warmup=1, device="cpu",
+                        device_memory="160KiB", host_memory="64MiB")
+
+
+def test_tierflow_and_torch_start_from_the_same_weights_and_agree():
+    ref = run_contender("torch", TINY)
+    got = run_contender("tierflow-host[update_on=cpu]", TINY)
+    assert got["checksum"] == ref["checksum"] and got["params"] == ref["params"]
+    assert got["homes"]["host"] > 0 and got["offdevice_trainable"] > 0
+    # bf16 weights against torch's fp32 weights under bf16 autocast: close, not equal
+    assert got["losses"] == pytest.approx(ref["losses"], rel=1e-2)
+    limits = {"name": "limits", "host_copy_bps": 1e10, "cpu_adamw_params_per_s": 1e9}
+    text = report([limits, ref, got, {"name": "deepspeed-offload", "error": "not installed"}], TINY)
+    assert "host-memory bound" in text and "deepspeed-offload  not run: not installed" in text
+    assert "1.00x" in text  # torch against itself
+
+
+def test_contender_names_and_options_are_checked_before_any_work():
+    assert split_options("tierflow-host[activations=auto,device_memory=1GiB]") == (
+        "tierflow-host", {"activations": "auto", "device_memory": "1GiB"})
+    for bad in ("tierflow-hots", "torch[fused=1]", "tierflow-host[activations]"):
+        with pytest.raises(ValueError):
+            check_contender(bad)
