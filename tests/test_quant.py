@@ -240,8 +240,13 @@ def test_overwriting_compressed_weights_refused(engines):
 
 
 # ---- the command line ------------------------------------------------------------------------------
-def test_cli_generate_and_plan_with_compressed_weights(tmp_path, capsys):
+def test_cli_generate_and_plan_with_compressed_weights(tmp_path, capsys, monkeypatch):
+    from tierflow.bench import calibrate
     from tierflow.cli.main import main
+    from test_plan import fake_calibration
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # `tierflow plan` measures nothing
+    calibrate.save(fake_calibration(), torch.float32)
     from tierflow.models import build_model
 
     model = build_model("llama-tiny").eval().requires_grad_(False)
@@ -298,7 +303,7 @@ def test_quality_bench_runs_its_baseline(tmp_path):
     the in-memory loss exactly; compressed losses are reported beside it."""
     from tierflow.bench.quant import run_quality
 
-    rows, details = run_quality(tmp_path, steps=2, batch=2, seq_len=32, eval_batches=1, new_tokens=4)
+    rows, details = run_quality(tmp_path, steps=2, batch=2, seq_len=32, eval_batches=1, new_tokens=4, max_files=20)
     by_name = {r["name"]: r for r in rows}
     assert by_name["fp32 through tierflow: held-out loss (vs in memory)"]["ratio"] == 1.0
     for fmt in ("int8", "int4"):

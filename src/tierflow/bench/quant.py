@@ -166,7 +166,7 @@ def _split_stdlib(directory: Path, max_files: int = 400) -> tuple[Path, Path]:
 
 
 def run_quality(directory, steps=300, batch=16, seq_len=128, eval_batches=16, lr=3e-3, new_tokens=32,
-                threads=2) -> tuple[list, dict]:
+                threads=2, max_files=400) -> tuple[list, dict]:
     import torch
 
     import tierflow
@@ -176,7 +176,7 @@ def run_quality(directory, steps=300, batch=16, seq_len=128, eval_batches=16, lr
     torch.set_num_threads(threads)
     directory = Path(directory).absolute()
     directory.mkdir(parents=True, exist_ok=True)
-    train_txt, heldout_txt = _split_stdlib(directory)
+    train_txt, heldout_txt = _split_stdlib(directory, max_files)
     tokenizer = ByteTokenizer()
     model = build_model("llama-tiny", seed=0)
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
