@@ -43,7 +43,8 @@ class Engine(runtime_engine.Engine):
 def load(path, device="cpu", device_memory=None, host_memory=None, nvme=None, dtype=None,
          placement: str = "auto", model_class=None, trainable: bool = True, **options) -> Engine:
     """An engine over the Hugging Face model in directory `path`, streamed in tensor by tensor
-    (see tierflow.checkpoint.hf.load)."""
+    (see tierflow.checkpoint.hf.load). With `trainable=False, weights="int8"|"int4"` each weight
+    is quantized as it streams in and kept compressed (see `offload`)."""
     return checkpoint.load(path, device=device, device_memory=device_memory, host_memory=host_memory, nvme=nvme,
                            dtype=dtype, placement=placement, model_class=model_class, trainable=trainable,
                            make_engine=offload, **options)
@@ -82,7 +83,10 @@ def offload(model: nn.Module, device="cpu", device_memory=None, host_memory=None
             default): "auto" on a GPU with a `device_memory` budget, so that the budget bounds
             the engine's whole use of the GPU; "autograd" otherwise. See docs/activations.md.
         **options: advanced knobs of `OffloadConfig` (unit_bytes, prefetch_bytes, chunk_bytes,
-            staging_buffers, io_threads, direct_io, update_on, batch_shape).
+            staging_buffers, io_threads, direct_io, update_on, batch_shape), and `weights`: None,
+            "int8" or "int4" (NF4) to keep frozen weights compressed in their tier and dequantize
+            them on the device before use (inference, or the frozen base under LoRA; see
+            docs/inference.md#compressed-weights).
 
     Returns the `Engine`; call it like the model. `model` may also be the path of a Hugging
     Face model directory: see `tierflow.load`.

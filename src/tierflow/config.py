@@ -14,6 +14,7 @@ import torch
 from tierflow.errors import ConfigError
 
 MODES = ("keep", "recompute", "offload", "auto", "autograd")  # activation modes (activations.py)
+WEIGHT_FORMATS = ("int8", "int4")  # compressed frozen weights (core/quant.py)
 
 
 def check_mode(mode) -> str | None:
@@ -147,6 +148,9 @@ class OffloadConfig:
         batch_shape: (batch size, sequence length) of one micro-batch, as the planner assumes
             it when it weighs compute against transfers to choose the placement (planner.py);
             it changes where state lives, never what is computed. None = (1, 256).
+        weights: None, or "int8" / "int4" (NF4): frozen units (no trainable parameter) keep
+            their weights compressed group-wise in their home tier and are dequantized on
+            the device just before use (core/quant.py). Trainable parameters stay as they are.
     """
 
     device: torch.device
@@ -163,6 +167,7 @@ class OffloadConfig:
     update_on: str = "auto"
     activations: str | None = None
     batch_shape: tuple[int, int] | None = None
+    weights: str | None = None
 
     def device_capacity(self) -> int | None:
         """The device budget: device_memory, or on CUDA without one, 80% of what is free now
@@ -176,7 +181,7 @@ class OffloadConfig:
     def create(cls, device="cpu", device_memory=None, host_memory=None, nvme=None, dtype=None,
                unit_bytes=None, prefetch_bytes=None, chunk_bytes=None, staging_buffers=8,
                io_threads=4, direct_io=None, update_on="auto", activations=None,
-               batch_shape=None) -> "OffloadConfig":
+               batch_shape=None, weights=None) -> "OffloadConfig":
         """Parse and validate user-facing values (sizes as strings or ints).
 
         `chunk_bytes` defaults to 8 MiB, less when the host budget is small: the staging
@@ -206,6 +211,9 @@ class OffloadConfig:
                 batch_shape = ()
             if len(batch_shape) != 2 or min(batch_shape) < 1:
                 raise ConfigError("batch_shape must be (batch size, sequence length), two positive integers")
+        if weights is not None and (not isinstance(weights, str) or weights.lower() not in WEIGHT_FORMATS):
+            raise ConfigError(f"unknown weights format {weights!r}: use one of {', '.join(WEIGHT_FORMATS)} "
+                              f"(or None for uncompressed weights)")
         device, device_memory = parse_device(device), parse_size(device_memory, what="device_memory")
         return cls(
             device=device,
@@ -222,4 +230,5 @@ class OffloadConfig:
             update_on=update_on,
             activations=default_activations(check_mode(activations), device, device_memory),
             batch_shape=batch_shape,
+            weights=weights.lower() if weights is not None else None,
         )

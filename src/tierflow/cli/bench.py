@@ -9,6 +9,7 @@
     tierflow bench scale  step time and per-rank memory of 1 and 2 data-parallel ranks (torchrun)
     tierflow bench generate  generation beyond memory vs accelerate's disk offload (and fio)
     tierflow bench moe    a mixture of experts beyond memory: routed experts only vs accelerate's disk offload
+    tierflow bench quant     compressed frozen weights (int8 / int4) vs fp32: bytes, tokens/s, quality
     tierflow bench activations  longest trainable sequence in a device budget vs PyTorch and HF checkpointing
     tierflow bench infinity  NVMe-homed training on the CPU vs DeepSpeed ZeRO-Infinity, and the disk bound
     tierflow bench gpu  the 1 B bf16 run of the NaN report: tierflow vs plain PyTorch losses, PASS/FAIL (CUDA)
@@ -115,6 +116,23 @@ def add_arguments(parser) -> None:
     moe.add_argument("--new-tokens", type=int, default=8)
     moe.add_argument("--threads", type=int, default=2)
     moe.add_argument("--json", default=None)
+    qb = sub.add_parser("quant", help="compressed frozen weights (int8 / int4) vs fp32: bytes per decode step, "
+                        "tokens/s from disk, held-out loss and greedy agreement")
+    qb.add_argument("--dir", default="/tmp/tierflow-quant-bench", help="model, spill and data directory")
+    qb.add_argument("--what", choices=("both", "speed", "quality"), default="both")
+    qb.add_argument("--hidden", type=int, default=1024)
+    qb.add_argument("--layers", type=int, default=24)
+    qb.add_argument("--intermediate", type=int, default=2816)
+    qb.add_argument("--vocab", type=int, default=8000)
+    qb.add_argument("--device", default="cpu", help="compute device: cpu or cuda")
+    qb.add_argument("--device-memory", default="128MiB")
+    qb.add_argument("--host-memory", default="192MiB")
+    qb.add_argument("--limit", default="920MiB", help="cgroup memory limit, page cache included")
+    qb.add_argument("--placements", nargs="+", default=["nvme", "auto"], choices=("nvme", "auto", "host"))
+    qb.add_argument("--batch", type=int, default=1)
+    qb.add_argument("--new-tokens", type=int, default=8)
+    qb.add_argument("--threads", type=int, default=2)
+    qb.add_argument("--json", default=None)
     acts = sub.add_parser("activations", help="longest sequence within a device budget: tierflow auto vs "
                           "PyTorch and Hugging Face gradient checkpointing, and step time")
     acts.add_argument("--layers", type=int, default=16)
@@ -259,6 +277,13 @@ def run(args) -> int:
         run_moe_bench(args.dir, args.hidden, args.layers, args.intermediate, args.experts, args.top_k, args.vocab,
                       args.device_memory, args.host_memory, args.limit, args.batch, args.prompt_len,
                       args.new_tokens, args.threads, args.json)
+    elif args.bench == "quant":
+        from tierflow.bench.quant import run_quant_bench
+        run_quant_bench(args.dir, speed=args.what != "quality", quality=args.what != "speed", json_path=args.json,
+                        hidden=args.hidden, layers=args.layers, intermediate=args.intermediate, vocab=args.vocab,
+                        device=args.device, device_memory=args.device_memory, host_memory=args.host_memory,
+                        limit=args.limit, placements=tuple(args.placements), batch=args.batch,
+                        new_tokens=args.new_tokens, threads=args.threads)
     elif args.bench == "activations":
         from tierflow.bench.activations import run_activations_bench
         run_activations_bench(args.layers, args.hidden, args.device_memory, args.host_memory, args.grain,

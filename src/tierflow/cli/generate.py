@@ -37,6 +37,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--nvme", default=None,
                         help="spill directory (default: a temporary directory, removed at exit; 'none': off)")
     parser.add_argument("--dtype", default=None, help="compute dtype: float32, bfloat16, float16 (default: the model's)")
+    parser.add_argument("--weights", default=None, choices=("int8", "int4"),
+                        help="keep the weights compressed in host memory and on NVMe, dequantized on the "
+                             "device before use: int8 or int4 (NF4), group-wise (default: uncompressed)")
     parser.add_argument("--kv-cache", default="auto", choices=("auto", "device", "host", "nvme"),
                         help="where the KV cache lives (default: by the budgets)")
     parser.add_argument("--tokenizer", default=None, metavar="DIR|bytes",
@@ -67,7 +70,8 @@ def run(args) -> int:
     pad = tokenizer.pad_id if vocab is None or tokenizer.pad_id < vocab else 0  # masked out anyway
     nvme, temporary = _nvme_dir(args.nvme)
     budgets = dict(device=args.device, device_memory=_budget(args.device_memory),
-                   host_memory=_budget(args.host_memory), nvme=nvme, dtype=args.dtype)
+                   host_memory=_budget(args.host_memory), nvme=nvme, dtype=args.dtype,
+                   weights=args.weights)
     engine = None
     try:
         engine = _load(args.model, budgets)

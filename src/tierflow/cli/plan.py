@@ -44,6 +44,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "200 Gb/s InfiniBand per GPU)")
     parser.add_argument("--unit-bytes", default=None, metavar="SIZE",
                         help="target parameter bytes per unit (the piece that moves as one; default: from the budgets)")
+    parser.add_argument("--weights", default=None, choices=("int8", "int4"),
+                        help="frozen weights kept compressed (int8, or int4 = NF4): plans a frozen model "
+                             "(inference) with their compressed bytes (default: uncompressed)")
     parser.add_argument("--recalibrate", action="store_true", help="measure the machine again")
     parser.add_argument("--json", default=None, metavar="FILE", help="also write the plan as JSON")
 
@@ -57,9 +60,12 @@ def run(args: argparse.Namespace) -> int:
     from tierflow.errors import BudgetError, ConfigError
 
     model = meta_model(args.model)
+    weights = getattr(args, "weights", None)
+    if weights is not None:  # compressed weights are frozen ones: the plan of an inference engine
+        model.requires_grad_(False)
     cfg = OffloadConfig.create(device=args.device, device_memory=_limit(args.device_memory),
                                host_memory=_limit(args.host_memory), nvme=args.nvme, dtype=parse_dtype(args.dtype),
-                               unit_bytes=args.unit_bytes)
+                               unit_bytes=args.unit_bytes, weights=weights)
     if args.batch_size < 1 or args.seq_len < 1 or args.world_size < 1:
         raise ConfigError("--batch-size, --seq-len and --world-size must be at least 1")
     link_bps = float(parse_size(args.link_bandwidth, what="--link-bandwidth"))
@@ -166,7 +172,9 @@ def print_report(pred, cfg, args, n_params: int, cached: bool = True) -> None:
     console = Console()
     console.print(f"[bold]model[/] {args.model}: {n_params / 1e6:.1f} M parameters, compute dtype "
                   f"{str(pred.compute_dtype).removeprefix('torch.')}, {len(pred.units)} units; batch "
-                  f"{args.batch_size}x{args.seq_len}", soft_wrap=True, highlight=False)
+                  f"{args.batch_size}x{args.seq_len}"
+                  + (f"; frozen weights compressed as {cfg.weights} (a plan for inference)" if cfg.weights else ""),
+                  soft_wrap=True, highlight=False)
     table = Table(title="placement (bytes per tier)", title_justify="left")
     table.add_column("tensors")
     for tier in _TIERS:

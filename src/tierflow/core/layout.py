@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from tierflow.core import quant
 from tierflow.errors import ConfigError
 
 SEGMENT_ALIGN = 2048  # elements: 4 KiB of bf16, 8 KiB of fp32 (O_DIRECT alignment)
@@ -51,6 +52,7 @@ class Unit:
     slots: list[Slot] = field(default_factory=list)
     numel: int = 0            # padded elements of all parameters
     trainable_numel: int = 0  # padded elements of the trainable prefix
+    weights: str | None = None  # a frozen unit's compressed format ("int8" / "int4", quant.py)
 
     def finalize(self, world_size: int = 1) -> None:
         """Order slots (trainable first) and assign aligned offsets. With `world_size` ranks the
@@ -97,28 +99,37 @@ def _holds_routed(module: nn.Module) -> bool:
     return any(is_routed(m) for m in module.modules())
 
 
-def partition(model: nn.Module, unit_bytes: int,
-              allow_meta: bool = False, world_size: int = 1) -> tuple[list[Unit], dict[nn.Module, set[int]]]:
+def partition(model: nn.Module, unit_bytes: int, allow_meta: bool = False, world_size: int = 1,
+              weights: str | None = None) -> tuple[list[Unit], dict[nn.Module, set[int]]]:
     """Split `model` into units of at most ~`unit_bytes` parameter bytes.
 
     Returns the units and, for every module that needs hooks, the set of unit ids it
     must have resident while it runs. `allow_meta`: parameters may be on the meta
     device (their values come from elsewhere). `world_size`: data-parallel ranks sharing
-    the state (see distributed.py).
+    the state (see distributed.py). `weights`: a compressed format for frozen weights
+    (quant.py): frozen and trainable parameters of a module then go to separate units (the
+    frozen base under LoRA adapters is compressed, the adapters are not).
     """
     _check_params(model, allow_meta)
-    route = world_size == 1  # data-parallel ranks gather whole units: experts are not routed there
+    # Data-parallel ranks gather whole units, and compressed weights are read whole: experts are
+    # then not routed (read expert by expert), they stream as any unit.
+    route = world_size == 1 and weights is None
+    if weights is not None:
+        check_compressible(model, weights, world_size)
     owner: dict[int, Unit] = {}
     units: list[Unit] = []
     hooked: dict[nn.Module, set[int]] = {}
 
     def claim(module: nn.Module, name: str, params) -> None:
-        unit = None
+        split = {}  # frozen or not -> its unit (one unit unless compressing)
         for pname, param in params:
             if id(param) in owner:
                 continue
+            kind = weights is not None and not param.requires_grad
+            unit = split.get(kind)
             if unit is None:
-                unit = Unit(uid=len(units), name=name or "<root>", module=module)
+                unit = split[kind] = Unit(uid=len(units), name=name or "<root>", module=module,
+                                          weights=weights if kind else None)
                 units.append(unit)
             slot = Slot(pname, param, param.shape, param.numel(), 0, param.requires_grad)
             unit.slots.append(slot)
@@ -184,6 +195,20 @@ def _check_params(model: nn.Module, allow_meta: bool = False) -> None:
         raise ConfigError("the model has no parameters: nothing to offload")
 
 
+def check_compressible(model: nn.Module, weights: str, world_size: int) -> None:
+    """A compressed format needs frozen parameters that split into whole groups (quant.py)."""
+    frozen = [(n, p) for n, p in model.named_parameters() if not p.requires_grad]
+    if not frozen:
+        raise ConfigError(f"weights={weights!r} compresses frozen parameters only, and every parameter of the "
+                          f"model is trainable: load it for inference (trainable=False), freeze the base "
+                          f"(e.g. PEFT LoRA adapters), or pass weights=None")
+    if world_size > 1:
+        raise ConfigError(f"weights={weights!r} is not supported with data-parallel ranks (world size "
+                          f"{world_size}): run one process or pass weights=None")
+    for name, param in frozen:
+        quant.check_groupable(name, param.shape, param.numel(), weights)
+
+
 def model_dtype(model: nn.Module) -> torch.dtype:
     """The one floating dtype of a model's parameters (float32 if it has none)."""
     dtypes = {p.dtype for p in model.parameters() if p.dtype.is_floating_point}
@@ -224,6 +249,8 @@ def array_specs(unit: Unit, compute_dtype: torch.dtype, shard=None) -> dict[str,
     unit with no trainable parameter is never updated, so it keeps only its compute-dtype
     weights (inference)."""
     lo, hi = (0, unit.numel) if shard is None else (shard.lo, shard.hi)
+    if unit.weights is not None:  # frozen, compressed: one byte array (quant.py)
+        return {"qweights": (quant.packed_nbytes(unit, compute_dtype), torch.uint8)}
     if not unit.trainable_numel and compute_dtype != FP32:
         return {"weights": (hi - lo, compute_dtype)}
     trainable = max(0, min(hi, unit.trainable_numel) - lo)
@@ -236,5 +263,5 @@ def array_specs(unit: Unit, compute_dtype: torch.dtype, shard=None) -> dict[str,
     return specs
 
 
-ARRAY_CLASS = {"master": "master", "weights": "weights", "grad": "grads",
+ARRAY_CLASS = {"master": "master", "weights": "weights", "qweights": "weights", "grad": "grads",
                "exp_avg": "moments", "exp_avg_sq": "moments"}

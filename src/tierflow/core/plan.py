@@ -24,6 +24,7 @@ from tierflow.config import OffloadConfig, format_size
 from tierflow.errors import BudgetError, ConfigError
 from tierflow.core.layout import Unit
 from tierflow.core.layout import array_specs
+from tierflow.core.quant import packed_nbytes
 
 TIERS = ("device", "host", "nvme")
 PLACEMENTS = ("auto", "greedy") + TIERS  # "auto": searched by the planner; a tier: everything there
@@ -45,8 +46,10 @@ class _Shard:
 
 
 def working_bytes(unit: Unit, compute_dtype: torch.dtype) -> int:
-    """Bytes of a unit's weights on the device while it is in use."""
-    return unit.numel * compute_dtype.itemsize
+    """Bytes of a unit's weights on the device while it is in use (a compressed unit's also
+    count its compressed bytes, read to the device and dequantized there)."""
+    packed = packed_nbytes(unit, compute_dtype) if unit.weights is not None else 0
+    return unit.numel * compute_dtype.itemsize + packed
 
 
 def grad_bytes(unit: Unit, compute_dtype: torch.dtype) -> int:

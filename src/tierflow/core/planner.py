@@ -127,7 +127,7 @@ def predict(model: torch.nn.Module, cfg, cal: Calibration, batch_size: int = 1, 
     Raises BudgetError / ConfigError when it does not fit, as `tierflow.offload` would."""
     dtype = cfg.dtype or model_dtype(model)
     units, _ = partition(model, cfg.unit_bytes or default_unit_bytes(cfg, model), allow_meta=True,
-                         world_size=world_size)
+                         world_size=world_size, weights=cfg.weights)
     buffers = sum(b.numel() * b.element_size() for b in model.buffers())
     work = workload(model, units, batch_size, seq_len, dtype)
     plan, step = choose_placement(units, cfg, dtype, buffers, work, cal, placement, world_size, link_bps)

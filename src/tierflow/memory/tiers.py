@@ -110,10 +110,13 @@ class StateIO:
         state.arrays.clear()
 
     # ---- windows ----------------------------------------------------------------------
-    def piece_elements(self) -> int:
-        """Largest NVMe window, in elements, that one staging buffer holds for fp32 arrays."""
+    def piece_elements(self, state: UnitState | None = None) -> int:
+        """Largest NVMe window, in elements, that one staging buffer holds for fp32 arrays (for
+        a compressed unit's byte array: a whole staging buffer, memory/packed.py)."""
         if self.pool is None:
             return 1 << 62
+        if state is not None and set(state.dtypes.values()) == {torch.uint8}:
+            return self.pool.nbytes // ALIGN * ALIGN
         return self.pool.nbytes // 4 // 2048 * 2048
 
     def pieces(self, state: UnitState, start: int, numel: int):
@@ -122,7 +125,7 @@ class StateIO:
         end = start + numel
         if state.limit is not None:  # a rank's shard: only its part of the range
             start, end = max(start, state.base), min(end, state.limit)
-        step = self.piece_elements() if state.home == "nvme" else max(end - start, 1)
+        step = self.piece_elements(state) if state.home == "nvme" else max(end - start, 1)
         for offset in range(start, end, step):
             yield offset, min(step, end - offset)
 
@@ -214,16 +217,23 @@ class StateIO:
         """Copy a whole array into `dst` (same numel, any dtype/device), piece by piece, the
         next pieces' reads overlapping the current piece's copy. Several reads in flight keep
         the disk's queue full (measured: one ahead reached ~60% of fio's bandwidth)."""
+        for _ in self.read_progressively(state, name, dst):
+            pass
+
+    def read_progressively(self, state: UnitState, name: str, dst: torch.Tensor):
+        """`read_into`, yielding after each piece how many leading elements of `dst` are filled
+        (the next pieces' reads stay in flight meanwhile: a caller may work on what arrived)."""
         ahead = 1 if self.pool is None else max(1, min(READ_AHEAD, self.pool.count - 2))
         for window in self.windows(state, (name,), self.pieces(state, 0, dst.numel()), ahead=ahead):
             try:
-                dst[window.start:window.start + window.views[0].numel()].copy_(window.views[0],
-                                                                               non_blocking=True)
+                end = window.start + window.views[0].numel()
+                dst[window.start:end].copy_(window.views[0], non_blocking=True)
                 if window.buffers:
                     # The staging buffer goes back to the pool: the copy must have finished.
                     self.device.synchronize_event(self.device.record_event())
             finally:
                 self.close(window)
+            yield end
 
     def read_ranges(self, state: UnitState, name: str, ranges) -> tuple[list, int]:
         """Elements [start, start + numel) of an array for each (start, numel) of `ranges` (e.g.

@@ -24,6 +24,7 @@ from tierflow.core.planner import choose_placement
 from tierflow.core.tiling import tile_oversized
 from tierflow.errors import BudgetError
 from tierflow.memory.budget import Budget
+from tierflow.memory import packed
 from tierflow.memory.nvme import NvmeStore
 from tierflow.memory.pool import BufferPool
 from tierflow.memory.tiers import FP32, StateIO, UnitState
@@ -70,7 +71,7 @@ def plan_model(model: nn.Module, cfg: OffloadConfig, compute_dtype: torch.dtype,
 
 
 def _partition_and_place(model, cfg, compute_dtype, buffer_bytes, unit_bytes, world, placement, from_source):
-    units, hooked = partition(model, unit_bytes, allow_meta=from_source, world_size=world)
+    units, hooked = partition(model, unit_bytes, allow_meta=from_source, world_size=world, weights=cfg.weights)
     load = workload(model, units, *(cfg.batch_shape or DEFAULT_BATCH_SHAPE), compute_dtype)
     figs = figures.for_planning(cfg.device.type, compute_dtype)
     chosen = choose_placement(units, cfg, compute_dtype, buffer_bytes, load, figs, placement, world)[0]
@@ -144,8 +145,11 @@ def load_state(units: list[Unit], homes, io: StateIO, compute_dtype: torch.dtype
         shard = dist.shard(unit.numel) if dist else None
         state = io.allocate(unit, home, compute_dtype, shard)
         states.append(state)
-        for slot in unit.slots:
+        for index, slot in enumerate(unit.slots):
             data = slot.param.detach() if source is None else checked_source(source(slot.name), slot)
+            if packed.ARRAY in state.arrays:  # compressed as it streams in, one parameter at a time
+                packed.write_slot(io, state, unit, index, data, compute_dtype)
+                continue
             data = data.reshape(-1)
             if "master" in state.arrays:
                 io.write_from(state, "master", data.to(FP32), slot.offset)

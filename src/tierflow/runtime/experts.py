@@ -310,8 +310,8 @@ def routed_layers(engine, model: nn.Module) -> list[RoutedLayer]:
         if not is_routed(module) or id(next(module.parameters())) not in owner:
             continue
         unit = owner[id(next(module.parameters()))][0]
-        if engine.residency.is_permanent(unit.uid):
-            continue
+        if engine.residency.is_permanent(unit.uid) or unit.weights is not None:
+            continue  # (compressed weights are read and dequantized whole: not expert by expert)
         params = {}
         for pname, param in module.named_parameters(recurse=False):
             unit_of, slot = owner[id(param)]

@@ -24,6 +24,7 @@ from tierflow.core.plan import Placement, working_bytes
 from tierflow.core.schedule import eviction_order, prefetch_window
 from tierflow.errors import TierflowError
 from tierflow.memory.device import ComputeDevice
+from tierflow.memory.packed import PackedWeights
 from tierflow.memory.tiers import StateIO, UnitState
 from tierflow.runtime.updates import apply_updates
 
@@ -67,6 +68,7 @@ class Residency:
         # Other holders of device memory that give it back when units need it (the expert
         # cache, experts.py): callables (nbytes) -> True if they freed any.
         self.reclaimers: list = []
+        self.packed = PackedWeights(io, compute_dtype)  # compressed frozen units (memory/packed.py)
 
     def __getitem__(self, uid: int) -> UnitResidency:
         return self.of[uid]
@@ -137,8 +139,9 @@ class Residency:
     def is_permanent(self, uid: int) -> bool:
         """Device-homed units stay attached (one process: a rank's device-resident state is only
         its shard, the full weights are gathered). So do frozen host-homed units when the
-        compute device is the CPU: host memory is device memory there, a copy would only cost time."""
-        if self.dist is not None:
+        compute device is the CPU: host memory is device memory there, a copy would only cost time.
+        Compressed units never do: they are dequantized into a buffer at each fetch."""
+        if self.dist is not None or self.units[uid].weights is not None:
             return False
         home = self.plan.homes[uid]
         return home == "device" or (home == "host" and not self.device.is_cuda
@@ -242,8 +245,12 @@ class Residency:
                 self._apply_fetched_updates(uid, pending, flat, scratch_numel)
                 if not copy:  # only the update: the caller's stream waits for it
                     return self.device_view(uid), self.device.record_event()
-                if not (pending and len(pending) == len(unit.slots)):
-                    with self.events.span("fetch", unit.name, flat.numel() * flat.element_size()):
+                moved = flat.numel() * flat.element_size()
+                if unit.weights is not None:  # compressed: its bytes come, dequantized on the device
+                    with self.events.span("fetch", unit.name, moved):
+                        moved = self.packed.fetch_into(state, unit, flat)
+                elif not (pending and len(pending) == len(unit.slots)):
+                    with self.events.span("fetch", unit.name, moved):
                         self.io.read_into(state, "weights" if "weights" in state.arrays else "master", flat)
                 event = self.device.record_event()
         finally:
@@ -251,7 +258,7 @@ class Residency:
                 self.budgets["device"].release(scratch_bytes(scratch_numel))
         res.copied = event  # (only this thread reads it, before the unit's next update)
         if not scratch_numel:  # (a GPU-side update counted its own copies)
-            self.count("host_to_device", flat.numel() * flat.element_size())
+            self.count("host_to_device", moved)
         return flat, event
 
     def _apply_fetched_updates(self, uid: int, pending: list, flat, scratch_numel: int) -> None:
@@ -314,8 +321,9 @@ class Residency:
             slot.param.data = self.placeholder(slot)
         self._owner.pop(res.flat.untyped_storage().data_ptr(), None)
         flat, res.flat = res.flat, None
-        if not self._keep_spare(flat):
-            self.budgets["device"].release(working_bytes(self.units[uid], self.compute_dtype))
+        kept = self._keep_spare(flat)  # a spare keeps its own bytes (not a compressed unit's extra ones)
+        self.budgets["device"].release(working_bytes(self.units[uid], self.compute_dtype)
+                                       - (flat.numel() * flat.element_size() if kept else 0))
 
     def _keep_spare(self, flat: torch.Tensor) -> bool:
         """Keep an evicted CPU buffer for reuse when nothing else holds a view of it (the storage

@@ -10,6 +10,7 @@ import torch
 
 from tierflow.core.layout import Slot, Unit, checked_source
 from tierflow.errors import TierflowError
+from tierflow.memory.packed import refuse_write
 from tierflow.memory.tiers import ARRAY_CLASS, FP32
 
 
@@ -33,6 +34,8 @@ class StateAccess:
         engine = self.engine
         engine.health.check()
         dist, io = engine.dist, engine.io
+        if unit.weights is not None:  # compressed (frozen: its 'master' is its weights)
+            return engine.residency.packed.read_slot(engine.states[unit.uid], unit, unit.slots.index(slot))
         out = torch.empty(slot.numel, dtype=FP32) if dist is None else torch.zeros(slot.numel, dtype=FP32)
         state = engine.states[unit.uid]
         for start, count in io.pieces(state, slot.offset, slot.numel):
@@ -51,6 +54,8 @@ class StateAccess:
         engine = self.engine
         engine.steps.flush()
         value = checked_source(value, slot).reshape(-1)
+        if unit.weights is not None:
+            refuse_write(unit, name)
         state, io = engine.states[unit.uid], engine.io
         with engine.bookkeeping():
             res = engine.residency.of[unit.uid]
@@ -72,6 +77,9 @@ class StateAccess:
         `flush()` first. Each yielded list is valid until the next one is asked for."""
         self.engine.health.check()
         io, state = self.engine.io, self.engine.states[unit.uid]
+        if unit.weights is not None:  # compressed: the parameter dequantized, in one piece
+            yield [self.read_array(unit, slot, name) for name in names]
+            return
         for window in io.windows(state, tuple(names), io.pieces(state, slot.offset, slot.numel)):
             try:
                 # A frozen unit's 'master' is its compute-dtype weights: callers get fp32 as usual.
