@@ -395,3 +395,16 @@ def test_cuda_routed_experts_equal_transformers(tmp_path, engines, arch, placeme
         assert torch.equal(engine.generate(ids, max_new_tokens=NEW, do_sample=False, pad_token_id=0), expected)
     stats = engine.experts.stats()
     assert stats["misses"] > 0 and stats["hits"] > 0 and stats["bytes_read"] > 0
+
+
+def test_compressed_experts_stream_whole_and_equal_the_dequantized_model(tmp_path, engines):
+    """weights="int8" on a mixture of experts: compressed units are read and dequantized whole,
+    so its experts are not routed one by one, and the output is the dequantized model's."""
+    from test_quant import dequantized_copy
+
+    path, model = saved(tmp_path, "mixtral")
+    ref = dequantized_copy(model.requires_grad_(False), "int8")
+    engine = load(path, tmp_path, engines, "nvme", weights="int8")
+    assert engine.experts is None
+    ids = prompts()
+    assert torch.equal(greedy(engine, ids), greedy(ref, ids))
