@@ -80,7 +80,8 @@ def make_cgroup(limit: int) -> Path | None:
     """A memory cgroup limited to `limit` bytes (page cache included), or None: cgroup v1
     (memory.limit_in_bytes) where mounted, else cgroup v2 (memory.max)."""
     v1 = CGROUP_ROOT.is_dir()
-    path = (CGROUP_ROOT if v1 else CGROUP_V2_ROOT) / CGROUP_NAME
+    # One cgroup per benchmark process: benchmarks running side by side keep their own limits.
+    path = (CGROUP_ROOT if v1 else CGROUP_V2_ROOT) / f"{CGROUP_NAME}-{os.getpid()}"
     try:
         if not v1:
             (CGROUP_V2_ROOT / "cgroup.subtree_control").write_text("+memory")

@@ -33,7 +33,7 @@ def layers_for(factor: float, limit: int, hidden: int, intermediate: int, vocab:
     return max(1, round((factor * limit - rest) / per_layer))
 
 
-def run_generate_matrix(directory, limit="768MiB", factors=(2, 4, 8), budgets=(("48MiB", "96MiB"), ("96MiB", "256MiB")),
+def run_generate_matrix(directory, limit="768MiB", factors=(2, 4, 8), budgets=(("64MiB", "96MiB"), ("128MiB", "224MiB")),
                         batches=(1, 16), hidden=1024, intermediate=2816, vocab=8000, prompt=12, new_tokens=4,
                         threads=2, json_path=None, timeout=1800.0) -> list[dict]:
     from tierflow.config import parse_size

@@ -97,7 +97,7 @@ def add_arguments(parser) -> None:
                      help="run the matrix: models --factors x the --limit, each pair of --budgets, each batch")
     gen.add_argument("--factors", type=float, nargs="+", default=[2, 4, 8],
                      help="with --matrix: model sizes, as multiples of the memory limit")
-    gen.add_argument("--budgets", nargs="+", default=["48MiB/96MiB", "96MiB/256MiB"],
+    gen.add_argument("--budgets", nargs="+", default=["64MiB/96MiB", "128MiB/224MiB"],
                      help="with --matrix: DEVICE/HOST budget pairs, tight to roomy")
     gen.add_argument("--json", default=None)
     acts = sub.add_parser("activations", help="longest sequence within a device budget: tierflow auto vs "

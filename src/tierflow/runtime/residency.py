@@ -152,7 +152,7 @@ class Residency:
         nbytes = 0 if self.is_permanent(uid) else working_bytes(self.units[uid], self.compute_dtype)
         what = f"the weights of unit '{self.units[uid].name}'"
         if nbytes and not pending and self._reads_direct(uid):
-            reused = self._reusable_buffer(self.units[uid].numel)
+            reused = self._reusable_buffer(self.units[uid].numel, nbytes)  # None: reserve a new one
             if reused is None and not self.reserve_device(nbytes, what, required):
                 return False
             res.fetch = self._direct_fetch(uid, reused)
@@ -182,14 +182,17 @@ class Residency:
         return (not self.device.is_cuda and self.dist is None
                 and self.io.reads_whole(state, self._weights_name(uid), self.compute_dtype))
 
-    def _reusable_buffer(self, numel: int) -> torch.Tensor | None:
+    def _reusable_buffer(self, numel: int, nbytes: int) -> torch.Tensor | None:
         """A buffer of `numel` elements whose device bytes stay reserved for the caller: a spare
-        one, else that of the least recently used evictable unit of the same size. Units of a
+        one; else None when the budget has room for a new one; else that of the least
+        recently used evictable unit of the same size. Units of a
         decoder repeat their sizes layer after layer, so a generation step reuses the buffers
         of the previous one: fresh memory costs page faults and freed memory TLB shootdowns
         (measured on 2 cores: compute ran up to 3x slower next to that churn)."""
         if self.spare.get(numel):
             flat = self.spare[numel].pop()
+        elif self.budgets["device"].room() >= nbytes:  # (other threads only give bytes back)
+            return None
         else:
             same = [uid for uid in range(len(self.of)) if self.units[uid].numel == numel and self._evictable(uid)]
             if not same:
