@@ -177,9 +177,11 @@ class Residency:
 
     # ---- direct fetches (gendisk): CPU compute device, NVMe home, nothing to update ------------
     def _reads_direct(self, uid: int) -> bool:
-        """The unit's weights can go from the disk straight into its (CPU) device buffer."""
+        """The unit's weights can go from the disk straight into its (CPU) device buffer. Frozen
+        units only: a trainable unit's arrays are rewritten by its updates, whose write-backs
+        the staged path orders its reads after."""
         state = self.states[uid]
-        return (not self.device.is_cuda and self.dist is None
+        return (not self.device.is_cuda and self.dist is None and not self.units[uid].trainable_numel
                 and self.io.reads_whole(state, self._weights_name(uid), self.compute_dtype))
 
     def _reusable_buffer(self, numel: int, nbytes: int) -> torch.Tensor | None:
