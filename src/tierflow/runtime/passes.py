@@ -70,7 +70,7 @@ class Passes:
             activations = self.engine.activations
             if activations is None or not activations.recomputing:  # not in backward
                 last = max(uids, key=self.trace.position)
-                self.residency.prefetch(self.upcoming(last), generating=self.cyclic_prefetch)
+                self.residency.prefetch(self.upcoming(last))
                 self.residency.gather_ahead(self.trace.after(last))
             self.scopes.append([])
 

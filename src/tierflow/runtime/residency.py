@@ -122,17 +122,11 @@ class Residency:
         state = self.states[uid]
         self.dist.gather_ahead(uid, res.flat, state.base, state.limit, self.units[uid].name)
 
-    def prefetch(self, upcoming: list[int], generating: bool = False) -> None:
-        """Start fetches of the next units within the prefetch window (units that never move
-        take none of it). `generating`: forward only, again and again (infer/), so the window
-        also spans the device room the plan keeps for a unit in flight beside the largest in use."""
-        size = lambda u: 0 if self.is_permanent(u) else working_bytes(self.units[u], self.compute_dtype)
+    def prefetch(self, upcoming: list[int]) -> None:
+        """Start fetches of the next units within the prefetch window."""
+        size = lambda u: working_bytes(self.units[u], self.compute_dtype)
         needs = lambda u: self.of[u].fetch is None and (self.of[u].flat is None or bool(self.of[u].pending))
-        window = self.plan.prefetch_bytes
-        if generating:
-            largest = max((size(u) for u in range(len(self.units))), default=0)
-            window = max(window, self.plan.device_working - largest)
-        for uid in prefetch_window(upcoming, size, needs, window):
+        for uid in prefetch_window(upcoming, size, needs, self.plan.prefetch_bytes):
             if not self.start_fetch(uid, required=False):
                 return
 
