@@ -131,8 +131,11 @@ def test_bytes_moved_per_forward_are_the_compressed_bytes(tmp_path, engines):
         after = engine.io_stats()
         moved[fmt] = after["nvme_read"] - before["nvme_read"]
         stored = sum(state.nbytes(name) for state in engine.states for name in state.arrays)
-        assert moved[fmt] == stored, fmt  # every unit read once per forward, nothing else
-        assert after["host_to_device"] - before["host_to_device"] == stored
+        # Every unit read once per forward, nothing else (a frozen uncompressed unit is read straight
+        # into its buffer on a CPU, without the 4 KiB padding after its array: up to 4 KiB less).
+        slack = 4096 * len(engine.states)
+        assert stored - slack <= moved[fmt] <= stored, (fmt, moved[fmt], stored)
+        assert stored - slack <= after["host_to_device"] - before["host_to_device"] <= stored
     assert moved[None] / moved["int8"] > 3.7 and moved[None] / moved["int4"] > 6.5, moved
 
 

@@ -159,7 +159,7 @@ def fio_gbps(fio: str, job: FioJob, directory: Path, size: int, write: bool,
 
 
 @contextlib.contextmanager
-def _huge_pages_for_fio(nbytes: int) -> Iterator[bool]:
+def huge_pages_for_fio(nbytes: int) -> Iterator[bool]:
     """Make ``nbytes`` of hugetlb pages available to fio's --mem=shmhuge.
 
     Reserves them (root only) when too few are free and gives them back
@@ -292,7 +292,7 @@ def run_io_bench(directory: str | Path, size_bytes: int = 2 << 30, json_path: st
         extent = store.allocate(size)
         try:
             # fio's buffers: numjobs * bs, plus slack for its alignment.
-            with _huge_pages_for_fio(io_threads * chunk_bytes + (8 << 20)) as huge:
+            with huge_pages_for_fio(io_threads * chunk_bytes + (8 << 20)) as huge:
                 jobs = fio_jobs(chunk_bytes, io_threads, huge) if fio else []
                 for job in jobs:
                     cmd = job.command(fio, directory, size, True, store.direct)

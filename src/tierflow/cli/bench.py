@@ -98,6 +98,12 @@ def add_arguments(parser) -> None:
     gen.add_argument("--prompt-len", type=int, default=16)
     gen.add_argument("--new-tokens", type=int, default=8)
     gen.add_argument("--threads", type=int, default=2, help="torch threads of each contender")
+    gen.add_argument("--matrix", action="store_true",
+                     help="run the matrix: models --factors x the --limit, each pair of --budgets, each batch")
+    gen.add_argument("--factors", type=float, nargs="+", default=[2, 4, 8],
+                     help="with --matrix: model sizes, as multiples of the memory limit")
+    gen.add_argument("--budgets", nargs="+", default=["64MiB/96MiB", "128MiB/224MiB"],
+                     help="with --matrix: DEVICE/HOST budget pairs, tight to roomy")
     gen.add_argument("--json", default=None)
     moe = sub.add_parser("moe", help="a mixture-of-experts model bigger than memory: experts fetched as "
                          "routed vs accelerate disk offload")
@@ -268,6 +274,12 @@ def run(args) -> int:
                                 args.nvme, args.recalibrate, args.json, quiet_wait=args.quiet_wait,
                                 calibrate_each=args.calibrate_each)
     elif args.bench == "generate":
+        if args.matrix:
+            from tierflow.bench.generate_matrix import run_generate_matrix
+            run_generate_matrix(args.dir, args.limit or "768MiB", tuple(args.factors), parse_budgets(args.budgets),
+                                tuple(args.batches), args.hidden, args.intermediate, args.vocab, args.prompt_len,
+                                args.new_tokens, args.threads, args.json)
+            return 0
         from tierflow.bench.generate import run_generate_bench
         run_generate_bench(args.dir, args.hidden, args.layers, args.intermediate, args.vocab, args.device,
                            args.device_memory, args.host_memory, args.limit, tuple(args.batches),
@@ -301,3 +313,16 @@ def run(args) -> int:
         from tierflow.bench.gpu_check import run_gpu_bench
         return run_gpu_bench(args)
     return 0
+
+
+def parse_budgets(pairs) -> tuple:
+    """'DEVICE/HOST' strings -> ((device, host), ...); a clear error for anything else."""
+    from tierflow.errors import ConfigError
+
+    parsed = []
+    for pair in pairs:
+        parts = pair.split("/")
+        if len(parts) != 2 or not all(parts):
+            raise ConfigError(f"--budgets takes DEVICE/HOST pairs such as 48MiB/96MiB, got {pair!r}")
+        parsed.append((parts[0], parts[1]))
+    return tuple(parsed)

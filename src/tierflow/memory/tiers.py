@@ -22,6 +22,7 @@ offsets, so the optimizer, gradient and checkpoint code is unchanged.
 """
 from __future__ import annotations
 
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import torch
@@ -275,6 +276,26 @@ class StateIO:
                 self.close(window)
         return out, nbytes
 
+    # ---- direct whole-array reads (gendisk: generation at the disk's speed) ------------------
+    def reads_whole(self, state: UnitState, name: str, dtype: torch.dtype) -> bool:
+        """True when `read_whole_async` can read array `name` straight into a CPU tensor of
+        `dtype`: an NVMe array of a whole unit (not a rank's shard), no conversion."""
+        name = state.key(name)
+        return (state.home == "nvme" and self.nvme is not None and state.limit is None
+                and state.base == 0 and state.dtypes.get(name) == dtype)
+
+    def read_whole_async(self, state: UnitState, name: str, dst: torch.Tensor) -> Future:
+        """Start reading the whole NVMe array `name` into `dst`, a CPU tensor from
+        `aligned_flat`, without staging buffers or a copy: the NVMe threads read it in
+        chunk-sized requests, all in flight at once. Returns the read's future."""
+        extent = state.arrays[state.key(name)]
+        nbytes = _round_up(dst.numel() * dst.element_size(), ALIGN)
+        if not takes_direct_reads(dst) or nbytes > extent.nbytes:
+            raise ValueError("read_whole_async needs a CPU tensor from aligned_flat of at most the array's size")
+        raw = torch.empty(0, dtype=torch.uint8).set_(dst.untyped_storage(), dst.storage_offset() * dst.element_size(),
+                                                     (nbytes,))
+        return self.nvme.read_async(extent, raw)
+
     def write_from(self, state: UnitState, name: str, src: torch.Tensor, start: int = 0) -> None:
         """Copy `src` (flat) into elements [start, start+numel) of an array, piece by piece."""
         name = state.key(name)
@@ -286,6 +307,21 @@ class StateIO:
                 self.close(window)
                 raise
             self.close(window, write=(name,))
+
+
+def aligned_flat(numel: int, dtype: torch.dtype, alignment: int = ALIGN) -> torch.Tensor:
+    """A flat CPU tensor whose data starts on an `alignment` boundary and whose storage reaches
+    past its end to the next boundary: a target for O_DIRECT reads of whole arrays (`aligned_empty`:
+    2 MiB-aligned, huge pages, from 8 MiB: measured 2.7-3.0 GB/s read against 1.6 with 4 KiB pages)."""
+    nbytes = numel * dtype.itemsize
+    return aligned_empty(_round_up(max(nbytes, 1), alignment), alignment)[:nbytes].view(dtype)
+
+
+def takes_direct_reads(flat: torch.Tensor) -> bool:
+    """True for a CPU tensor like those of `aligned_flat`: O_DIRECT can read whole arrays into it."""
+    nbytes = _round_up(flat.numel() * flat.element_size(), ALIGN)
+    return (flat.device.type == "cpu" and flat.is_contiguous() and flat.data_ptr() % ALIGN == 0
+            and flat.untyped_storage().nbytes() >= flat.storage_offset() * flat.element_size() + nbytes)
 
 
 @dataclass

@@ -1,0 +1,135 @@
+"""Generation at the disk's speed (CPU compute device): NVMe-homed weights are read straight
+into aligned buffers on the NVMe threads (no transfer thread, no staging copy), the buffers of
+one step serve the next, and the greedy tokens stay those of transformers. Also the pieces of
+`tierflow bench generate --matrix` that do arithmetic."""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+import tierflow
+from tierflow.bench.generate_matrix import cell_summary, layers_for, meets_targets
+from tierflow.cli.bench import parse_budgets
+from tierflow.errors import ConfigError
+from tierflow.memory.nvme import NvmeStore
+from tierflow.memory.tiers import StateIO, UnitState, aligned_flat, takes_direct_reads
+from tierflow.runtime import residency as residency_module
+
+from conftest import SMALL_UNITS, VOCAB, make_tiny
+
+NEW = 6
+
+
+def saved_llama(tmp_path):
+    model = make_tiny("llama").eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.save_pretrained(tmp_path / "hf")
+    return tmp_path / "hf", model
+
+
+def greedy(model_or_engine, ids):
+    return model_or_engine.generate(ids, max_new_tokens=NEW, do_sample=False, pad_token_id=0)
+
+
+def test_nvme_units_are_read_straight_into_their_buffers(tmp_path, engines, monkeypatch):
+    path, model = saved_llama(tmp_path)
+    engine = tierflow.load(path, nvme=tmp_path / "spill", placement="nvme", trainable=False,
+                           device_memory="160KiB", **SMALL_UNITS)
+    engines.append(engine)
+    calls = {"direct": 0, "staged": 0}
+    direct, staged = StateIO.read_whole_async, StateIO.read_into
+
+    def count_direct(self, *args):
+        calls["direct"] += 1
+        return direct(self, *args)
+
+    def count_staged(self, *args):
+        calls["staged"] += 1
+        return staged(self, *args)
+
+    monkeypatch.setattr(StateIO, "read_whole_async", count_direct)
+    monkeypatch.setattr(StateIO, "read_into", count_staged)
+    ids = torch.randint(1, VOCAB, (2, 5), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(greedy(engine, ids), greedy(model, ids))
+    fetched = sum(1 for home in engine.plan.homes if home == "nvme")
+    assert calls["staged"] == 0 and calls["direct"] >= fetched > 0, calls
+    assert all(step.nvme_read > 0 for step in engine.last_generation.steps)  # the budget keeps few units
+    for uid, home in enumerate(engine.plan.homes):
+        flat = engine.residency[uid].flat
+        if home == "nvme" and flat is not None:
+            assert takes_direct_reads(flat)
+
+
+def test_buffers_are_reused_and_the_device_budget_does_not_creep(tmp_path, engines, monkeypatch):
+    path, model = saved_llama(tmp_path)
+    engine = tierflow.load(path, nvme=tmp_path / "spill", placement="nvme", trainable=False,
+                           device_memory="160KiB", **SMALL_UNITS)
+    engines.append(engine)
+    ids = torch.randint(1, VOCAB, (1, 5), generator=torch.Generator().manual_seed(1))
+    expected = greedy(model, ids)
+    assert torch.equal(greedy(engine, ids), expected)
+    used = engine.budgets["device"].used
+    fresh = []
+    allocate = residency_module.aligned_flat
+    monkeypatch.setattr(residency_module, "aligned_flat", lambda *a: fresh.append(a) or allocate(*a))
+    for _ in range(2):
+        assert torch.equal(greedy(engine, ids), expected)
+        assert engine.budgets["device"].used == used  # buffers changed hands, bytes stayed accounted
+    fetches = 2 * (NEW + 1) * sum(1 for home in engine.plan.homes if home == "nvme")
+    # Units repeat their sizes layer after layer: most fetches take the buffer of a unit of
+    # the same size used longer ago (the first ones of a call may find none free yet).
+    assert len(fresh) < fetches / 2, (len(fresh), fetches)
+
+
+def test_read_whole_async_reads_every_byte_and_refuses_other_targets(tmp_path):
+    with NvmeStore(tmp_path, io_threads=2, chunk_bytes=16384) as store:
+        numel = 10_000  # 40,000 bytes: several requests, and a tail rounded up to 4 KiB
+        extent = store.allocate(numel * 4)
+        data = torch.randn(numel, generator=torch.Generator().manual_seed(2))
+        staged = aligned_flat(numel, torch.float32)
+        staged.copy_(data)
+        store.write(extent, torch.empty(0, dtype=torch.uint8).set_(staged.untyped_storage(),
+                                                                   staged.storage_offset() * 4, (40960,)))
+        io = StateIO(None, {}, store, None)
+        state = UnitState("nvme", {"weights": extent}, {"weights": torch.float32})
+        assert io.reads_whole(state, "weights", torch.float32)
+        assert not io.reads_whole(state, "weights", torch.bfloat16)  # a conversion goes the staged way
+        dst = aligned_flat(numel, torch.float32)
+        io.read_whole_async(state, "weights", dst).result()
+        assert torch.equal(dst, data)
+        misaligned = torch.empty(numel + 1)[1:]
+        assert not takes_direct_reads(misaligned)
+        with pytest.raises(ValueError, match="aligned_flat"):
+            io.read_whole_async(state, "weights", misaligned)
+        with pytest.raises(ValueError, match="aligned_flat"):  # bigger than the array
+            io.read_whole_async(state, "weights", aligned_flat(2 * numel, torch.float32))
+
+
+def test_matrix_model_sizes_and_budget_pairs():
+    limit = 768 * 2**20
+    for factor in (2, 4, 8):
+        layers = layers_for(factor, limit, 1024, 2816, 8000)
+        size = 4 * (layers * (4 * 1024**2 + 3 * 1024 * 2816 + 2 * 1024) + 2 * 8000 * 1024 + 1024)
+        assert abs(size - factor * limit) <= 4 * (4 * 1024**2 + 3 * 1024 * 2816)  # within a layer
+    assert parse_budgets(["48MiB/96MiB", "1GiB/2GiB"]) == (("48MiB", "96MiB"), ("1GiB", "2GiB"))
+    for bad in ("48MiB", "48MiB/", "a/b/c"):
+        with pytest.raises(ConfigError, match="DEVICE/HOST"):
+            parse_budgets([bad])
+
+
+def test_matrix_cell_summary_computes_the_bound_and_the_speedup():
+    runs = {"tierflow": dict(steps=[2.0, 1.0, 1.2, 1.1], nvme_read=[0, 2e9, 2e9, 2e9], tokens=[[5, 6, 7]]),
+            "accelerate": dict(steps=[5.0, 4.0, 4.0, 4.0], tokens=[[5, 6, 7]]),
+            "memory": dict(steps=[1.0, 0.5, 0.4, 0.6], tokens=[[5, 6, 7]])}
+    cell = cell_summary(2, 3e9, "48MiB", "96MiB", 1, runs, 2.0, 4)
+    assert cell["step_s"] == 1.1 and cell["io_s"] == 1.0 and cell["compute_s"] == 0.4 and cell["bound_s"] == 1.0
+    assert cell["step_over_bound"] == pytest.approx(1.1)
+    assert cell["speedup"] == pytest.approx(17 / 5.3) and cell["same_tokens"]
+    assert meets_targets(cell)
+    runs["accelerate"]["tokens"] = [[5, 6, 8]]
+    assert not meets_targets(cell_summary(2, 3e9, "48MiB", "96MiB", 1, runs, 2.0, 4))
+    failed = cell_summary(2, 3e9, "48MiB", "96MiB", 1, dict(runs, tierflow={"error": "killed"}), 2.0, 4)
+    assert failed["tierflow_error"] == "killed" and not meets_targets(failed)
