@@ -30,3 +30,12 @@ def test_contender_names_and_options_are_checked_before_any_work():
     for bad in ("tierflow-hots", "torch[fused=1]", "tierflow-host[activations]"):
         with pytest.raises(ValueError):
             check_contender(bad)
+
+
+def test_a_child_process_reports_its_result_or_its_failure():
+    from tierflow.bench.isolated import launch_in_cgroup
+
+    # print_result echoes its argument (the JSON spec, a string here) on the RESULT line
+    assert launch_in_cgroup("tierflow.bench.isolated", "print_result", {"a": 1}, None, 120) == '{"a": 1}'
+    failed = launch_in_cgroup("tierflow.bench.isolated", "no_such_entry", {}, None, 120)
+    assert "error" in failed and "no_such_entry" in failed["error"]

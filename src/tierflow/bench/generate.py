@@ -24,20 +24,12 @@ import os
 import shutil
 import statistics
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 from tierflow.bench.io import GB, drop_caches, find_fio, fio_gbps, fio_jobs, huge_pages_for_fio
+from tierflow.bench.isolated import launch_in_cgroup
 from tierflow.bench.report import print_row, row, write_json
-
-# The child joins the cgroup first thing, before torch is imported, so that everything it
-# allocates or reads is charged to the limit.
-_LAUNCH = ("import os, sys\n"
-           "if sys.argv[1]:\n"
-           "    open(sys.argv[1], 'w').write(str(os.getpid()))\n"
-           "from tierflow.bench.generate import _main\n"
-           "_main(sys.argv[2])\n")
 
 CGROUP_ROOT = Path("/sys/fs/cgroup/memory")  # cgroup v1
 CGROUP_V2_ROOT = Path("/sys/fs/cgroup")
@@ -189,20 +181,11 @@ def run_contender(spec: dict, cgroup: Path | None, timeout: float) -> dict:
     # Every contender waits passively in OpenMP barriers: on a shared machine libgomp's default
     # spinning lets other processes' load slow a contender's compute several times over
     # (measured: a 12-token prefill 4x slower), which would blur the comparison and the bound.
-    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]), TOKENIZERS_PARALLELISM="false")
-    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    group = str(cgroup / "cgroup.procs") if cgroup is not None and spec["contender"] != "memory" else ""
-    cmd = [sys.executable, "-c", _LAUNCH, group, json.dumps(spec)]
-    try:
-        done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return {"error": f"did not finish within {timeout:.0f} s"}
-    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
-    if done.returncode != 0 or not lines:
-        tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
-        killed = " (killed: out of memory under the cgroup limit)" if done.returncode in (-9, 137) else ""
-        return {"error": f"exit status {done.returncode}{killed}: {' | '.join(tail)}"}
-    result = json.loads(lines[-1][len("RESULT "):])
+    group = str(cgroup / "cgroup.procs") if cgroup is not None and spec["contender"] != "memory" else None
+    result = launch_in_cgroup("tierflow.bench.generate", "_main", spec, group, timeout,
+                              env={"OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")})
+    if "error" in result:
+        return result
     if cgroup is not None and spec["contender"] != "memory":
         usage = _max_usage(cgroup)
         if usage is not None:

@@ -44,3 +44,31 @@ def run_isolated(module: str, name: str, config: dict, timeout: float | None = N
 def print_result(result: dict) -> None:
     """The contender process's side of `run_isolated`."""
     print(RESULT + json.dumps(result), flush=True)
+
+
+def launch_in_cgroup(module: str, entry: str, spec: dict, cgroup_procs: str | None, timeout: float,
+                     env: dict | None = None) -> dict:
+    """Run `module.entry(json spec)` in a child that first joins the cgroup whose `cgroup.procs`
+    file is `cgroup_procs` (None: none), before torch is imported, so that everything it
+    allocates or reads is charged to the limit; its RESULT line's JSON, or {"error": ...} (an
+    exit by SIGKILL is named: out of memory under the limit)."""
+    import os
+
+    code = ("import os, sys\n"
+            "if sys.argv[1]:\n"
+            "    open(sys.argv[1], 'w').write(str(os.getpid()))\n"
+            f"from {module} import {entry}\n"
+            f"{entry}(sys.argv[2])\n")
+    child_env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]), TOKENIZERS_PARALLELISM="false")
+    child_env.update(env or {})
+    try:
+        done = subprocess.run([sys.executable, "-c", code, cgroup_procs or "", json.dumps(spec)],
+                              capture_output=True, text=True, env=child_env, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"did not finish within {timeout:.0f} s"}
+    lines = [line for line in done.stdout.splitlines() if line.startswith(RESULT)]
+    if done.returncode != 0 or not lines:
+        tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
+        killed = " (killed: out of memory under the cgroup limit)" if done.returncode in (-9, 137) else ""
+        return {"error": f"exit status {done.returncode}{killed}: {' | '.join(tail)}"}
+    return json.loads(lines[-1][len(RESULT):])

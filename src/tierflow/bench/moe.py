@@ -18,23 +18,16 @@ same model, prompts, budgets and memory limit.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 from tierflow.bench.generate import make_cgroup, reset_cgroup
 from tierflow.bench.io import drop_caches
+from tierflow.bench.isolated import launch_in_cgroup
 from tierflow.bench.report import print_row, row, write_json
 
-_LAUNCH = ("import os, sys\n"
-           "if sys.argv[1]:\n"
-           "    open(sys.argv[1], 'w').write(str(os.getpid()))\n"
-           "from tierflow.bench.moe import _main\n"
-           "_main(sys.argv[2])\n")
 MiB = 2**20
 
 
@@ -113,18 +106,8 @@ def _child(spec: dict) -> dict:
 def run_contender(spec: dict, cgroup: Path | None, timeout: float) -> dict:
     drop_caches()
     reset_cgroup(cgroup)
-    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]), TOKENIZERS_PARALLELISM="false")
-    group = str(cgroup / "cgroup.procs") if cgroup is not None else ""
-    try:
-        done = subprocess.run([sys.executable, "-c", _LAUNCH, group, json.dumps(spec)], capture_output=True,
-                              text=True, env=env, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return {"error": f"did not finish within {timeout:.0f} s"}
-    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
-    if done.returncode != 0 or not lines:
-        tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
-        return {"error": f"exit status {done.returncode}: {' | '.join(tail)}"}
-    return json.loads(lines[-1][len("RESULT "):])
+    group = str(cgroup / "cgroup.procs") if cgroup is not None else None
+    return launch_in_cgroup("tierflow.bench.moe", "_main", spec, group, timeout)
 
 
 def run_moe_bench(directory, hidden=1024, layers=16, intermediate=1408, experts=8, top_k=2, vocab=8000,

@@ -19,25 +19,18 @@ the agreement of greedy continuations.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 from tierflow.bench.generate import build_model_dir, make_cgroup, model_config, reset_cgroup
 from tierflow.bench.io import drop_caches
+from tierflow.bench.isolated import launch_in_cgroup
 from tierflow.bench.report import print_row, row, write_json
 
 FORMATS = (None, "int8", "int4")
 MiB = 2**20
-_LAUNCH = ("import os, sys\n"
-           "if sys.argv[1]:\n"
-           "    open(sys.argv[1], 'w').write(str(os.getpid()))\n"
-           "from tierflow.bench.quant import child_main\n"
-           "child_main(sys.argv[2])\n")
 
 
 # ---------------------------------------------------------------------------- speed
@@ -81,18 +74,8 @@ def child_main(spec: str) -> None:
 def _run_child(spec: dict, cgroup: Path | None, timeout: float) -> dict:
     drop_caches()
     reset_cgroup(cgroup)
-    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]), TOKENIZERS_PARALLELISM="false")
-    group = str(cgroup / "cgroup.procs") if cgroup is not None else ""
-    try:
-        done = subprocess.run([sys.executable, "-c", _LAUNCH, group, json.dumps(spec)], capture_output=True,
-                              text=True, env=env, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return {"error": f"did not finish within {timeout:.0f} s"}
-    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
-    if done.returncode != 0 or not lines:
-        tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
-        return {"error": f"exit status {done.returncode}: {' | '.join(tail)}"}
-    return json.loads(lines[-1][len("RESULT "):])
+    group = str(cgroup / "cgroup.procs") if cgroup is not None else None
+    return launch_in_cgroup("tierflow.bench.quant", "child_main", spec, group, timeout)
 
 
 def run_speed(directory, hidden=1024, layers=24, intermediate=2816, vocab=8000, device="cpu",
