@@ -28,6 +28,7 @@ from tierflow.memory.device import ComputeDevice
 from tierflow.memory.packed import PackedWeights
 from tierflow.memory.tiers import StateIO, UnitState, aligned_flat, takes_direct_reads
 from tierflow.runtime.events import Span
+from tierflow.runtime.spares import SpareBuffers
 from tierflow.runtime.updates import apply_updates
 
 SCRATCH_ELEMENTS = 1 << 22  # per device buffer of a GPU-side AdamW of host/NVMe state (8 x 16 MiB)
@@ -66,9 +67,8 @@ class Residency:
             self.transfer.submit(join_openmp)
         self._tick = itertools.count(1)
         self._owner: dict[int, int] = {}  # data_ptr of a streamed unit's device buffer -> unit id
-        # CPU only: buffers of evicted units, reused by the next fetches of the same size.
-        # Fresh memory costs a page fault per 4 KiB: measured ~3x the copy itself.
-        self.spare: dict[int, list[torch.Tensor]] = {}
+        self.spares = SpareBuffers(budgets["device"], plan.prefetch_bytes, enabled=not device.is_cuda)
+        self.spare = self.spares.by_size  # size -> buffers (spares.py)
         # Other holders of device memory that give it back when units need it (the expert
         # cache, experts.py): callables (nbytes) -> True if they freed any.
         self.reclaimers: list = []
@@ -204,11 +204,10 @@ class Residency:
         decoder repeat their sizes layer after layer, so a generation step reuses the buffers
         of the previous one: fresh memory costs page faults and freed memory TLB shootdowns
         (measured on 2 cores: compute ran up to 3x slower next to that churn)."""
-        if self.spare.get(numel):
-            flat = self.spare[numel].pop()
-        elif self.budgets["device"].room() >= nbytes:  # (other threads only give bytes back)
-            return None
-        else:
+        flat = self.spares.pop(numel)
+        if flat is None:
+            if self.budgets["device"].room() >= nbytes:  # (other threads only give bytes back)
+                return None
             same = [uid for uid in range(len(self.of)) if self.units[uid].numel == numel and self._evictable(uid)]
             if not same:
                 return None
@@ -372,7 +371,7 @@ class Residency:
         """Evict cached units, least recently used first, until `nbytes` fit; True if any went."""
         budget = self.budgets["device"]
         candidates = [uid for uid in range(len(self.of)) if self._evictable(uid)]
-        evicted = self._drop_spares(nbytes)
+        evicted = self.spares.drop_until(nbytes)
         for uid in eviction_order(candidates, lambda u: self.of[u].last_use):
             if budget.room() >= nbytes:
                 break
@@ -388,7 +387,7 @@ class Residency:
     def evict(self, uid: int) -> None:
         """Drop the unit's device copy (its home keeps the state)."""
         flat = self._detach(uid)
-        kept = self._keep_spare(flat)  # a spare keeps its own bytes (not a compressed unit's extra ones)
+        kept = self.spares.keep(flat)  # a spare keeps its own bytes (not a compressed unit's extra ones)
         self.budgets["device"].release(working_bytes(self.units[uid], self.compute_dtype)
                                        - (flat.numel() * flat.element_size() if kept else 0))
 
@@ -404,43 +403,10 @@ class Residency:
         flat, res.flat = res.flat, None
         return flat
 
-    def _keep_spare(self, flat: torch.Tensor) -> bool:
-        """Keep an evicted CPU buffer for reuse when nothing else holds a view of it (the storage
-        is referenced by `flat` and the temporary wrapper only). A spare stays in the device
-        budget until a fetch takes it or room is needed (`_drop_spares`); at most two per size
-        and no more bytes in all than the prefetch window. True if kept."""
-        use_count = getattr(torch._C, "_storage_Use_Count", None)
-        if self.device.is_cuda or use_count is None or use_count(flat.untyped_storage()._cdata) > 2:
-            return False
-        spares = self.spare.setdefault(flat.numel(), [])
-        held = sum(t.numel() * t.element_size() for group in list(self.spare.values()) for t in list(group))
-        if len(spares) < 2 and held + flat.numel() * flat.element_size() <= self.plan.prefetch_bytes:
-            spares.append(flat)
-            return True
-        return False
-
     def _device_buffer(self, numel: int) -> torch.Tensor:
         """A buffer for a fetch: a spare one of the same size (CPU) or a new one (current lane)."""
-        flat = self._spare_buffer(numel)
+        flat = self.spares.take(numel)
         return flat if flat is not None else self.device.empty(numel, self.compute_dtype)
-
-    def _spare_buffer(self, numel: int) -> torch.Tensor | None:
-        """A spare buffer of `numel` elements (transfer thread; list.pop is atomic); its bytes
-        leave the budget, since the fetch taking it has reserved its own."""
-        try:
-            flat = self.spare.get(numel, []).pop()
-        except IndexError:
-            return None
-        self.budgets["device"].release(flat.numel() * flat.element_size())
-        return flat
-
-    def _drop_spares(self, nbytes: int) -> bool:
-        """Free spare buffers until `nbytes` fit in the device budget; True if any went."""
-        budget, dropped = self.budgets["device"], False
-        for numel in list(self.spare):
-            while budget.room() < nbytes and self._spare_buffer(numel) is not None:
-                dropped = True
-        return dropped
 
     # ---- parameters -----------------------------------------------------------------------------
     def placeholder(self, slot: Slot) -> torch.Tensor:
