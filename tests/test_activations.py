@@ -57,7 +57,7 @@ def _cached(engine):
     from tierflow.core.plan import working_bytes
     cached = sum(working_bytes(engine.units[u], engine.compute_dtype) for u, r in enumerate(engine.residency)
                  if r.flat is not None and not engine.residency.is_permanent(u))
-    spares = sum(t.numel() * t.element_size() for group in engine.residency.spare.values() for t in group)
+    spares = sum(t.numel() * t.element_size() for group in engine.residency.spares.by_size.values() for t in group)
     return cached + spares  # evicted buffers kept for reuse stay in the device budget
 
 

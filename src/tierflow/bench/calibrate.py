@@ -41,7 +41,7 @@ def calibrate(device: str = "cpu", dtype: torch.dtype = torch.float32, nvme_dir=
         blocks = tuple(probes.block_flops(dev, dtype, w) for w in widths)
         log("memory ...")
         memcpy, drain = probes.memcpy_bps(), probes.drain_bps()
-        h2d = d2h = memcpy  # a CPU fetch copies into a reused buffer of an evicted unit (Residency.spare)
+        h2d = d2h = memcpy  # a CPU fetch copies into a reused buffer of an evicted unit (runtime/spares.py)
         device_adamw = None
         if dev.type == "cuda":
             h2d, d2h = probes.link_bps(dev)

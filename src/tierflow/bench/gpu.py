@@ -237,7 +237,8 @@ class RunResult:
     state: dict | None = None
 
 
-def _reset_peak(device: str) -> None:
+def reset_peak(device: str) -> None:
+    """Collect garbage; on CUDA free the allocator's cache and restart its peak statistics."""
     gc.collect()
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
@@ -261,7 +262,7 @@ def _timed_training(name, model, opt, clip, batches, device, autocast_dtype, lag
 def run_torch(initial: nn.Module, batches, device: str, dtype: torch.dtype, lr: float, lag_ms: float = 0.0,
               keep_state: bool = False) -> RunResult:
     """Plain PyTorch: fp32 weights on the device, autocast for bf16, fused AdamW, torch's clip."""
-    _reset_peak(device)
+    reset_peak(device)
     model = copy.deepcopy(initial).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, fused=True)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -281,7 +282,7 @@ def run_tierflow(name: str, initial: nn.Module, batches, device: str, dtype: tor
                  keep_state: bool = False) -> RunResult:
     """tierflow: the engine in `dtype` (master weights and moments fp32), tierflow.AdamW with
     its exact global-norm clip; `fault` corrupts this contender on purpose (checker tests)."""
-    _reset_peak(device)
+    reset_peak(device)
     model = copy.deepcopy(initial)
     engine = tierflow.offload(model, device=device, dtype=None if dtype == torch.float32 else dtype,
                               **offload_kwargs)

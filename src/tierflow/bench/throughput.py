@@ -93,13 +93,6 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _reset_gpu_peak(device: str) -> None:
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-
-
 def timed_loop(step, batches, device: str, profile_step: int | None = None,
                profile_out: Path | None = None) -> tuple[list[float], list[float]]:
     """Run `step(ids) -> loss tensor` per batch; (seconds per step, losses). One device sync
@@ -142,7 +135,7 @@ def torch_stepper(model, device: str, lr: float):
         opt.step()
         opt.zero_grad()
         return loss
-    return step, None
+    return step, None, {}
 
 
 def predicted_step_s(model, cfg: ThroughputConfig, kwargs: dict) -> float | None:
@@ -168,7 +161,6 @@ def tierflow_stepper(model, cfg: ThroughputConfig, host_memory: str, **options):
                   nvme=cfg.nvme or tempfile.mkdtemp(prefix="tierflow-tp-"), **{**cfg.offload_options, **options})
     predicted = predicted_step_s(model, cfg, kwargs)
     engine = tierflow.offload(model, **kwargs)
-    engine.predicted_step_s = predicted  # (read by run_contender)
     opt = tierflow.AdamW(engine, lr=cfg.lr)
 
     def step(ids):
@@ -178,7 +170,7 @@ def tierflow_stepper(model, cfg: ThroughputConfig, host_memory: str, **options):
         opt.step()
         opt.zero_grad()
         return loss
-    return step, engine
+    return step, engine, {"predicted_step_s": predicted}
 
 
 def deepspeed_stepper(model, cfg: ThroughputConfig):
@@ -202,7 +194,7 @@ def deepspeed_stepper(model, cfg: ThroughputConfig):
         engine.backward(loss)
         engine.step()
         return loss
-    return step, None
+    return step, None, {}
 
 
 def fsdp2_stepper(model, cfg: ThroughputConfig):
@@ -229,7 +221,7 @@ def fsdp2_stepper(model, cfg: ThroughputConfig):
         opt.step()
         opt.zero_grad()
         return loss
-    return step, None
+    return step, None, {}
 
 
 def split_options(name: str) -> tuple[str, dict]:
@@ -283,10 +275,11 @@ def run_contender(name: str, cfg: ThroughputConfig) -> dict:
     params = sum(p.numel() for p in model.parameters())
     result = {"name": name, "params": params, "checksum": checksum(model)}
     batches = gpu.make_batches(cfg.steps, cfg.batch, cfg.seq_len, cfg.shape.vocab, cfg.device, seed=cfg.seed + 1)
-    _reset_gpu_peak(cfg.device)
+    gpu.reset_peak(cfg.device)
     if cfg.profile_dir:
         Path(cfg.profile_dir).mkdir(parents=True, exist_ok=True)
-    step, engine = make_stepper(name, model, cfg)
+    step, engine, extra = make_stepper(name, model, cfg)
+    result.update(extra)
     if engine is not None and cfg.profile_dir:
         from tierflow.bench.timeline import record_phases
         engine.events.enable()
@@ -302,7 +295,6 @@ def run_contender(name: str, cfg: ThroughputConfig) -> dict:
             result["device_budget"] = engine.budgets["device"].capacity
             result["offdevice_trainable"] = sum(u.trainable_numel for u, h in zip(engine.units, engine.plan.homes)
                                                 if h != "device")
-            result["predicted_step_s"] = engine.predicted_step_s
             result["io_per_step"] = {k: v / len(batches) for k, v in engine.io_stats().items()}
             if cfg.profile_dir:
                 result["lanes"] = lane_totals(engine, Path(cfg.profile_dir) / f"{name}-timeline.png")

@@ -68,7 +68,6 @@ class Residency:
         self._tick = itertools.count(1)
         self._owner: dict[int, int] = {}  # data_ptr of a streamed unit's device buffer -> unit id
         self.spares = SpareBuffers(budgets["device"], plan.prefetch_bytes, enabled=not device.is_cuda)
-        self.spare = self.spares.by_size  # size -> buffers (spares.py)
         # Other holders of device memory that give it back when units need it (the expert
         # cache, experts.py): callables (nbytes) -> True if they freed any.
         self.reclaimers: list = []

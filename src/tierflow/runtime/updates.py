@@ -222,6 +222,7 @@ def apply_updates(io, device, state, pending: list, flat: torch.Tensor | None = 
     try:
         for window in io.windows(state, names, ranges, spare=int("weights" in state.arrays)):
             start, count = window.start, window.views[0].numel()
+            weights = None
             try:
                 staged = bool(window.buffers)
                 weights = io.open(state, ("weights",), start, count, read=False) if "weights" in state.arrays else None
@@ -233,17 +234,21 @@ def apply_updates(io, device, state, pending: list, flat: torch.Tensor | None = 
                     adamw_(*window.views, by_start[start])
                     if weights is not None:
                         weights.views[0].copy_(window.views[0])
-                if flat is not None and scratch is None:
+                if flat is not None and on_device is None:
                     # From the compute-dtype host copy when there is one: same dtype, so a true
                     # async copy from pinned memory (fp32 -> bf16 would convert on the host first).
-                    source = weights.views[0] if "weights" in state.arrays else window.views[0]
+                    source = weights.views[0] if weights is not None else window.views[0]
                     flat[start:start + count].copy_(source, non_blocking=True)
-                if staged:  # staging buffers are written back and reused once the copies are done
-                    on_device.finish() if on_device is not None else device.synchronize_lane()
+                if staged and on_device is not None:  # staging buffers are written back and
+                    on_device.finish()                # reused once the copies are done
+                elif staged:
+                    device.synchronize_lane()
                 if weights is not None:
                     writes += io.close(weights, write=("weights",), wait=False)
             except BaseException:
                 io.discard(window)
+                if weights is not None:
+                    io.discard(weights)
                 raise
             writes += io.close(window, write=("master", "exp_avg", "exp_avg_sq"), wait=False)
         if on_device is not None:  # the host arrays are final before anyone reads them
