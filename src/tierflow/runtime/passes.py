@@ -29,9 +29,25 @@ class Passes:
         self._module_starts: list[float] = []
         self._backward_holds: set[int] = set()
         self._backward_callback_queued = False
-        # Generation (infer/) runs the same forward again and again: the units after the last
-        # one are the next forward's first, so prefetch wraps around to them.
+        self.cursor = 0  # trace position of the unit acquired last in forward
         self.cyclic_prefetch = False
+
+    @property
+    def cyclic_prefetch(self) -> bool:
+        """Generation (infer/) runs the same forward again and again: the units after the last
+        one are the next forward's first, so prefetch wraps around to them, and residency
+        evicts by distance ahead in that cycle (`distance_ahead`) instead of least recently used."""
+        return self.residency.next_use is not None
+
+    @cyclic_prefetch.setter
+    def cyclic_prefetch(self, value: bool) -> None:
+        self.residency.next_use = self.distance_ahead if value else None
+
+    def distance_ahead(self, uid: int) -> int:
+        """How many units of the forward order come before `uid`'s next use, counted from the
+        unit in use, wrapping around into the next forward (a unit not in the order: the end)."""
+        n, position = len(self.trace.order), self.trace.position(uid)
+        return (position - self.cursor) % n if position < n else n
 
     # ---- forward ----------------------------------------------------------------------------
     def begin_forward(self) -> None:
@@ -66,21 +82,21 @@ class Passes:
         with self.engine.bookkeeping():
             for uid in sorted(uids, key=self.trace.position):
                 self.trace.record(uid)
+                self.cursor = self.trace.position(uid)
                 self.residency.acquire(uid)
             activations = self.engine.activations
             if activations is None or not activations.recomputing:  # not in backward
                 last = max(uids, key=self.trace.position)
-                self.residency.prefetch(self.upcoming(last))
+                self.residency.prefetch(self.trace.after(last), self.next_forward(last))
                 self.residency.gather_ahead(self.trace.after(last))
             self.scopes.append([])
 
-    def upcoming(self, uid: int) -> list[int]:
-        """Units used after `uid` in forward order (then, when cyclic, the next forward's)."""
-        after = self.trace.after(uid)
+    def next_forward(self, uid: int) -> list[int]:
+        """When cyclic, the next forward's units up to `uid` (those after it come first)."""
         position = self.trace.position(uid)
         if self.cyclic_prefetch and position < len(self.trace.order):
-            after = after + self.trace.order[:position]
-        return after
+            return self.trace.order[:position]
+        return []
 
     def exit_module(self, uids: list[int]) -> None:
         with self.engine.bookkeeping():

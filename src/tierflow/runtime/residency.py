@@ -22,7 +22,7 @@ import torch
 
 from tierflow.core.layout import Slot, Unit
 from tierflow.core.plan import Placement, working_bytes
-from tierflow.core.schedule import eviction_order, prefetch_window
+from tierflow.core.schedule import eviction_order, prefetch_window, ring_eviction_order
 from tierflow.errors import TierflowError
 from tierflow.memory.device import ComputeDevice
 from tierflow.memory.packed import PackedWeights
@@ -72,6 +72,15 @@ class Residency:
         # cache, experts.py): callables (nbytes) -> True if they freed any.
         self.reclaimers: list = []
         self.packed = PackedWeights(io, compute_dtype)  # compressed frozen units (memory/packed.py)
+        # Device bytes a unit takes while resident (0: it never moves, see is_permanent).
+        self.moving = [0 if self.is_permanent(u) else working_bytes(self.units[u], compute_dtype)
+                       for u in range(len(units))]
+        self.held_bytes = 0  # of the moving units in use (refs > 0)
+        self.on_demand = 0   # fetches started by the module that needed the unit: none was ahead
+        # Generation (passes.py): a unit's distance ahead in the fixed unit order of a forward
+        # (0: the current unit); prefetch and eviction then work as a ring. None: evictions
+        # go least recently used first, prefetch stays within the plan's prefetch window.
+        self.next_use = None
 
     def __getitem__(self, uid: int) -> UnitResidency:
         return self.of[uid]
@@ -87,6 +96,7 @@ class Residency:
         """Make unit `uid` resident on the device and hold it; returns its flat buffer."""
         res = self.of[uid]
         if res.flat is None and res.fetch is None:
+            self.on_demand += 1
             self.start_fetch(uid, required=True)
         if res.fetch is not None:
             self.finish_fetch(uid)
@@ -94,6 +104,8 @@ class Residency:
             self.start_fetch(uid, required=True)
             self.finish_fetch(uid)
         res.refs += 1
+        if res.refs == 1:
+            self.held_bytes += self.moving[uid]
         res.last_use = next(self._tick)
         if self.dist is not None and res.refs == 1:
             # Every rank takes its first hold of a unit at the same point of the model, so
@@ -107,6 +119,8 @@ class Residency:
         res = self.of[uid]
         res.refs -= 1
         assert res.refs >= 0, f"unit {self.units[uid].name} released more often than acquired"
+        if res.refs == 0:
+            self.held_bytes -= self.moving[uid]
         if self.dist is not None and res.refs == 0:
             self.dist.forget(uid)  # the next first hold gathers again
 
@@ -131,11 +145,21 @@ class Residency:
         state = self.states[uid]
         self.dist.gather_ahead(uid, res.flat, state.base, state.limit, self.units[uid].name)
 
-    def prefetch(self, upcoming: list[int]) -> None:
-        """Start fetches of the next units within the prefetch window."""
-        size = lambda u: working_bytes(self.units[u], self.compute_dtype)
+    def prefetch(self, upcoming: list[int], next_forward: list[int] = ()) -> None:
+        """Start fetches of the next units (`upcoming`, then generation's `next_forward`) within
+        the plan's prefetch window. During generation the units of this forward also stream
+        ahead through all the room the device working set leaves beside the units in use (the
+        units that never move take none of it): a fetch there evicts only units needed after
+        it (ring_eviction_order), so each is read once per forward, even with a budget so tight
+        that the plan's window holds not one unit."""
         needs = lambda u: self.of[u].fetch is None and (self.of[u].flat is None or bool(self.of[u].pending))
-        for uid in prefetch_window(upcoming, size, needs, self.plan.prefetch_bytes):
+        if self.next_use is not None:
+            ring = self.plan.device_working - self.held_bytes
+            for uid in prefetch_window(upcoming, self.moving.__getitem__, needs, ring):
+                if not self.start_fetch(uid, required=False):
+                    return
+        size = lambda u: working_bytes(self.units[u], self.compute_dtype)
+        for uid in prefetch_window(itertools.chain(upcoming, next_forward), size, needs, self.plan.prefetch_bytes):
             if not self.start_fetch(uid, required=False):
                 return
 
@@ -161,13 +185,14 @@ class Residency:
         pending, res.pending = res.pending, []
         nbytes = 0 if self.is_permanent(uid) else working_bytes(self.units[uid], self.compute_dtype)
         what = f"the weights of unit '{self.units[uid].name}'"
+        ahead = None if required else uid  # a prefetch evicts only units needed after it
         if nbytes and not pending and self._reads_direct(uid):
-            reused = self._reusable_buffer(self.units[uid].numel, nbytes)  # None: reserve a new one
-            if reused is None and not self.reserve_device(nbytes, what, required):
+            reused = self._reusable_buffer(self.units[uid].numel, nbytes, ahead)  # None: reserve a new one
+            if reused is None and not self.reserve_device(nbytes, what, required, ahead):
                 return False
             res.fetch = self._direct_fetch(uid, reused)
             return True
-        if nbytes and not self.reserve_device(nbytes, what, required):
+        if nbytes and not self.reserve_device(nbytes, what, required, ahead):
             res.pending = pending
             return False
         if not nbytes and self.device.is_cuda:
@@ -196,10 +221,10 @@ class Residency:
         return (not self.device.is_cuda and self.dist is None and not self.units[uid].trainable_numel
                 and self.io.reads_whole(state, self._weights_name(uid), self.compute_dtype))
 
-    def _reusable_buffer(self, numel: int, nbytes: int) -> torch.Tensor | None:
+    def _reusable_buffer(self, numel: int, nbytes: int, ahead: int | None) -> torch.Tensor | None:
         """A buffer of `numel` elements whose device bytes stay reserved for the caller: a spare
-        one; else None when the budget has room for a new one; else that of the least
-        recently used evictable unit of the same size. Units of a
+        one; else None when the budget has room for a new one; else that of the first
+        evictable unit of the same size (`victims(ahead)`). Units of a
         decoder repeat their sizes layer after layer, so a generation step reuses the buffers
         of the previous one: fresh memory costs page faults and freed memory TLB shootdowns
         (measured on 2 cores: compute ran up to 3x slower next to that churn)."""
@@ -207,10 +232,10 @@ class Residency:
         if flat is None:
             if self.budgets["device"].room() >= nbytes:  # (other threads only give bytes back)
                 return None
-            same = [uid for uid in range(len(self.of)) if self.units[uid].numel == numel and self._evictable(uid)]
+            same = [uid for uid in self.victims(ahead) if self.units[uid].numel == numel]
             if not same:
                 return None
-            flat = self._detach(eviction_order(same, lambda u: self.of[u].last_use)[0])
+            flat = self._detach(same[0])
         if not takes_direct_reads(flat):  # allocated by a fetch through the transfer thread
             self.budgets["device"].release(flat.numel() * flat.element_size())
             return None
@@ -345,14 +370,14 @@ class Residency:
             self.count("device_to_host", 12 * n)
 
     # ---- device memory -------------------------------------------------------------------------
-    def reserve_device(self, nbytes: int, what: str, required: bool) -> bool:
-        """Reserve device bytes, evicting cached units; a required reservation also waits for
-        in-flight fetches and gradients to free memory, and fails with BudgetError."""
+    def reserve_device(self, nbytes: int, what: str, required: bool, ahead: int | None = None) -> bool:
+        """Reserve device bytes, evicting cached units (`victims(ahead)`); a required reservation
+        also waits for in-flight fetches and gradients to free memory, and fails with BudgetError."""
         budget = self.budgets["device"]
         while True:
             if budget.try_reserve(nbytes):
                 return True
-            if self._evict_for(nbytes):
+            if self._evict_for(nbytes, ahead):
                 continue
             if not required:
                 return False
@@ -361,22 +386,31 @@ class Residency:
             inflight = [uid for uid, res in enumerate(self.of) if res.fetch is not None]
             if not inflight:
                 break
-            self.finish_fetch(inflight[-1])  # the furthest prefetch becomes evictable
+            furthest = inflight[-1] if self.next_use is None else max(inflight, key=self.next_use)
+            self.finish_fetch(furthest)  # the furthest prefetch becomes evictable
         # Gradients in flight free device memory as the drain thread writes them out.
         budget.reserve(nbytes, what, wait=BUDGET_WAIT_S)
         return True
 
-    def _evict_for(self, nbytes: int) -> bool:
-        """Evict cached units, least recently used first, until `nbytes` fit; True if any went."""
+    def _evict_for(self, nbytes: int, ahead: int | None) -> bool:
+        """Evict cached units (`victims(ahead)`) until `nbytes` fit; True if any went."""
         budget = self.budgets["device"]
-        candidates = [uid for uid in range(len(self.of)) if self._evictable(uid)]
         evicted = self.spares.drop_until(nbytes)
-        for uid in eviction_order(candidates, lambda u: self.of[u].last_use):
+        for uid in self.victims(ahead):
             if budget.room() >= nbytes:
                 break
             self.evict(uid)
             evicted = True
         return evicted
+
+    def victims(self, ahead: int | None) -> list[int]:
+        """Evictable units, the first to go first: the least recently used; during generation
+        for a prefetch of unit `ahead` only units needed after it (ring_eviction_order)."""
+        candidates = [uid for uid in sorted(self._owner.values()) if self._evictable(uid)]
+        if self.next_use is None:
+            return eviction_order(candidates, lambda u: self.of[u].last_use)
+        return ring_eviction_order(candidates, self.next_use, lambda u: self.of[u].last_use,
+                                   None if ahead is None else self.next_use(ahead))
 
     def _evictable(self, uid: int) -> bool:
         res = self.of[uid]
