@@ -87,16 +87,17 @@ class Passes:
             activations = self.engine.activations
             if activations is None or not activations.recomputing:  # not in backward
                 last = max(uids, key=self.trace.position)
-                self.residency.prefetch(self.trace.after(last), self.next_forward(last))
+                self.residency.prefetch(self.upcoming(last))
                 self.residency.gather_ahead(self.trace.after(last))
             self.scopes.append([])
 
-    def next_forward(self, uid: int) -> list[int]:
-        """When cyclic, the next forward's units up to `uid` (those after it come first)."""
+    def upcoming(self, uid: int) -> list[int]:
+        """Units used after `uid` in forward order (then, when cyclic, the next forward's)."""
+        after = self.trace.after(uid)
         position = self.trace.position(uid)
         if self.cyclic_prefetch and position < len(self.trace.order):
-            return self.trace.order[:position]
-        return []
+            after = after + self.trace.order[:position]
+        return after
 
     def exit_module(self, uids: list[int]) -> None:
         with self.engine.bookkeeping():

@@ -145,21 +145,17 @@ class Residency:
         state = self.states[uid]
         self.dist.gather_ahead(uid, res.flat, state.base, state.limit, self.units[uid].name)
 
-    def prefetch(self, upcoming: list[int], next_forward: list[int] = ()) -> None:
-        """Start fetches of the next units (`upcoming`, then generation's `next_forward`) within
-        the plan's prefetch window. During generation the units of this forward also stream
-        ahead through all the room the device working set leaves beside the units in use (the
-        units that never move take none of it): a fetch there evicts only units needed after
-        it (ring_eviction_order), so each is read once per forward, even with a budget so tight
-        that the plan's window holds not one unit."""
-        needs = lambda u: self.of[u].fetch is None and (self.of[u].flat is None or bool(self.of[u].pending))
+    def prefetch(self, upcoming: list[int]) -> None:
+        """Start fetches of the next units within the prefetch window. During generation the
+        units stream ahead as through a ring: the window spans the device working set less the
+        units in use (units that never move take none of it), and a fetch evicts only units
+        needed after it (ring_eviction_order), so each is read once per forward, even with a
+        budget so tight that the plan's window holds not one unit."""
+        size, window = (lambda u: working_bytes(self.units[u], self.compute_dtype)), self.plan.prefetch_bytes
         if self.next_use is not None:
-            ring = self.plan.device_working - self.held_bytes
-            for uid in prefetch_window(upcoming, self.moving.__getitem__, needs, ring):
-                if not self.start_fetch(uid, required=False):
-                    return
-        size = lambda u: working_bytes(self.units[u], self.compute_dtype)
-        for uid in prefetch_window(itertools.chain(upcoming, next_forward), size, needs, self.plan.prefetch_bytes):
+            size, window = self.moving.__getitem__, self.plan.device_working - self.held_bytes
+        needs = lambda u: self.of[u].fetch is None and (self.of[u].flat is None or bool(self.of[u].pending))
+        for uid in prefetch_window(upcoming, size, needs, window):
             if not self.start_fetch(uid, required=False):
                 return
 
@@ -250,16 +246,15 @@ class Residency:
         done.set_running_or_notify_cancel()
         if flat is None:
             flat = aligned_flat(unit.numel, self.compute_dtype)
-        start = self.events.now()
+        start, nbytes = self.events.now(), flat.numel() * flat.element_size()
         reading = self.io.read_whole_async(self.states[uid], self._weights_name(uid), flat)
+        self.count("host_to_device", nbytes)  # when asked for, as the NVMe reads (generate.py's steps)
 
         def finished(read: Future) -> None:
             error = read.exception()
             if error is not None:
                 done.set_exception(error)
                 return
-            nbytes = flat.numel() * flat.element_size()
-            self.count("host_to_device", nbytes)
             if self.events.enabled:
                 self.events.add(Span("fetch", unit.name, start, self.events.now(), nbytes,
                                      threading.current_thread().name))
