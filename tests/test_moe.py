@@ -144,6 +144,10 @@ def test_the_cache_keeps_hot_experts_within_its_slots(tmp_path, engines):
     assert after["hits"] > before["hits"], "the same prompt again must hit cached experts"
     assert all(len(layer.entries) <= store.slots for layer in store.layers)
     assert engine.budget_peaks()["device"][0] <= engine.budget_peaks()["device"][1]
+    # misses are read straight into the stack buffer; the experts kept get memory of their own
+    spare = store.spare.untyped_storage().data_ptr()
+    assert all(not entry.borrowed and t.untyped_storage().data_ptr() != spare
+               for layer in store.layers for entry in layer.entries.values() for t in entry.tensors.values())
 
 
 def test_prediction_prefetches_next_layer_experts(tmp_path, engines):

@@ -39,10 +39,12 @@ from torch import nn
 
 from tierflow.core.layout import is_routed
 from tierflow.errors import ConfigError, TierflowError
+from tierflow.memory.pool import aligned_empty
 
-CACHE_SHARE = 0.75  # of the device room left after the streamed units' needs, for cached experts
-# (the rest: the stack of the experts in use, router copies)
-SPARE_EXPERTS = 4  # CPU: experts the reused stack buffer holds (a decode step's top-k for a few tokens)
+CACHE_SHARE = 0.75  # of the device room left after the streamed units' needs and the stack
+# buffer, for cached experts (the rest: router copies, stacks that do not fit the buffer)
+SPARE_EXPERTS = 4  # CPU: the least the reused stack buffer holds (a decode step's top-k for a
+# few tokens); a whole layer's experts (a prefill's) when the budget has room for them
 
 
 @dataclass
@@ -56,6 +58,8 @@ class Entry:
     refs: int = 0                      # held by a forward that is using it
     last_use: int = 0
     speculative: bool = False          # fetched ahead on a prediction, not used since
+    borrowed: bool = False             # its rows were read straight into the stack buffer (CPU):
+                                       # valid until the layer's call ends (`settle`)
 
 
 @dataclass
@@ -77,8 +81,9 @@ class RoutedLayer:
 class ExpertStore:
     """Fetch, cache and prefetch single experts of routed layers within the device budget."""
 
-    def __init__(self, engine, layers: list[RoutedLayer], slots: int):
+    def __init__(self, engine, layers: list[RoutedLayer], slots: int, stack_experts: int = 0):
         self.engine, self.layers, self.slots = engine, layers, slots
+        self.stack_bytes = stack_experts * max(layer.expert_bytes for layer in layers)
         self.residency, self.device = engine.residency, engine.device
         self.budget = engine.budgets["device"]
         self._tick = itertools.count(1)
@@ -101,7 +106,10 @@ class ExpertStore:
                 entry.refs += 1
         misses = [e for e in experts if e not in layer.entries]
         self.counters["misses"] += len(misses)
-        for entry in self._start(layer, misses, required=True):
+        places = self._places(layer, experts)
+        into = None if places is None else {e: {name: rows[experts.index(e)] for name, rows in places.items()}
+                                            for e in misses}
+        for entry in self._start(layer, misses, required=True, into=into):
             entry.refs += 1
         for e in experts:
             entry = layer.entries[e]
@@ -110,54 +118,74 @@ class ExpertStore:
         try:
             for e in experts:
                 self._finish(layer.entries[e])
-            stacked = self._stack(layer, experts)
+            stacked = self._stack(layer, experts, places)
         finally:
             for e in experts:
                 layer.entries[e].refs -= 1
             self._trim(layer)
         return stacked
 
-    def _stack(self, layer: RoutedLayer, experts: list[int]) -> dict:
-        """The compact parameters, in a reused buffer on a CPU when they fit (fresh memory costs
-        a page fault per 4 KiB, more than the copy itself), else in new memory."""
-        nbytes = len(experts) * layer.expert_bytes
-        spare = self._spare_for(nbytes)
+    def _places(self, layer: RoutedLayer, experts: list[int]) -> dict | None:
+        """CPU: where each picked expert's rows go in the reused stack buffer, name -> [k, ...]
+        (misses are read straight there: no fresh memory, no copy); None when it does not fit
+        (then the rows are stacked into new memory)."""
+        spare = self._spare_for(len(experts) * layer.expert_bytes)
         if spare is None:
-            self.residency.reserve_device(nbytes, f"the {len(experts)} experts of '{layer.name}' in use", required=True)
-        out, offset = {}, 0
+            return None
+        places, offset = {}, 0
+        for name, param in layer.module.named_parameters(recurse=False):
+            count = len(experts) * layer.params[name][1]
+            places[name] = spare[offset:offset + count].view((len(experts),) + tuple(param.shape[1:]))
+            offset += count
+        return places
+
+    def _stack(self, layer: RoutedLayer, experts: list[int], places: dict | None) -> dict:
+        """The compact parameters: the stack buffer's places, with the rows not read straight
+        there copied in (fresh memory costs a page fault per 4 KiB, more than the copy itself);
+        without places, new memory within the device budget."""
+        if places is not None:
+            for name, target in places.items():
+                for j, e in enumerate(experts):
+                    row = layer.entries[e].tensors[name]
+                    if row.data_ptr() != target[j].data_ptr():
+                        target[j].copy_(row)
+            return places
+        self.residency.reserve_device(len(experts) * layer.expert_bytes,
+                                      f"the {len(experts)} experts of '{layer.name}' in use", required=True)
+        out = {}
         for name, param in layer.module.named_parameters(recurse=False):
             rows = [layer.entries[e].tensors[name] for e in experts]
             shape = (len(rows),) + tuple(param.shape[1:])
-            if spare is not None:
-                count = len(rows) * layer.params[name][1]
-                target = spare[offset:offset + count].view(shape)
-                out[name] = torch.stack(rows, out=target) if rows else target
-                offset += count
-            else:
-                out[name] = torch.stack(rows) if rows else param.new_empty(shape, device=self.device.device)
+            out[name] = torch.stack(rows) if rows else param.new_empty(shape, device=self.device.device)
         return out
 
     def _spare_for(self, nbytes: int) -> torch.Tensor | None:
         """The CPU stack buffer (kept reserved in the device budget) if `nbytes` fit in it; it
-        is made on first use, as big as SPARE_EXPERTS of the largest experts."""
-        if self.device.is_cuda:
+        is made on first use, `stack_bytes` big (`room_plan`)."""
+        if self.device.is_cuda or not self.stack_bytes:
             return None
         if self.spare is None:
-            size = SPARE_EXPERTS * max(layer.expert_bytes for layer in self.layers)
-            if not self.budget.try_reserve(size):
+            if not self.budget.try_reserve(self.stack_bytes):
                 return None
-            self.spare = torch.empty(size // self.engine.compute_dtype.itemsize, dtype=self.engine.compute_dtype)
-        return self.spare if nbytes <= self.spare.numel() * self.spare.element_size() else None
+            # aligned: O_DIRECT reads of experts land in it
+            self.spare = aligned_empty(self.stack_bytes).view(self.engine.compute_dtype)
+        return self.spare if nbytes <= self.stack_bytes else None
 
     def release_stack(self, layer: RoutedLayer, count: int) -> None:
+        """The layer's call is over: the stack buffer is free for the next one, so the experts
+        the cache keeps that were read into it get memory of their own."""
         if self._spare_for(count * layer.expert_bytes) is None:
             self.budget.release(count * layer.expert_bytes)
+        for entry in layer.entries.values():
+            if entry.borrowed:
+                entry.tensors = {name: rows.clone() for name, rows in entry.tensors.items()}
+                entry.borrowed = False
 
     # ---- fetching ----------------------------------------------------------------------------
-    def _start(self, layer: RoutedLayer, experts: list[int], required: bool, keep=()) -> list[Entry]:
+    def _start(self, layer: RoutedLayer, experts: list[int], required: bool, keep=(), into=None) -> list[Entry]:
         """Reserve the experts' room and queue one fetch of them all on the transfer thread (a
         speculative fetch takes only free room or idle slots of experts not in `keep`, and may
-        start fewer)."""
+        start fewer). `into`: expert -> {name: rows} to read into (the stack buffer)."""
         chosen = []
         for e in experts:  # (all reservations first: one may give up idle experts)
             if required:
@@ -166,10 +194,10 @@ class ExpertStore:
                 break
             chosen.append(e)
         for e in chosen:
-            layer.entries[e] = Entry(e)
+            layer.entries[e] = Entry(e, borrowed=into is not None)
         if not chosen:
             return []
-        future = self.residency.transfer.submit(self._fetch_job, layer, chosen)
+        future = self.residency.transfer.submit(self._fetch_job, layer, chosen, into)
         for e in chosen:
             layer.entries[e].fetch = future
         return [layer.entries[e] for e in chosen]
@@ -185,14 +213,16 @@ class ExpertStore:
         self._evict(layer, idle[0])
         return self.budget.try_reserve(layer.expert_bytes)
 
-    def _fetch_job(self, layer: RoutedLayer, experts: list[int]):
+    def _fetch_job(self, layer: RoutedLayer, experts: list[int], into: dict | None):
         """Transfer thread: each fused parameter's rows of the experts, from the unit's home,
-        in one pipeline of reads. Returns ({expert: {name: rows}}, event)."""
+        in one pipeline of reads (into `into`'s rows when given). Returns
+        ({expert: {name: rows}}, event)."""
         state = self.engine.states[layer.uid]
         wanted = [(e, name, slot, per_expert) for e in experts for name, (slot, per_expert) in layer.params.items()]
+        targets = None if into is None else [into[e][name].view(-1) for e, name, _, _ in wanted]
         with self.device.lane("copy"):
             rows, read = self.engine.io.read_ranges(state, "master", [(slot.offset + e * per_expert, per_expert)
-                                                                      for e, _, slot, per_expert in wanted])
+                                                                      for e, _, slot, per_expert in wanted], targets)
             event = self.device.record_event()
         out = {e: {} for e in experts}
         for (e, name, slot, _), tensor in zip(wanted, rows):
@@ -336,22 +366,27 @@ def _router_of(parent: nn.Module | None, experts: nn.Module) -> nn.Module | None
     return None
 
 
-def cache_slots(engine, layers: list[RoutedLayer]) -> int:
-    """Experts per layer kept on the device: a share of what the device budget leaves once the
-    streamed units have room (the largest two in use and as many in flight; the plan's prefetch
-    window is sized by the largest unit, an experts unit here, which is never prefetched whole)."""
+def room_plan(engine, layers: list[RoutedLayer]) -> tuple[int, int]:
+    """(experts the CPU stack buffer holds, experts per layer kept on the device). What the
+    device budget leaves once the streamed units have room (the largest two in use and as
+    many in flight; the plan's prefetch window is sized by the largest unit, an experts unit
+    here, which is never prefetched whole) goes first to the stack buffer (a whole layer's
+    experts if they fit: a prefill's call needs that much anyway), then a share to the cache."""
     experts = max(layer.module.num_experts for layer in layers)
+    largest = max(layer.expert_bytes for layer in layers)
+    stack_options = () if engine.device.is_cuda else (experts, min(SPARE_EXPERTS, experts))
     budget = engine.budgets["device"]
     if budget.capacity is None:
-        return experts
+        return (stack_options[0] if stack_options else 0), experts
     from tierflow.core.plan import working_bytes
 
     routed = {layer.uid for layer in layers}
     streamed = sorted((working_bytes(u, engine.compute_dtype) for u in engine.units
                        if not engine.residency.is_permanent(u.uid) and u.uid not in routed), reverse=True)
-    needed = sum(streamed[:2]) + min(engine.plan.prefetch_bytes, sum(streamed[:2]))
-    per_layer = max(0, int((budget.room() - needed) * CACHE_SHARE)) // (len(layers) * max(l.expert_bytes for l in layers))
-    return min(experts, per_layer)
+    left = budget.room() - (sum(streamed[:2]) + min(engine.plan.prefetch_bytes, sum(streamed[:2])))
+    stack = next((count for count in stack_options if count * largest <= left), 0)
+    per_layer = max(0, int((left - stack * largest) * CACHE_SHARE)) // (len(layers) * largest)
+    return stack, min(experts, per_layer)
 
 
 def install(engine, model: nn.Module) -> tuple[ExpertStore | None, list]:
@@ -362,7 +397,8 @@ def install(engine, model: nn.Module) -> tuple[ExpertStore | None, list]:
         return None, []
     if engine.dist is not None:
         raise ConfigError("frozen mixture-of-experts layers with data-parallel ranks are not supported")
-    store = ExpertStore(engine, layers, cache_slots(engine, layers))
+    stack, slots = room_plan(engine, layers)
+    store = ExpertStore(engine, layers, slots, stack)
     engine.residency.reclaimers.append(store.reclaim)
     handles = []
     for layer in layers:
