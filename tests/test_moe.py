@@ -146,8 +146,10 @@ def test_the_cache_keeps_hot_experts_within_its_slots(tmp_path, engines):
     assert engine.budget_peaks()["device"][0] <= engine.budget_peaks()["device"][1]
     # misses are read straight into the stack buffer; the experts kept get memory of their own
     spare = store.spare.untyped_storage().data_ptr()
-    assert all(not entry.borrowed and t.untyped_storage().data_ptr() != spare
-               for layer in store.layers for entry in layer.entries.values() for t in entry.tensors.values())
+    kept = [(entry, t) for layer in store.layers for entry in layer.entries.values() for t in entry.tensors.values()]
+    assert kept and all(not entry.borrowed and t.untyped_storage().data_ptr() != spare for entry, t in kept)
+    # (in buffers of their own, which evicted experts hand on: no fresh memory per miss)
+    assert all(t.untyped_storage().data_ptr() == entry.buffer.untyped_storage().data_ptr() for entry, t in kept)
 
 
 def test_prediction_prefetches_next_layer_experts(tmp_path, engines):

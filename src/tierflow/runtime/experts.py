@@ -59,7 +59,9 @@ class Entry:
     last_use: int = 0
     speculative: bool = False          # fetched ahead on a prediction, not used since
     borrowed: bool = False             # its rows were read straight into the stack buffer (CPU):
-                                       # valid until the layer's call ends (`settle`)
+                                       # valid until the layer's call ends (`release_stack`)
+    buffer: torch.Tensor | None = None # CPU: the flat buffer that holds its rows, reused when
+                                       # the expert is evicted
 
 
 @dataclass
@@ -89,6 +91,7 @@ class ExpertStore:
         self._tick = itertools.count(1)
         self._lock = threading.Lock()  # bytes_read is counted on the transfer thread
         self.spare: torch.Tensor | None = None  # CPU: the reused buffer of compact parameters
+        self.recycled: list[torch.Tensor] = []  # CPU: buffers of experts evicted during this call
         self.counters = dict.fromkeys(("requests", "hits", "misses", "prefetched", "prefetch_hits",
                                        "bytes_read", "bytes_routed"), 0)
 
@@ -178,8 +181,30 @@ class ExpertStore:
             self.budget.release(count * layer.expert_bytes)
         for entry in layer.entries.values():
             if entry.borrowed:
-                entry.tensors = {name: rows.clone() for name, rows in entry.tensors.items()}
-                entry.borrowed = False
+                entry.buffer = self._buffer(layer)
+                rows = self._rows_in(layer, entry.buffer)
+                for name, target in rows.items():
+                    target.copy_(entry.tensors[name])
+                entry.tensors, entry.borrowed = rows, False
+        self.recycled.clear()  # (what was not reused is freed: at most one call's evictions)
+
+    def _buffer(self, layer: RoutedLayer) -> torch.Tensor:
+        """A flat CPU buffer for one expert's rows: an evicted expert's (its pages are mapped
+        already; fresh memory costs a page fault per 4 KiB) or a new aligned one."""
+        for i, buffer in enumerate(self.recycled):
+            if buffer.numel() * buffer.element_size() >= layer.expert_bytes:
+                return self.recycled.pop(i)
+        return aligned_empty(layer.expert_bytes).view(self.engine.compute_dtype)
+
+    @staticmethod
+    def _rows_in(layer: RoutedLayer, buffer: torch.Tensor) -> dict:
+        """One expert's rows of each fused parameter, as views of `buffer` (name -> rows)."""
+        rows, offset = {}, 0
+        for name, param in layer.module.named_parameters(recurse=False):
+            count = layer.params[name][1]
+            rows[name] = buffer[offset:offset + count].view(tuple(param.shape[1:]))
+            offset += count
+        return rows
 
     # ---- fetching ----------------------------------------------------------------------------
     def _start(self, layer: RoutedLayer, experts: list[int], required: bool, keep=(), into=None) -> list[Entry]:
@@ -197,6 +222,11 @@ class ExpertStore:
             layer.entries[e] = Entry(e, borrowed=into is not None)
         if not chosen:
             return []
+        if into is None and not self.device.is_cuda:  # (a prefetch: into buffers of its own)
+            into = {}
+            for e in chosen:
+                layer.entries[e].buffer = self._buffer(layer)
+                into[e] = self._rows_in(layer, layer.entries[e].buffer)
         future = self.residency.transfer.submit(self._fetch_job, layer, chosen, into)
         for e in chosen:
             layer.entries[e].fetch = future
@@ -260,8 +290,10 @@ class ExpertStore:
             self._evict(layer, e)
 
     def _evict(self, layer: RoutedLayer, e: int) -> None:
-        layer.entries.pop(e)
+        entry = layer.entries.pop(e)
         self.budget.release(layer.expert_bytes)
+        if entry.buffer is not None and len(self.recycled) < SPARE_EXPERTS:
+            self.recycled.append(entry.buffer)
 
     def set_slots(self, slots: int) -> None:
         """Keep at most `slots` experts per layer cached from now on (0: none)."""
