@@ -163,3 +163,41 @@ def test_read_ranges_into_reads_aligned_ranges_in_place_and_copies_the_others(tm
         assert nbytes == (2048 + 1024) * 4 + 4096
         plain, _ = io.read_ranges(state, "weights", ranges)
         assert all(torch.equal(a, b) for a, b in zip(plain, out))
+
+
+def test_frozen_units_read_direct_train_bitwise_when_fetched_again_for_backward(tmp_path, engines, monkeypatch):
+    """A frozen NVMe unit (a LoRA base, frozen experts) is read straight into an aligned
+    buffer; autograd's saved views of it are fetched again for backward, into a buffer that
+    may start elsewhere in its storage (each direct read here starts 0, 4 or 8 KiB in): the
+    gradients stay torch's, bitwise."""
+    from conftest import assert_bitwise, make_batches, torch_clip, train
+
+    shifts = iter(range(10**6))
+
+    def shifted(numel, dtype):
+        pad = 1024 * (next(shifts) % 3)
+        return aligned_flat(numel + pad, dtype)[pad:]
+
+    def frozen_base(model):
+        for name, module in model.named_modules():
+            if name.endswith(("self_attn", "mlp")):
+                module.requires_grad_(False)
+        return model.train()
+
+    monkeypatch.setattr(residency_module, "aligned_flat", shifted)
+    batches = make_batches(4, batch=2, seq=8)
+    ref = frozen_base(make_tiny("llama"))
+    ref_opt = torch.optim.AdamW([p for p in ref.parameters() if p.requires_grad], lr=1e-2, fused=True)
+    ref_losses, ref_norms = train(ref, ref_opt, torch_clip(ref), batches, accum=1)
+    engine = tierflow.offload(frozen_base(make_tiny("llama")), device_memory="160KiB", host_memory="640KiB",
+                              nvme=tmp_path / "spill", placement="nvme", **SMALL_UNITS)
+    engines.append(engine)
+    opt = tierflow.AdamW(engine, lr=1e-2, fused=True)
+    losses, norms = train(engine, opt, opt.clip_grad_norm_, batches, accum=1)
+    frozen = sum(home == "nvme" and not unit.trainable_numel for unit, home in zip(engine.units, engine.plan.homes))
+    assert frozen and next(shifts) > frozen  # some fetched again (for backward, the next step)
+    assert_bitwise(ref_losses, losses, "losses")
+    assert_bitwise(ref_norms, norms, "grad norms")
+    got = engine.state_dict()
+    for name, value in ref.state_dict().items():
+        assert torch.equal(got[name], value), name
