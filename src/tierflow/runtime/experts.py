@@ -91,7 +91,8 @@ class ExpertStore:
         self._tick = itertools.count(1)
         self._lock = threading.Lock()  # bytes_read is counted on the transfer thread
         self.spare: torch.Tensor | None = None  # CPU: the reused buffer of compact parameters
-        self.recycled: list[torch.Tensor] = []  # CPU: buffers of experts evicted during this call
+        self.free: list[torch.Tensor] = []  # CPU: idle expert buffers, reserved in the budget
+        # (pages mapped: evicted experts' buffers, and those made while loading)
         self.counters = dict.fromkeys(("requests", "hits", "misses", "prefetched", "prefetch_hits",
                                        "bytes_read", "bytes_routed"), 0)
 
@@ -181,20 +182,54 @@ class ExpertStore:
             self.budget.release(count * layer.expert_bytes)
         for entry in layer.entries.values():
             if entry.borrowed:
-                entry.buffer = self._buffer(layer)
+                if entry.buffer is None:
+                    entry.buffer = self._buffer(layer)
                 rows = self._rows_in(layer, entry.buffer)
                 for name, target in rows.items():
                     target.copy_(entry.tensors[name])
                 entry.tensors, entry.borrowed = rows, False
-        self.recycled.clear()  # (what was not reused is freed: at most one call's evictions)
+
+    def _take_free(self, layer: RoutedLayer) -> torch.Tensor | None:
+        """An idle buffer of exactly one expert of `layer`, its reservation handed on with it."""
+        for i, buffer in enumerate(self.free):
+            if buffer.numel() * buffer.element_size() == layer.expert_bytes:
+                return self.free.pop(i)
+        return None
 
     def _buffer(self, layer: RoutedLayer) -> torch.Tensor:
-        """A flat CPU buffer for one expert's rows: an evicted expert's (its pages are mapped
-        already; fresh memory costs a page fault per 4 KiB) or a new aligned one."""
-        for i, buffer in enumerate(self.recycled):
+        """A flat CPU buffer for one expert's rows (its entry holds the budget reservation): an
+        idle one (pages mapped already; fresh memory costs a page fault per 4 KiB, ~1 GB/s
+        here) or a new aligned one."""
+        for i, buffer in enumerate(self.free):
             if buffer.numel() * buffer.element_size() >= layer.expert_bytes:
-                return self.recycled.pop(i)
+                self.budget.release(buffer.numel() * buffer.element_size())
+                return self.free.pop(i)
         return aligned_empty(layer.expert_bytes).view(self.engine.compute_dtype)
+
+    def _keep_free(self, buffer: torch.Tensor) -> None:
+        """Keep an idle buffer (reserved) while the cache could use it, else let it go."""
+        nbytes = buffer.numel() * buffer.element_size()
+        if len(self.free) < self.slots * len(self.layers) and self.budget.try_reserve(nbytes):
+            self.free.append(buffer)
+
+    def make_buffers(self) -> None:
+        """CPU, while loading: the buffers of the cache's slots, touched now so that their page
+        faults are not paid in the first forward (as many as the budget has room for)."""
+        if self.device.is_cuda:
+            return
+        largest = max(self.layers, key=lambda layer: layer.expert_bytes)
+        while len(self.free) < self.slots * len(self.layers) \
+                and self.budget.room() >= largest.expert_bytes + self.stack_bytes:
+            self._keep_free(aligned_empty(largest.expert_bytes).view(self.engine.compute_dtype).zero_())
+
+    def _drop_free(self, nbytes: int) -> bool:
+        """Give up idle buffers until the budget has `nbytes` of room (or none is left)."""
+        freed = False
+        while self.free and self.budget.room() < nbytes:
+            buffer = self.free.pop()
+            self.budget.release(buffer.numel() * buffer.element_size())
+            freed = True
+        return freed
 
     @staticmethod
     def _rows_in(layer: RoutedLayer, buffer: torch.Tensor) -> dict:
@@ -213,35 +248,43 @@ class ExpertStore:
         start fewer). `into`: expert -> {name: rows} to read into (the stack buffer)."""
         chosen = []
         for e in experts:  # (all reservations first: one may give up idle experts)
-            if required:
-                self.residency.reserve_device(layer.expert_bytes, f"expert {e} of '{layer.name}'", required=True)
-            elif not self._room_for(layer, keep):
-                break
-            chosen.append(e)
-        for e in chosen:
-            layer.entries[e] = Entry(e, borrowed=into is not None)
+            buffer = self._take_free(layer)  # CPU: an idle buffer, whose reservation is this expert's
+            if buffer is None:
+                if required:
+                    self.residency.reserve_device(layer.expert_bytes, f"expert {e} of '{layer.name}'", required=True)
+                else:
+                    room, buffer = self._room_for(layer, keep)
+                    if not room:
+                        break
+            chosen.append((e, buffer))
+        for e, buffer in chosen:
+            layer.entries[e] = Entry(e, borrowed=into is not None, buffer=buffer)
         if not chosen:
             return []
         if into is None and not self.device.is_cuda:  # (a prefetch: into buffers of its own)
             into = {}
-            for e in chosen:
-                layer.entries[e].buffer = self._buffer(layer)
-                into[e] = self._rows_in(layer, layer.entries[e].buffer)
-        future = self.residency.transfer.submit(self._fetch_job, layer, chosen, into)
-        for e in chosen:
+            for e, _ in chosen:
+                entry = layer.entries[e]
+                if entry.buffer is None:
+                    entry.buffer = aligned_empty(layer.expert_bytes).view(self.engine.compute_dtype)
+                into[e] = self._rows_in(layer, entry.buffer)
+        experts = [e for e, _ in chosen]
+        future = self.residency.transfer.submit(self._fetch_job, layer, experts, into)
+        for e in experts:
             layer.entries[e].fetch = future
-        return [layer.entries[e] for e in chosen]
+        return [layer.entries[e] for e in experts]
 
-    def _room_for(self, layer: RoutedLayer, keep) -> bool:
+    def _room_for(self, layer: RoutedLayer, keep) -> tuple[bool, torch.Tensor | None]:
         """Room for one speculative fetch: a free slot of the layer within the free budget, or
-        the slot of the layer's least recently used idle expert (not one in `keep`)."""
+        the slot of the layer's least recently used idle expert (not one in `keep`), whose
+        buffer it then reuses. Returns (room reserved, that buffer or None)."""
         if len(layer.entries) < self.slots and self.budget.try_reserve(layer.expert_bytes):
-            return True
+            return True, None
         idle = [e for e, entry in layer.entries.items() if self._idle(entry) and e not in keep]
         if not idle:
-            return False
-        self._evict(layer, idle[0])
-        return self.budget.try_reserve(layer.expert_bytes)
+            return False, None
+        buffer = self._evict(layer, idle[0], keep_buffer=False)
+        return self.budget.try_reserve(layer.expert_bytes), buffer
 
     def _fetch_job(self, layer: RoutedLayer, experts: list[int], into: dict | None):
         """Transfer thread: each fused parameter's rows of the experts, from the unit's home,
@@ -289,11 +332,17 @@ class ExpertStore:
                 return
             self._evict(layer, e)
 
-    def _evict(self, layer: RoutedLayer, e: int) -> None:
+    def _evict(self, layer: RoutedLayer, e: int, keep_buffer: bool = True) -> torch.Tensor | None:
+        """Drop expert `e` from the cache and its reservation; its buffer (CPU) stays among the
+        idle ones if `keep_buffer`, else it is returned."""
         entry = layer.entries.pop(e)
         self.budget.release(layer.expert_bytes)
-        if entry.buffer is not None and len(self.recycled) < SPARE_EXPERTS:
-            self.recycled.append(entry.buffer)
+        if entry.buffer is None or entry.borrowed:  # (a borrowed entry's rows are in the stack buffer)
+            return None
+        if not keep_buffer:
+            return entry.buffer
+        self._keep_free(entry.buffer)
+        return None
 
     def set_slots(self, slots: int) -> None:
         """Keep at most `slots` experts per layer cached from now on (0: none)."""
@@ -302,6 +351,9 @@ class ExpertStore:
         self.slots = slots
         for layer in self.layers:
             self._trim(layer)
+        while len(self.free) > slots * len(self.layers):
+            buffer = self.free.pop()
+            self.budget.release(buffer.numel() * buffer.element_size())
 
     def forget(self, uid: int) -> None:
         """Drop every cached expert of unit `uid` (its weights were overwritten)."""
@@ -315,13 +367,13 @@ class ExpertStore:
 
     def reclaim(self, nbytes: int) -> bool:
         """Residency needs device memory: give up idle experts, least recently used first."""
+        freed = self._drop_free(nbytes)
         idle = sorted(((entry.last_use, layer, e) for layer in self.layers
                        for e, entry in layer.entries.items() if self._idle(entry)), key=lambda t: t[0])
-        freed = False
         for _, layer, e in idle:
             if self.budget.room() >= nbytes:
                 break
-            self._evict(layer, e)
+            self._evict(layer, e, keep_buffer=False)
             freed = True
         return freed
 
@@ -431,6 +483,7 @@ def install(engine, model: nn.Module) -> tuple[ExpertStore | None, list]:
         raise ConfigError("frozen mixture-of-experts layers with data-parallel ranks are not supported")
     stack, slots = room_plan(engine, layers)
     store = ExpertStore(engine, layers, slots, stack)
+    store.make_buffers()
     engine.residency.reclaimers.append(store.reclaim)
     handles = []
     for layer in layers:
