@@ -3,7 +3,7 @@
 transformers 5 keeps a layer's experts fused: `gate_up_proj` [E, 2I, H] and `down_proj`
 [E, H, I] in one experts module, called as `experts(hidden, top_k_index, top_k_weights)` after
 the router. When these weights are frozen (`layout.is_routed`), the experts module is a unit of
-its own that is never fetched whole; instead its forward is wrapped:
+its own that is never fetched whole; instead its forward is wrapped (expert_hooks.py):
 
 * the pre-hook reads `top_k_index`, the experts the router picked for the current tokens, and
   gets each of them from the `ExpertStore`: a hit is on the device already, a miss is read
@@ -14,8 +14,12 @@ its own that is never fetched whole; instead its forward is wrapped:
   runs unchanged on the compact module (whatever `experts_implementation` it uses), visiting
   the same experts in the same order with the same weights: the output is bitwise the same as
   with all experts resident. The post-hook puts the parameters back.
+* On a CPU the stack is one reused aligned buffer: misses are read by O_DIRECT straight into
+  their places in it (no fresh memory, no copy).
 * Cache: each layer keeps up to `slots` experts on the device (least recently used goes
-  first); the slots come from what the device budget leaves after the streamed units.
+  first); the slots come from what the device budget leaves after the streamed units. On a
+  CPU each cached expert lives in a flat buffer that an evicted expert hands on with its
+  budget reservation (fresh memory costs a page fault per 4 KiB).
 * Prefetch: the current hidden state, run through the next layer's router (a device copy of
   its weight, taken the first time it ran), predicts the next layer's experts; those not
   cached are fetched ahead on the transfer thread into free or idle slots (as in
@@ -27,7 +31,6 @@ parameter covers every expert).
 """
 from __future__ import annotations
 
-import inspect
 import itertools
 import threading
 from collections import OrderedDict
@@ -37,7 +40,6 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from tierflow.core.layout import is_routed
 from tierflow.errors import ConfigError, TierflowError
 from tierflow.memory.pool import aligned_empty
 
@@ -412,131 +414,3 @@ class ExpertStore:
         out = dict(self.counters, slots=self.slots, layers=len(self.layers))
         out["hit_rate"] = out["hits"] / out["requests"] if out["requests"] else 0.0
         return out
-
-
-# ==== installing ==========================================================================================
-def routed_layers(engine, model: nn.Module) -> list[RoutedLayer]:
-    """The routed experts modules that are not attached for good (permanent units need nothing)."""
-    owner = {id(s.param): (u, s) for u in engine.units for s in u.slots}
-    parents = {id(child): module for module in model.modules() for child in module.children()}
-    layers = []
-    for name, module in model.named_modules():
-        if not is_routed(module) or id(next(module.parameters())) not in owner:
-            continue
-        unit = owner[id(next(module.parameters()))][0]
-        if engine.residency.is_permanent(unit.uid) or unit.weights is not None:
-            continue  # (compressed weights are read and dequantized whole: not expert by expert)
-        params = {}
-        for pname, param in module.named_parameters(recurse=False):
-            unit_of, slot = owner[id(param)]
-            if unit_of is not unit:
-                return []  # split over units: cannot happen with layout.partition; stream as a unit
-            params[pname] = (slot, slot.numel // module.num_experts)
-        nbytes = sum(per for _, per in params.values()) * engine.compute_dtype.itemsize
-        layers.append(RoutedLayer(len(layers), name, module, unit.uid, params,
-                                  _router_of(parents.get(id(module)), module), nbytes))
-    return layers
-
-
-def _router_of(parent: nn.Module | None, experts: nn.Module) -> nn.Module | None:
-    """The sibling whose `weight` is [experts, hidden]: the router (Mixtral's and Qwen's `gate`)."""
-    if parent is None:
-        return None
-    for child in parent.children():
-        weight = getattr(child, "weight", None)
-        if child is not experts and isinstance(weight, torch.Tensor) and weight.dim() == 2 \
-                and weight.shape[0] == experts.num_experts:
-            return child
-    return None
-
-
-def room_plan(engine, layers: list[RoutedLayer]) -> tuple[int, int]:
-    """(experts the CPU stack buffer holds, experts per layer kept on the device). What the
-    device budget leaves once the streamed units have room (the largest two in use and as
-    many in flight; the plan's prefetch window is sized by the largest unit, an experts unit
-    here, which is never prefetched whole) goes first to the stack buffer (a whole layer's
-    experts if they fit: a prefill's call needs that much anyway), then a share to the cache."""
-    experts = max(layer.module.num_experts for layer in layers)
-    largest = max(layer.expert_bytes for layer in layers)
-    stack_options = () if engine.device.is_cuda else (experts, min(SPARE_EXPERTS, experts))
-    budget = engine.budgets["device"]
-    if budget.capacity is None:
-        return (stack_options[0] if stack_options else 0), experts
-    from tierflow.core.plan import working_bytes
-
-    routed = {layer.uid for layer in layers}
-    streamed = sorted((working_bytes(u, engine.compute_dtype) for u in engine.units
-                       if not engine.residency.is_permanent(u.uid) and u.uid not in routed), reverse=True)
-    left = budget.room() - (sum(streamed[:2]) + min(engine.plan.prefetch_bytes, sum(streamed[:2])))
-    stack = next((count for count in stack_options if count * largest <= left), 0)
-    per_layer = max(0, int((left - stack * largest) * CACHE_SHARE)) // (len(layers) * largest)
-    return stack, min(experts, per_layer)
-
-
-def install(engine, model: nn.Module) -> tuple[ExpertStore | None, list]:
-    """Wrap every routed experts module's forward (module hooks); returns the store (None when
-    the model has none) and the hook handles."""
-    layers = routed_layers(engine, model)
-    if not layers:
-        return None, []
-    if engine.dist is not None:
-        raise ConfigError("frozen mixture-of-experts layers with data-parallel ranks are not supported")
-    stack, slots = room_plan(engine, layers)
-    store = ExpertStore(engine, layers, slots, stack)
-    store.make_buffers()
-    engine.residency.reclaimers.append(store.reclaim)
-    handles = []
-    for layer in layers:
-        hook = _Hooks(engine, store, layer)
-        handles.append(layer.module.register_forward_pre_hook(hook.pre, with_kwargs=True))
-        handles.append(layer.module.register_forward_hook(hook.post, always_call=True))
-    return store, handles
-
-
-class _Hooks:
-    """The pre- and post-hook of one routed experts module."""
-
-    def __init__(self, engine, store: ExpertStore, layer: RoutedLayer):
-        self.engine, self.store, self.layer = engine, store, layer
-        self.signature = inspect.signature(layer.module.forward)
-        self.saved: list = []
-
-    def pre(self, module, args, kwargs):
-        bound = self.signature.bind(*args, **kwargs)
-        index = bound.arguments["top_k_index"]
-        hidden = next(iter(bound.arguments.values()))
-        if torch.is_grad_enabled() and isinstance(hidden, torch.Tensor) and hidden.requires_grad:
-            # Training through frozen experts (e.g. LoRA on attention): autograd keeps the
-            # weights it saw until backward, so the unit is held whole, as any unit, and its
-            # saved views become tokens (passes.pack_saved) instead of stacks outside the budget.
-            self.engine.passes.enter_module([self.layer.uid])
-            self.saved.append(None)
-            return None
-        count = module.num_experts
-        with self.engine.bookkeeping():
-            experts = [e for e in torch.unique(index).tolist() if 0 <= e < count]
-            stacked = self.store.take(self.layer, experts)
-            self.store.remember_router(self.layer)
-            self.store.prefetch_next(self.layer, hidden, index.shape[-1])
-        lookup = torch.full((count + 1,), len(experts), dtype=index.dtype, device=index.device)
-        lookup[experts] = torch.arange(len(experts), dtype=index.dtype, device=index.device)
-        bound.arguments["top_k_index"] = lookup[index.clamp(0, count)]
-        # Compact parameters for the duration of this call (plain tensors: no on-demand fetch).
-        originals = {name: module._parameters[name] for name in stacked}
-        self.saved.append((originals, count, len(experts)))
-        module._parameters.update(stacked)
-        module.num_experts = len(experts)
-        return bound.args, bound.kwargs
-
-    def post(self, module, args, output):
-        if not self.saved:
-            return
-        saved = self.saved.pop()
-        if saved is None:
-            self.engine.passes.exit_module([self.layer.uid])
-            return
-        originals, count, used = saved
-        module._parameters.update(originals)
-        module.num_experts = count
-        with self.engine.bookkeeping():
-            self.store.release_stack(self.layer, used)
