@@ -84,6 +84,7 @@ def install(engine, model: nn.Module) -> tuple[ExpertStore | None, list]:
     store = ExpertStore(engine, layers, slots, stack)
     store.make_buffers()
     engine.residency.reclaimers.append(store.reclaim)
+    engine.residency.idle_droppers.append(store.drop_idle)
     handles = []
     for layer in layers:
         hook = _Hooks(engine, store, layer)

@@ -224,8 +224,9 @@ class ExpertStore:
                 and self.budget.room() >= largest.expert_bytes + self.stack_bytes:
             self._keep_free(aligned_empty(largest.expert_bytes).view(self.engine.compute_dtype).zero_())
 
-    def _drop_free(self, nbytes: int) -> bool:
-        """Give up idle buffers until the budget has `nbytes` of room (or none is left)."""
+    def drop_idle(self, nbytes: int) -> bool:
+        """Give up idle buffers until the budget has `nbytes` of room (or none is left): tried
+        before residency evicts any unit (they hold no data)."""
         freed = False
         while self.free and self.budget.room() < nbytes:
             buffer = self.free.pop()
@@ -369,7 +370,7 @@ class ExpertStore:
 
     def reclaim(self, nbytes: int) -> bool:
         """Residency needs device memory: give up idle experts, least recently used first."""
-        freed = self._drop_free(nbytes)
+        freed = self.drop_idle(nbytes)
         idle = sorted(((entry.last_use, layer, e) for layer in self.layers
                        for e, entry in layer.entries.items() if self._idle(entry)), key=lambda t: t[0])
         for _, layer, e in idle:

@@ -70,7 +70,8 @@ class Residency:
         self.spares = SpareBuffers(budgets["device"], plan.prefetch_bytes, enabled=not device.is_cuda)
         # Other holders of device memory that give it back when units need it (the expert
         # cache, experts.py): callables (nbytes) -> True if they freed any.
-        self.reclaimers: list = []
+        self.reclaimers: list = []     # f(nbytes) -> bool: give up cached data (MoE experts) when required
+        self.idle_droppers: list = []  # f(nbytes) -> bool: free idle buffers (no data) before any eviction
         self.packed = PackedWeights(io, compute_dtype)  # compressed frozen units (memory/packed.py)
 
     def __getitem__(self, uid: int) -> UnitResidency:
@@ -371,6 +372,8 @@ class Residency:
         budget = self.budgets["device"]
         candidates = [uid for uid in range(len(self.of)) if self._evictable(uid)]
         evicted = self.spares.drop_until(nbytes)
+        for drop in self.idle_droppers:
+            evicted = drop(nbytes) or evicted
         for uid in eviction_order(candidates, lambda u: self.of[u].last_use):
             if budget.room() >= nbytes:
                 break
