@@ -35,7 +35,7 @@ def model_config(hidden: int, layers: int, intermediate: int, experts: int, top_
     from transformers import MixtralConfig
 
     return MixtralConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate,
-                         num_hidden_layers=layers, num_attention_heads=hidden // 128, num_key_value_heads=2,
+                         num_hidden_layers=layers, num_attention_heads=max(2, hidden // 128), num_key_value_heads=2,
                          num_local_experts=experts, num_experts_per_tok=top_k, max_position_embeddings=1024,
                          tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
 
@@ -68,6 +68,7 @@ def _child(spec: dict) -> dict:
 
     torch.set_num_threads(spec["threads"])
     ids = torch.randint(3, spec["vocab"], (spec["batch"], spec["prompt"]), generator=torch.Generator().manual_seed(1))
+    ids = ids.to(spec.get("device", "cpu"))  # (the same tokens on either device)
     kwargs = dict(attention_mask=torch.ones_like(ids), max_new_tokens=spec["new_tokens"], do_sample=False,
                   pad_token_id=0)
     start = time.perf_counter()
@@ -75,7 +76,8 @@ def _child(spec: dict) -> dict:
     if spec["contender"] == "tierflow":
         import tierflow
 
-        engine = tierflow.load(spec["model"], device_memory=spec["device_memory"], host_memory=spec["host_memory"],
+        engine = tierflow.load(spec["model"], device=spec.get("device", "cpu"), device_memory=spec["device_memory"],
+                               host_memory=spec["host_memory"],
                                nvme=spec["nvme"], trainable=False)
         loaded = time.perf_counter() - start
         store, per_step = engine.experts, []
@@ -91,13 +93,17 @@ def _child(spec: dict) -> dict:
 
         offload = Path(spec["nvme"]) / "accelerate-offload"
         offload.mkdir(parents=True, exist_ok=True)
+        on_gpu = spec.get("device", "cpu") != "cpu"
+        budgets = ({0: spec["device_memory"], "cpu": spec["host_memory"]} if on_gpu
+                   else {"cpu": spec["device_memory"] + spec["host_memory"]})
         model = AutoModelForCausalLM.from_pretrained(
             spec["model"], dtype=torch.float32, device_map="auto", offload_folder=str(offload),
-            max_memory={"cpu": spec["device_memory"] + spec["host_memory"]}).eval()
+            max_memory=budgets).eval()
         loaded = time.perf_counter() - start
         steps = []
-        model.register_forward_pre_hook(lambda m, a: steps.append(-time.perf_counter()))
-        model.register_forward_hook(lambda m, a, o: steps.__setitem__(-1, steps[-1] + time.perf_counter()))
+        sync = torch.cuda.synchronize if on_gpu else (lambda: None)
+        model.register_forward_pre_hook(lambda m, a: sync() or steps.append(-time.perf_counter()))
+        model.register_forward_hook(lambda m, a, o: sync() or steps.__setitem__(-1, steps[-1] + time.perf_counter()))
         out = model.generate(ids, **kwargs)
     result.update(steps=steps, load_s=loaded, tokens=out[:, spec["prompt"]:].tolist())
     return result
@@ -112,7 +118,7 @@ def run_contender(spec: dict, cgroup: Path | None, timeout: float) -> dict:
 
 def run_moe_bench(directory, hidden=1024, layers=16, intermediate=1408, experts=8, top_k=2, vocab=8000,
                   device_memory="384MiB", host_memory="128MiB", limit=None, batch=1, prompt=16, new_tokens=8,
-                  threads=2, json_path=None, timeout=1800.0) -> list[dict]:
+                  threads=2, json_path=None, timeout=1800.0, device="cpu") -> list[dict]:
     from tierflow.config import format_size, parse_size
 
     directory = Path(directory).absolute()
@@ -127,7 +133,7 @@ def run_moe_bench(directory, hidden=1024, layers=16, intermediate=1408, experts=
           flush=True)
     cgroup = make_cgroup(limit_b)
     base = dict(model=str(model_dir), vocab=vocab, batch=batch, prompt=prompt, new_tokens=new_tokens,
-                threads=threads, device_memory=device_b, host_memory=host_b, nvme=str(spill))
+                threads=threads, device_memory=device_b, host_memory=host_b, nvme=str(spill), device=device)
     runs = {}
     for contender in ("tierflow", "accelerate"):
         shutil.rmtree(spill / "accelerate-offload", ignore_errors=True)
