@@ -26,6 +26,7 @@ from pathlib import Path
 from tierflow.bench.generate import make_cgroup, reset_cgroup
 from tierflow.bench.io import drop_caches
 from tierflow.bench.isolated import launch_in_cgroup
+from tierflow.bench.model_dirs import parameter_bytes, saved_random_model
 from tierflow.bench.report import print_row, row, write_json
 
 MiB = 2**20
@@ -43,23 +44,8 @@ def model_config(hidden: int, layers: int, intermediate: int, experts: int, top_
 def build_model_dir(directory: Path, config) -> dict:
     """Save a random Mixtral with `config` (kept when `directory` already holds it); returns its
     parameter bytes in all and of the experts."""
-    import torch
-    from transformers import MixtralForCausalLM
-
-    marker = directory / "bench-config.json"
-    wanted = config.to_json_string()
-    if marker.is_file() and json.loads(marker.read_text())["config"] == wanted:
-        return json.loads(marker.read_text())["bytes"]
-    shutil.rmtree(directory, ignore_errors=True)
-    print(f"building and saving the model in {directory} ...", flush=True)
-    torch.manual_seed(0)
-    model = MixtralForCausalLM(config)
-    model.save_pretrained(directory, max_shard_size="500MB")
-    sizes = {"all": sum(p.numel() * p.element_size() for p in model.parameters()),
-             "experts": sum(p.numel() * p.element_size() for n, p in model.named_parameters() if ".experts." in n)}
-    del model
-    marker.write_text(json.dumps({"config": wanted, "bytes": sizes}))
-    return sizes
+    return saved_random_model(directory, config, lambda model: {"all": parameter_bytes(model),
+                                                                 "experts": parameter_bytes(model, ".experts.")})
 
 
 def _child(spec: dict) -> dict:
