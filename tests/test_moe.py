@@ -302,6 +302,12 @@ def test_plan_reports_experts(tmp_path, monkeypatch, capsys):
     assert experts["experts"] == 8 and experts["top_k"] == 2
     assert experts["routed_bytes_per_decode_step"] == 2 * 2 * experts["expert_bytes"]
     assert "mixture of experts: 2 layers x 8 experts (top-2)" in capsys.readouterr().out
+    # a budget that holds the frozen model's units but not their gradients: --frozen plans
+    # what tierflow.load(..., trainable=False) holds
+    assert main(["plan", "--model", str(path), "--device-memory", "240KiB", "--unit-bytes", "8KiB"]) == 1
+    assert main(["plan", "--model", str(path), "--device-memory", "240KiB", "--unit-bytes", "8KiB", "--frozen",
+                 "--json", str(out)]) == 0
+    assert not any(tier["grads"] or tier["moments"] for tier in json.loads(out.read_text())["placement"]["bytes"].values())
 
 
 def test_cache_slots_bad_value(tmp_path, engines):
