@@ -8,7 +8,10 @@
 #   (2) `tierflow bench throughput`: torch, tierflow, DeepSpeed ZeRO-3 CPU offload, FSDP2 offload
 #       on the 0.94 B Llama, batch 4x1024 (TP_ARGS adds or overrides flags), each contender
 #       within TP_TIMEOUT_S; tierflow's timeline and profiler table in $OUT/profile;
-#   (3) with TP2_ARGS, a second `tierflow bench throughput` with those flags (e.g. a larger batch).
+#   (3) with TP2_ARGS, a second `tierflow bench throughput` with those flags (e.g. a larger batch);
+#   (4) with EXTRA_BENCH (e.g. "moe --device cuda --device-memory 1GiB --host-memory 512MiB" or
+#       "quant --what speed --device cuda --placements nvme"), `tierflow bench $EXTRA_BENCH`
+#       within EXTRA_LIMIT_S.
 #   bash bench/gpu_session.sh            # on the GPU machine; SKIP_TESTS=1 skips (1)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -47,6 +50,12 @@ if [[ -n "${TP2_ARGS:-}" ]]; then
     timeout --signal=INT --kill-after=20 "${TP2_LIMIT_S:-200}" "$PY" -m tierflow bench throughput \
         --timeout "${TP_TIMEOUT_S:-150}" --json "$OUT/throughput-2.json" "${TP2_EXTRA[@]}" 2>&1 \
         | grep -v -E "^\s*$|Warning|warn\(" | tail -30
+fi
+if [[ -n "${EXTRA_BENCH:-}" ]]; then
+    stamp "tierflow bench $EXTRA_BENCH"
+    read -r -a EXTRA <<< "$EXTRA_BENCH"
+    timeout --signal=INT --kill-after=20 "${EXTRA_LIMIT_S:-200}" "$PY" -m tierflow bench "${EXTRA[@]}" \
+        --json "$OUT/extra.json" 2>&1 | grep -v -E "^\s*$|Warning|warn\(" | tail -30
 fi
 stamp "done"
 tail -3 "$OUT/deepspeed-build.log" 2>/dev/null

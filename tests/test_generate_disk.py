@@ -133,3 +133,71 @@ def test_matrix_cell_summary_computes_the_bound_and_the_speedup():
     assert not meets_targets(cell_summary(2, 3e9, "48MiB", "96MiB", 1, runs, 2.0, 4))
     failed = cell_summary(2, 3e9, "48MiB", "96MiB", 1, dict(runs, tierflow={"error": "killed"}), 2.0, 4)
     assert failed["tierflow_error"] == "killed" and not meets_targets(failed)
+
+
+def test_read_ranges_into_reads_aligned_ranges_in_place_and_copies_the_others(tmp_path, monkeypatch):
+    """MoE experts' rows: an aligned range is read straight into its target (no fresh buffer),
+    an unaligned one through a widened aligned read, then copied; both exact."""
+    from tierflow.memory import tiers
+    from tierflow.memory.device import ComputeDevice
+
+    with NvmeStore(tmp_path, io_threads=2, chunk_bytes=16384) as store:
+        numel = 8192
+        extent = store.allocate(numel * 4)
+        data = torch.randn(numel, generator=torch.Generator().manual_seed(3))
+        staged = aligned_flat(numel, torch.float32)
+        staged.copy_(data)
+        store.write(extent, staged.view(torch.uint8))
+        io = StateIO(ComputeDevice(torch.device("cpu")), {}, store, None)
+        state = UnitState("nvme", {"weights": extent}, {"weights": torch.float32})
+        fresh = []
+        allocate = tiers.aligned_empty
+        target = aligned_flat(4096, torch.float32)
+        monkeypatch.setattr(tiers, "aligned_empty", lambda n, *a: fresh.append(n) or allocate(n, *a))
+        ranges = [(1024, 2048), (3072, 1024), (5000, 100)]  # two 4 KiB-aligned, one not
+        into = [target[:2048], target[2048:3072], torch.empty(100)]
+        out, nbytes = io.read_ranges(state, "weights", ranges, into)
+        for (start, count), got, dst in zip(ranges, out, into):
+            assert got is dst and torch.equal(got, data[start:start + count])
+        assert fresh == [4096]  # only the unaligned range took a buffer (its widened span: 4 KiB)
+        assert nbytes == (2048 + 1024) * 4 + 4096
+        plain, _ = io.read_ranges(state, "weights", ranges)
+        assert all(torch.equal(a, b) for a, b in zip(plain, out))
+
+
+def test_frozen_units_read_direct_train_bitwise_when_fetched_again_for_backward(tmp_path, engines, monkeypatch):
+    """A frozen NVMe unit (a LoRA base, frozen experts) is read straight into an aligned
+    buffer; autograd's saved views of it are fetched again for backward, into a buffer that
+    may start elsewhere in its storage (each direct read here starts 0, 4 or 8 KiB in): the
+    gradients stay torch's, bitwise."""
+    from conftest import assert_bitwise, make_batches, torch_clip, train
+
+    shifts = iter(range(10**6))
+
+    def shifted(numel, dtype):
+        pad = 1024 * (next(shifts) % 3)
+        return aligned_flat(numel + pad, dtype)[pad:]
+
+    def frozen_base(model):
+        for name, module in model.named_modules():
+            if name.endswith(("self_attn", "mlp")):
+                module.requires_grad_(False)
+        return model.train()
+
+    monkeypatch.setattr(residency_module, "aligned_flat", shifted)
+    batches = make_batches(4, batch=2, seq=8)
+    ref = frozen_base(make_tiny("llama"))
+    ref_opt = torch.optim.AdamW([p for p in ref.parameters() if p.requires_grad], lr=1e-2, fused=True)
+    ref_losses, ref_norms = train(ref, ref_opt, torch_clip(ref), batches, accum=1)
+    engine = tierflow.offload(frozen_base(make_tiny("llama")), device_memory="160KiB", host_memory="640KiB",
+                              nvme=tmp_path / "spill", placement="nvme", **SMALL_UNITS)
+    engines.append(engine)
+    opt = tierflow.AdamW(engine, lr=1e-2, fused=True)
+    losses, norms = train(engine, opt, opt.clip_grad_norm_, batches, accum=1)
+    frozen = sum(home == "nvme" and not unit.trainable_numel for unit, home in zip(engine.units, engine.plan.homes))
+    assert frozen and next(shifts) > frozen  # some fetched again (for backward, the next step)
+    assert_bitwise(ref_losses, losses, "losses")
+    assert_bitwise(ref_norms, norms, "grad norms")
+    got = engine.state_dict()
+    for name, value in ref.state_dict().items():
+        assert torch.equal(got[name], value), name

@@ -29,6 +29,7 @@ from pathlib import Path
 
 from tierflow.bench.io import GB, drop_caches, find_fio, fio_gbps, fio_jobs, huge_pages_for_fio
 from tierflow.bench.isolated import launch_in_cgroup
+from tierflow.bench.model_dirs import parameter_bytes, saved_random_model
 from tierflow.bench.report import print_row, row, write_json
 
 CGROUP_ROOT = Path("/sys/fs/cgroup/memory")  # cgroup v1
@@ -48,22 +49,7 @@ def model_config(hidden: int, layers: int, intermediate: int, vocab: int):
 def build_model_dir(directory: Path, config) -> int:
     """Save a randomly initialised model with `config` to `directory` (kept when it already
     holds that config); returns its parameter bytes."""
-    import torch
-    from transformers import LlamaForCausalLM
-
-    marker = directory / "bench-config.json"
-    wanted = config.to_json_string()
-    if marker.is_file() and json.loads(marker.read_text())["config"] == wanted:
-        return json.loads(marker.read_text())["bytes"]
-    shutil.rmtree(directory, ignore_errors=True)
-    print(f"building and saving the model in {directory} ...", flush=True)
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config)
-    model.save_pretrained(directory, max_shard_size="500MB")
-    nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    del model
-    marker.write_text(json.dumps({"config": wanted, "bytes": nbytes}))
-    return nbytes
+    return saved_random_model(directory, config, parameter_bytes)
 
 
 # ---------------------------------------------------------------------------- cgroup

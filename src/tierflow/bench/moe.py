@@ -26,6 +26,7 @@ from pathlib import Path
 from tierflow.bench.generate import make_cgroup, reset_cgroup
 from tierflow.bench.io import drop_caches
 from tierflow.bench.isolated import launch_in_cgroup
+from tierflow.bench.model_dirs import parameter_bytes, saved_random_model
 from tierflow.bench.report import print_row, row, write_json
 
 MiB = 2**20
@@ -35,7 +36,7 @@ def model_config(hidden: int, layers: int, intermediate: int, experts: int, top_
     from transformers import MixtralConfig
 
     return MixtralConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate,
-                         num_hidden_layers=layers, num_attention_heads=hidden // 128, num_key_value_heads=2,
+                         num_hidden_layers=layers, num_attention_heads=max(2, hidden // 128), num_key_value_heads=2,
                          num_local_experts=experts, num_experts_per_tok=top_k, max_position_embeddings=1024,
                          tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
 
@@ -43,23 +44,8 @@ def model_config(hidden: int, layers: int, intermediate: int, experts: int, top_
 def build_model_dir(directory: Path, config) -> dict:
     """Save a random Mixtral with `config` (kept when `directory` already holds it); returns its
     parameter bytes in all and of the experts."""
-    import torch
-    from transformers import MixtralForCausalLM
-
-    marker = directory / "bench-config.json"
-    wanted = config.to_json_string()
-    if marker.is_file() and json.loads(marker.read_text())["config"] == wanted:
-        return json.loads(marker.read_text())["bytes"]
-    shutil.rmtree(directory, ignore_errors=True)
-    print(f"building and saving the model in {directory} ...", flush=True)
-    torch.manual_seed(0)
-    model = MixtralForCausalLM(config)
-    model.save_pretrained(directory, max_shard_size="500MB")
-    sizes = {"all": sum(p.numel() * p.element_size() for p in model.parameters()),
-             "experts": sum(p.numel() * p.element_size() for n, p in model.named_parameters() if ".experts." in n)}
-    del model
-    marker.write_text(json.dumps({"config": wanted, "bytes": sizes}))
-    return sizes
+    return saved_random_model(directory, config, lambda model: {"all": parameter_bytes(model),
+                                                                 "experts": parameter_bytes(model, ".experts.")})
 
 
 def _child(spec: dict) -> dict:
@@ -68,6 +54,7 @@ def _child(spec: dict) -> dict:
 
     torch.set_num_threads(spec["threads"])
     ids = torch.randint(3, spec["vocab"], (spec["batch"], spec["prompt"]), generator=torch.Generator().manual_seed(1))
+    ids = ids.to(spec.get("device", "cpu"))  # (the same tokens on either device)
     kwargs = dict(attention_mask=torch.ones_like(ids), max_new_tokens=spec["new_tokens"], do_sample=False,
                   pad_token_id=0)
     start = time.perf_counter()
@@ -75,7 +62,8 @@ def _child(spec: dict) -> dict:
     if spec["contender"] == "tierflow":
         import tierflow
 
-        engine = tierflow.load(spec["model"], device_memory=spec["device_memory"], host_memory=spec["host_memory"],
+        engine = tierflow.load(spec["model"], device=spec.get("device", "cpu"), device_memory=spec["device_memory"],
+                               host_memory=spec["host_memory"],
                                nvme=spec["nvme"], trainable=False)
         loaded = time.perf_counter() - start
         store, per_step = engine.experts, []
@@ -91,13 +79,17 @@ def _child(spec: dict) -> dict:
 
         offload = Path(spec["nvme"]) / "accelerate-offload"
         offload.mkdir(parents=True, exist_ok=True)
+        on_gpu = spec.get("device", "cpu") != "cpu"
+        budgets = ({0: spec["device_memory"], "cpu": spec["host_memory"]} if on_gpu
+                   else {"cpu": spec["device_memory"] + spec["host_memory"]})
         model = AutoModelForCausalLM.from_pretrained(
             spec["model"], dtype=torch.float32, device_map="auto", offload_folder=str(offload),
-            max_memory={"cpu": spec["device_memory"] + spec["host_memory"]}).eval()
+            max_memory=budgets).eval()
         loaded = time.perf_counter() - start
         steps = []
-        model.register_forward_pre_hook(lambda m, a: steps.append(-time.perf_counter()))
-        model.register_forward_hook(lambda m, a, o: steps.__setitem__(-1, steps[-1] + time.perf_counter()))
+        sync = torch.cuda.synchronize if on_gpu else (lambda: None)
+        model.register_forward_pre_hook(lambda m, a: sync() or steps.append(-time.perf_counter()))
+        model.register_forward_hook(lambda m, a, o: sync() or steps.__setitem__(-1, steps[-1] + time.perf_counter()))
         out = model.generate(ids, **kwargs)
     result.update(steps=steps, load_s=loaded, tokens=out[:, spec["prompt"]:].tolist())
     return result
@@ -112,7 +104,7 @@ def run_contender(spec: dict, cgroup: Path | None, timeout: float) -> dict:
 
 def run_moe_bench(directory, hidden=1024, layers=16, intermediate=1408, experts=8, top_k=2, vocab=8000,
                   device_memory="384MiB", host_memory="128MiB", limit=None, batch=1, prompt=16, new_tokens=8,
-                  threads=2, json_path=None, timeout=1800.0) -> list[dict]:
+                  threads=2, json_path=None, timeout=1800.0, device="cpu") -> list[dict]:
     from tierflow.config import format_size, parse_size
 
     directory = Path(directory).absolute()
@@ -127,7 +119,7 @@ def run_moe_bench(directory, hidden=1024, layers=16, intermediate=1408, experts=
           flush=True)
     cgroup = make_cgroup(limit_b)
     base = dict(model=str(model_dir), vocab=vocab, batch=batch, prompt=prompt, new_tokens=new_tokens,
-                threads=threads, device_memory=device_b, host_memory=host_b, nvme=str(spill))
+                threads=threads, device_memory=device_b, host_memory=host_b, nvme=str(spill), device=device)
     runs = {}
     for contender in ("tierflow", "accelerate"):
         shutil.rmtree(spill / "accelerate-offload", ignore_errors=True)

@@ -121,6 +121,7 @@ def add_arguments(parser) -> None:
     moe.add_argument("--prompt-len", type=int, default=16)
     moe.add_argument("--new-tokens", type=int, default=8)
     moe.add_argument("--threads", type=int, default=2)
+    moe.add_argument("--device", default="cpu", help="compute device of both contenders (cpu or cuda)")
     moe.add_argument("--json", default=None)
     qb = sub.add_parser("quant", help="compressed frozen weights (int8 / int4) vs fp32: bytes per decode step, "
                         "tokens/s from disk, held-out loss and greedy agreement")
@@ -288,7 +289,7 @@ def run(args) -> int:
         from tierflow.bench.moe import run_moe_bench
         run_moe_bench(args.dir, args.hidden, args.layers, args.intermediate, args.experts, args.top_k, args.vocab,
                       args.device_memory, args.host_memory, args.limit, args.batch, args.prompt_len,
-                      args.new_tokens, args.threads, args.json)
+                      args.new_tokens, args.threads, args.json, device=args.device)
     elif args.bench == "quant":
         from tierflow.bench.quant import run_quant_bench
         run_quant_bench(args.dir, speed=args.what != "quality", quality=args.what != "speed", json_path=args.json,

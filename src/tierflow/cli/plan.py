@@ -47,6 +47,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--weights", default=None, choices=("int8", "int4"),
                         help="frozen weights kept compressed (int8, or int4 = NF4): plans a frozen model "
                              "(inference) with their compressed bytes (default: uncompressed)")
+    parser.add_argument("--frozen", action="store_true",
+                        help="plan a frozen model, as tierflow.load(..., trainable=False) and tierflow generate "
+                             "hold it (inference: no gradients or moments)")
     parser.add_argument("--recalibrate", action="store_true", help="measure the machine again")
     parser.add_argument("--json", default=None, metavar="FILE", help="also write the plan as JSON")
 
@@ -61,8 +64,8 @@ def run(args: argparse.Namespace) -> int:
 
     model = meta_model(args.model)
     weights = getattr(args, "weights", None)
-    if weights is not None:  # compressed weights are frozen ones: the plan of an inference engine
-        model.requires_grad_(False)
+    if weights is not None or getattr(args, "frozen", False):
+        model.requires_grad_(False)  # (compressed weights are frozen ones): the plan of an inference engine
     cfg = OffloadConfig.create(device=args.device, device_memory=_limit(args.device_memory),
                                host_memory=_limit(args.host_memory), nvme=args.nvme, dtype=parse_dtype(args.dtype),
                                unit_bytes=args.unit_bytes, weights=weights)

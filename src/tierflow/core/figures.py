@@ -139,13 +139,14 @@ def nominal(device: str = "cpu", dtype: torch.dtype = torch.float32) -> Calibrat
     server (those of the 2-core machine tierflow's CPU benchmarks ran on, rounded) or a
     PCIe 5 GPU server (the 16-core H200 host of docs/benchmarks.md, "GPU training
     throughput", rounded: 55 GB/s pinned copies each way, ~28 GB/s host copies, 2.5 G
-    params/s fused CPU AdamW, ~250 TFLOP/s bf16 blocks). Only the planner's choices rest
+    params/s fused CPU AdamW, ~330 TFLOP/s bf16 blocks: torch's own step at batch 16x1024
+    ran at 333). Only the planner's choices rest
     on them; `tierflow bench calibrate` replaces them with measured ones."""
     g = 1e9
     common = dict(dtype=str(dtype).removeprefix("torch."), nvme_read_bps=1.5 * g, nvme_write_bps=1.5 * g,
                   cores=torch.get_num_threads(), host="nominal")
     if torch.device(device).type == "cuda":
-        rate = 250e12 if dtype != torch.float32 else 50e12
+        rate = 330e12 if dtype != torch.float32 else 50e12
         return Calibration(device="cuda", matmul_flops=2 * rate, block_flops=((2048, rate, rate, 0.002, 0.004),),
                            memcpy_bps=28 * g, drain_bps=25 * g, h2d_bps=55 * g, d2h_bps=55 * g,
                            adamw_params_per_s=2.5 * g, device_adamw_params_per_s=20 * g, contention=(0.0, 0.0, 0.0),

@@ -236,16 +236,17 @@ class StateIO:
                 self.close(window)
             yield end
 
-    def read_ranges(self, state: UnitState, name: str, ranges) -> tuple[list, int]:
+    def read_ranges(self, state: UnitState, name: str, ranges, into: list | None = None) -> tuple[list, int]:
         """Elements [start, start + numel) of an array for each (start, numel) of `ranges` (e.g.
-        some experts' rows of fused parameters), as new tensors on the device, and the bytes read
-        from the home. NVMe ranges are widened to the O_DIRECT alignment; on a CPU they are read
-        straight into aligned buffers, all in flight at once (no staging copy); for a GPU they
-        go through the staging buffers in one pipeline of reads."""
+        some experts' rows of fused parameters), as new tensors on the device (or written into
+        the flat tensors `into`, one per range), and the bytes read from the home. NVMe ranges
+        are widened to the O_DIRECT alignment; on a CPU they are read straight into aligned
+        buffers (or into `into` itself where it is aligned too), all in flight at once (no
+        staging copy); for a GPU they go through the staging buffers in one pipeline of reads."""
         name = state.key(name)
         dtype = state.dtypes[name]
+        out = into if into is not None else [self.device.empty(numel, dtype) for _, numel in ranges]
         if state.home != "nvme":
-            out = [self.device.empty(numel, dtype) for _, numel in ranges]
             for (start, numel), dst in zip(ranges, out):
                 local = start - state.base
                 dst.copy_(state.arrays[name][local:local + numel], non_blocking=True)
@@ -254,12 +255,7 @@ class StateIO:
         spans = [(start // align * align, _round_up(start + numel, align)) for start, numel in ranges]
         nbytes = sum(hi - lo for lo, hi in spans) * dtype.itemsize
         if not self.device.is_cuda:
-            buffers = [aligned_empty((hi - lo) * dtype.itemsize).view(dtype) for lo, hi in spans]
-            wait_all([self.nvme.read_async(state.arrays[name], buf.view(torch.uint8), (lo - state.base) * dtype.itemsize)
-                      for (lo, _), buf in zip(spans, buffers)])
-            return [buf[start - lo:start - lo + numel] for (start, numel), (lo, _), buf
-                    in zip(ranges, spans, buffers)], nbytes
-        out = [self.device.empty(numel, dtype) for _, numel in ranges]
+            return self._read_spans_direct(state, name, ranges, spans, into), nbytes
         pieces, owners = [], []
         for i, (lo, hi) in enumerate(spans):
             for piece in self.pieces(state, lo, hi - lo):
@@ -275,6 +271,27 @@ class StateIO:
             finally:
                 self.close(window)
         return out, nbytes
+
+    def _read_spans_direct(self, state: UnitState, name: str, ranges, spans, into: list | None) -> list:
+        """CPU: read each aligned span of an NVMe array with O_DIRECT, all in flight at once:
+        into `into[i]` itself when the span is exactly the range and the tensor is aligned (no
+        copy, no fresh memory), else into a fresh aligned buffer (then copied into `into[i]`)."""
+        dtype, extent = state.dtypes[name], state.arrays[name]
+        targets, reads = [], []
+        for i, ((start, numel), (lo, hi)) in enumerate(zip(ranges, spans)):
+            dst = None if into is None else into[i]
+            if dst is None or (lo, hi) != (start, start + numel) or not takes_direct_reads(dst):
+                dst = aligned_empty((hi - lo) * dtype.itemsize).view(dtype)
+            targets.append(dst)
+            reads.append(self.nvme.read_async(extent, dst.view(torch.uint8), (lo - state.base) * dtype.itemsize))
+        wait_all(reads)
+        views = [buf[start - lo:start - lo + numel] for (start, numel), (lo, _), buf in zip(ranges, spans, targets)]
+        if into is None:
+            return views
+        for dst, view in zip(into, views):
+            if dst.data_ptr() != view.data_ptr():
+                dst.copy_(view)
+        return into
 
     # ---- direct whole-array reads (gendisk: generation at the disk's speed) ------------------
     def reads_whole(self, state: UnitState, name: str, dtype: torch.dtype) -> bool:

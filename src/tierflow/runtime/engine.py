@@ -25,7 +25,7 @@ from tierflow.core.layout import default_unit_bytes, model_dtype
 from tierflow.dist import ranks
 from tierflow.memory.device import ComputeDevice
 from tierflow.memory.tiers import StateIO
-from tierflow.runtime import build, experts, hooks
+from tierflow.runtime import build, expert_hooks, hooks
 from tierflow.runtime.events import EventLog
 from tierflow.runtime.gradients import GradientSink
 from tierflow.runtime.health import Health
@@ -92,7 +92,7 @@ class Engine:
         # updates are applied when a forward begins instead.
         self.fetches_on_demand = not all(self.residency.is_permanent(uid) for uid in range(len(self.units)))
         self._handles = hooks.install(self, self.passes, model, hooked)
-        self.experts, handles = experts.install(self, model)  # routed MoE experts (experts.py), or None
+        self.experts, handles = expert_hooks.install(self, model)  # routed MoE experts (experts.py), or None
         self._handles += handles
         self.activations = None  # an ActivationManager when cfg.activations asks for one
         if self.cfg.activations is not None:

@@ -3,7 +3,7 @@
 transformers 5 keeps a layer's experts fused: `gate_up_proj` [E, 2I, H] and `down_proj`
 [E, H, I] in one experts module, called as `experts(hidden, top_k_index, top_k_weights)` after
 the router. When these weights are frozen (`layout.is_routed`), the experts module is a unit of
-its own that is never fetched whole; instead its forward is wrapped:
+its own that is never fetched whole; instead its forward is wrapped (expert_hooks.py):
 
 * the pre-hook reads `top_k_index`, the experts the router picked for the current tokens, and
   gets each of them from the `ExpertStore`: a hit is on the device already, a miss is read
@@ -14,8 +14,12 @@ its own that is never fetched whole; instead its forward is wrapped:
   runs unchanged on the compact module (whatever `experts_implementation` it uses), visiting
   the same experts in the same order with the same weights: the output is bitwise the same as
   with all experts resident. The post-hook puts the parameters back.
+* On a CPU the stack is one reused aligned buffer: misses are read by O_DIRECT straight into
+  their places in it (no fresh memory, no copy).
 * Cache: each layer keeps up to `slots` experts on the device (least recently used goes
-  first); the slots come from what the device budget leaves after the streamed units.
+  first); the slots come from what the device budget leaves after the streamed units. On a
+  CPU each cached expert lives in a flat buffer that an evicted expert hands on with its
+  budget reservation (fresh memory costs a page fault per 4 KiB).
 * Prefetch: the current hidden state, run through the next layer's router (a device copy of
   its weight, taken the first time it ran), predicts the next layer's experts; those not
   cached are fetched ahead on the transfer thread into free or idle slots (as in
@@ -27,7 +31,6 @@ parameter covers every expert).
 """
 from __future__ import annotations
 
-import inspect
 import itertools
 import threading
 from collections import OrderedDict
@@ -37,12 +40,13 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from tierflow.core.layout import is_routed
 from tierflow.errors import ConfigError, TierflowError
+from tierflow.memory.pool import aligned_empty
 
-CACHE_SHARE = 0.75  # of the device room left after the streamed units' needs, for cached experts
-# (the rest: the stack of the experts in use, router copies)
-SPARE_EXPERTS = 4  # CPU: experts the reused stack buffer holds (a decode step's top-k for a few tokens)
+CACHE_SHARE = 0.75  # of the device room left after the streamed units' needs and the stack
+# buffer, for cached experts (the rest: router copies, stacks that do not fit the buffer)
+SPARE_EXPERTS = 4  # CPU: the least the reused stack buffer holds (a decode step's top-k for a
+# few tokens); a whole layer's experts (a prefill's) when the budget has room for them
 
 
 @dataclass
@@ -56,6 +60,10 @@ class Entry:
     refs: int = 0                      # held by a forward that is using it
     last_use: int = 0
     speculative: bool = False          # fetched ahead on a prediction, not used since
+    borrowed: bool = False             # its rows were read straight into the stack buffer (CPU):
+                                       # valid until the layer's call ends (`release_stack`)
+    buffer: torch.Tensor | None = None # CPU: the flat buffer that holds its rows, reused when
+                                       # the expert is evicted
 
 
 @dataclass
@@ -77,13 +85,16 @@ class RoutedLayer:
 class ExpertStore:
     """Fetch, cache and prefetch single experts of routed layers within the device budget."""
 
-    def __init__(self, engine, layers: list[RoutedLayer], slots: int):
+    def __init__(self, engine, layers: list[RoutedLayer], slots: int, stack_experts: int = 0):
         self.engine, self.layers, self.slots = engine, layers, slots
+        self.stack_bytes = stack_experts * max(layer.expert_bytes for layer in layers)
         self.residency, self.device = engine.residency, engine.device
         self.budget = engine.budgets["device"]
         self._tick = itertools.count(1)
         self._lock = threading.Lock()  # bytes_read is counted on the transfer thread
         self.spare: torch.Tensor | None = None  # CPU: the reused buffer of compact parameters
+        self.free: list[torch.Tensor] = []  # CPU: idle expert buffers, reserved in the budget
+        # (pages mapped: evicted experts' buffers, and those made while loading)
         self.counters = dict.fromkeys(("requests", "hits", "misses", "prefetched", "prefetch_hits",
                                        "bytes_read", "bytes_routed"), 0)
 
@@ -101,7 +112,10 @@ class ExpertStore:
                 entry.refs += 1
         misses = [e for e in experts if e not in layer.entries]
         self.counters["misses"] += len(misses)
-        for entry in self._start(layer, misses, required=True):
+        places = self._places(layer, experts)
+        into = None if places is None else {e: {name: rows[experts.index(e)] for name, rows in places.items()}
+                                            for e in misses}
+        for entry in self._start(layer, misses, required=True, into=into):
             entry.refs += 1
         for e in experts:
             entry = layer.entries[e]
@@ -110,89 +124,181 @@ class ExpertStore:
         try:
             for e in experts:
                 self._finish(layer.entries[e])
-            stacked = self._stack(layer, experts)
+            stacked = self._stack(layer, experts, places)
         finally:
             for e in experts:
                 layer.entries[e].refs -= 1
             self._trim(layer)
         return stacked
 
-    def _stack(self, layer: RoutedLayer, experts: list[int]) -> dict:
-        """The compact parameters, in a reused buffer on a CPU when they fit (fresh memory costs
-        a page fault per 4 KiB, more than the copy itself), else in new memory."""
-        nbytes = len(experts) * layer.expert_bytes
-        spare = self._spare_for(nbytes)
+    def _places(self, layer: RoutedLayer, experts: list[int]) -> dict | None:
+        """CPU: where each picked expert's rows go in the reused stack buffer, name -> [k, ...]
+        (misses are read straight there: no fresh memory, no copy); None when it does not fit
+        (then the rows are stacked into new memory)."""
+        spare = self._spare_for(len(experts) * layer.expert_bytes)
         if spare is None:
-            self.residency.reserve_device(nbytes, f"the {len(experts)} experts of '{layer.name}' in use", required=True)
-        out, offset = {}, 0
+            return None
+        places, offset = {}, 0
+        for name, param in layer.module.named_parameters(recurse=False):
+            count = len(experts) * layer.params[name][1]
+            places[name] = spare[offset:offset + count].view((len(experts),) + tuple(param.shape[1:]))
+            offset += count
+        return places
+
+    def _stack(self, layer: RoutedLayer, experts: list[int], places: dict | None) -> dict:
+        """The compact parameters: the stack buffer's places, with the rows not read straight
+        there copied in (fresh memory costs a page fault per 4 KiB, more than the copy itself);
+        without places, new memory within the device budget."""
+        if places is not None:
+            for name, target in places.items():
+                for j, e in enumerate(experts):
+                    row = layer.entries[e].tensors[name]
+                    if row.data_ptr() != target[j].data_ptr():
+                        target[j].copy_(row)
+            return places
+        self.residency.reserve_device(len(experts) * layer.expert_bytes,
+                                      f"the {len(experts)} experts of '{layer.name}' in use", required=True)
+        out = {}
         for name, param in layer.module.named_parameters(recurse=False):
             rows = [layer.entries[e].tensors[name] for e in experts]
             shape = (len(rows),) + tuple(param.shape[1:])
-            if spare is not None:
-                count = len(rows) * layer.params[name][1]
-                target = spare[offset:offset + count].view(shape)
-                out[name] = torch.stack(rows, out=target) if rows else target
-                offset += count
-            else:
-                out[name] = torch.stack(rows) if rows else param.new_empty(shape, device=self.device.device)
+            out[name] = torch.stack(rows) if rows else param.new_empty(shape, device=self.device.device)
         return out
 
     def _spare_for(self, nbytes: int) -> torch.Tensor | None:
         """The CPU stack buffer (kept reserved in the device budget) if `nbytes` fit in it; it
-        is made on first use, as big as SPARE_EXPERTS of the largest experts."""
-        if self.device.is_cuda:
+        is made on first use, `stack_bytes` big (`room_plan`)."""
+        if self.device.is_cuda or not self.stack_bytes:
             return None
         if self.spare is None:
-            size = SPARE_EXPERTS * max(layer.expert_bytes for layer in self.layers)
-            if not self.budget.try_reserve(size):
+            if not self.budget.try_reserve(self.stack_bytes):
                 return None
-            self.spare = torch.empty(size // self.engine.compute_dtype.itemsize, dtype=self.engine.compute_dtype)
-        return self.spare if nbytes <= self.spare.numel() * self.spare.element_size() else None
+            # aligned: O_DIRECT reads of experts land in it
+            self.spare = aligned_empty(self.stack_bytes).view(self.engine.compute_dtype)
+        return self.spare if nbytes <= self.stack_bytes else None
 
     def release_stack(self, layer: RoutedLayer, count: int) -> None:
+        """The layer's call is over: the stack buffer is free for the next one, so the experts
+        the cache keeps that were read into it get memory of their own."""
         if self._spare_for(count * layer.expert_bytes) is None:
             self.budget.release(count * layer.expert_bytes)
+        for entry in layer.entries.values():
+            if entry.borrowed:
+                if entry.buffer is None:
+                    entry.buffer = self._buffer(layer)
+                rows = self._rows_in(layer, entry.buffer)
+                for name, target in rows.items():
+                    target.copy_(entry.tensors[name])
+                entry.tensors, entry.borrowed = rows, False
+
+    def _take_free(self, layer: RoutedLayer) -> torch.Tensor | None:
+        """An idle buffer of exactly one expert of `layer`, its reservation handed on with it."""
+        for i, buffer in enumerate(self.free):
+            if buffer.numel() * buffer.element_size() == layer.expert_bytes:
+                return self.free.pop(i)
+        return None
+
+    def _buffer(self, layer: RoutedLayer) -> torch.Tensor:
+        """A flat CPU buffer for one expert's rows (its entry holds the budget reservation): an
+        idle one (pages mapped already; fresh memory costs a page fault per 4 KiB, ~1 GB/s
+        here) or a new aligned one."""
+        for i, buffer in enumerate(self.free):
+            if buffer.numel() * buffer.element_size() >= layer.expert_bytes:
+                self.budget.release(buffer.numel() * buffer.element_size())
+                return self.free.pop(i)
+        return aligned_empty(layer.expert_bytes).view(self.engine.compute_dtype)
+
+    def _keep_free(self, buffer: torch.Tensor) -> None:
+        """Keep an idle buffer (reserved) while the cache could use it, else let it go."""
+        nbytes = buffer.numel() * buffer.element_size()
+        if len(self.free) < self.slots * len(self.layers) and self.budget.try_reserve(nbytes):
+            self.free.append(buffer)
+
+    def make_buffers(self) -> None:
+        """CPU, while loading: the buffers of the cache's slots, touched now so that their page
+        faults are not paid in the first forward (as many as the budget has room for)."""
+        if self.device.is_cuda:
+            return
+        largest = max(self.layers, key=lambda layer: layer.expert_bytes)
+        while len(self.free) < self.slots * len(self.layers) \
+                and self.budget.room() >= largest.expert_bytes + self.stack_bytes:
+            self._keep_free(aligned_empty(largest.expert_bytes).view(self.engine.compute_dtype).zero_())
+
+    def drop_idle(self, nbytes: int) -> bool:
+        """Give up idle buffers until the budget has `nbytes` of room (or none is left): tried
+        before residency evicts any unit (they hold no data)."""
+        freed = False
+        while self.free and self.budget.room() < nbytes:
+            buffer = self.free.pop()
+            self.budget.release(buffer.numel() * buffer.element_size())
+            freed = True
+        return freed
+
+    @staticmethod
+    def _rows_in(layer: RoutedLayer, buffer: torch.Tensor) -> dict:
+        """One expert's rows of each fused parameter, as views of `buffer` (name -> rows)."""
+        rows, offset = {}, 0
+        for name, param in layer.module.named_parameters(recurse=False):
+            count = layer.params[name][1]
+            rows[name] = buffer[offset:offset + count].view(tuple(param.shape[1:]))
+            offset += count
+        return rows
 
     # ---- fetching ----------------------------------------------------------------------------
-    def _start(self, layer: RoutedLayer, experts: list[int], required: bool, keep=()) -> list[Entry]:
+    def _start(self, layer: RoutedLayer, experts: list[int], required: bool, keep=(), into=None) -> list[Entry]:
         """Reserve the experts' room and queue one fetch of them all on the transfer thread (a
         speculative fetch takes only free room or idle slots of experts not in `keep`, and may
-        start fewer)."""
+        start fewer). `into`: expert -> {name: rows} to read into (the stack buffer)."""
         chosen = []
         for e in experts:  # (all reservations first: one may give up idle experts)
-            if required:
-                self.residency.reserve_device(layer.expert_bytes, f"expert {e} of '{layer.name}'", required=True)
-            elif not self._room_for(layer, keep):
-                break
-            chosen.append(e)
-        for e in chosen:
-            layer.entries[e] = Entry(e)
+            buffer = self._take_free(layer)  # CPU: an idle buffer, whose reservation is this expert's
+            if buffer is None:
+                if required:
+                    self.residency.reserve_device(layer.expert_bytes, f"expert {e} of '{layer.name}'", required=True)
+                else:
+                    room, buffer = self._room_for(layer, keep)
+                    if not room:
+                        break
+            chosen.append((e, buffer))
+        for e, buffer in chosen:
+            layer.entries[e] = Entry(e, borrowed=into is not None, buffer=buffer)
         if not chosen:
             return []
-        future = self.residency.transfer.submit(self._fetch_job, layer, chosen)
-        for e in chosen:
+        if into is None and not self.device.is_cuda:  # (a prefetch: into buffers of its own)
+            into = {}
+            for e, _ in chosen:
+                entry = layer.entries[e]
+                if entry.buffer is None:
+                    entry.buffer = aligned_empty(layer.expert_bytes).view(self.engine.compute_dtype)
+                into[e] = self._rows_in(layer, entry.buffer)
+        experts = [e for e, _ in chosen]
+        future = self.residency.transfer.submit(self._fetch_job, layer, experts, into)
+        for e in experts:
             layer.entries[e].fetch = future
-        return [layer.entries[e] for e in chosen]
+        return [layer.entries[e] for e in experts]
 
-    def _room_for(self, layer: RoutedLayer, keep) -> bool:
+    def _room_for(self, layer: RoutedLayer, keep) -> tuple[bool, torch.Tensor | None]:
         """Room for one speculative fetch: a free slot of the layer within the free budget, or
-        the slot of the layer's least recently used idle expert (not one in `keep`)."""
+        the slot of the layer's least recently used idle expert (not one in `keep`), whose
+        buffer it then reuses. Returns (room reserved, that buffer or None)."""
         if len(layer.entries) < self.slots and self.budget.try_reserve(layer.expert_bytes):
-            return True
+            return True, None
         idle = [e for e, entry in layer.entries.items() if self._idle(entry) and e not in keep]
         if not idle:
-            return False
-        self._evict(layer, idle[0])
-        return self.budget.try_reserve(layer.expert_bytes)
+            return False, None
+        buffer = self._evict(layer, idle[0], keep_buffer=False)
+        return self.budget.try_reserve(layer.expert_bytes), buffer
 
-    def _fetch_job(self, layer: RoutedLayer, experts: list[int]):
+    def _fetch_job(self, layer: RoutedLayer, experts: list[int], into: dict | None):
         """Transfer thread: each fused parameter's rows of the experts, from the unit's home,
-        in one pipeline of reads. Returns ({expert: {name: rows}}, event)."""
+        in one pipeline of reads (into `into`'s rows when given). Returns
+        ({expert: {name: rows}}, event)."""
         state = self.engine.states[layer.uid]
         wanted = [(e, name, slot, per_expert) for e in experts for name, (slot, per_expert) in layer.params.items()]
+        targets = None if into is None else [into[e][name].view(-1) for e, name, _, _ in wanted]
         with self.device.lane("copy"):
             rows, read = self.engine.io.read_ranges(state, "master", [(slot.offset + e * per_expert, per_expert)
-                                                                      for e, _, slot, per_expert in wanted])
+                                                                      for e, _, slot, per_expert in wanted], targets)
             event = self.device.record_event()
         out = {e: {} for e in experts}
         for (e, name, slot, _), tensor in zip(wanted, rows):
@@ -229,9 +335,17 @@ class ExpertStore:
                 return
             self._evict(layer, e)
 
-    def _evict(self, layer: RoutedLayer, e: int) -> None:
-        layer.entries.pop(e)
+    def _evict(self, layer: RoutedLayer, e: int, keep_buffer: bool = True) -> torch.Tensor | None:
+        """Drop expert `e` from the cache and its reservation; its buffer (CPU) stays among the
+        idle ones if `keep_buffer`, else it is returned."""
+        entry = layer.entries.pop(e)
         self.budget.release(layer.expert_bytes)
+        if entry.buffer is None or entry.borrowed:  # (a borrowed entry's rows are in the stack buffer)
+            return None
+        if not keep_buffer:
+            return entry.buffer
+        self._keep_free(entry.buffer)
+        return None
 
     def set_slots(self, slots: int) -> None:
         """Keep at most `slots` experts per layer cached from now on (0: none)."""
@@ -240,6 +354,9 @@ class ExpertStore:
         self.slots = slots
         for layer in self.layers:
             self._trim(layer)
+        while len(self.free) > slots * len(self.layers):
+            buffer = self.free.pop()
+            self.budget.release(buffer.numel() * buffer.element_size())
 
     def forget(self, uid: int) -> None:
         """Drop every cached expert of unit `uid` (its weights were overwritten)."""
@@ -253,13 +370,13 @@ class ExpertStore:
 
     def reclaim(self, nbytes: int) -> bool:
         """Residency needs device memory: give up idle experts, least recently used first."""
+        freed = self.drop_idle(nbytes)
         idle = sorted(((entry.last_use, layer, e) for layer in self.layers
                        for e, entry in layer.entries.items() if self._idle(entry)), key=lambda t: t[0])
-        freed = False
         for _, layer, e in idle:
             if self.budget.room() >= nbytes:
                 break
-            self._evict(layer, e)
+            self._evict(layer, e, keep_buffer=False)
             freed = True
         return freed
 
@@ -298,124 +415,3 @@ class ExpertStore:
         out = dict(self.counters, slots=self.slots, layers=len(self.layers))
         out["hit_rate"] = out["hits"] / out["requests"] if out["requests"] else 0.0
         return out
-
-
-# ==== installing ==========================================================================================
-def routed_layers(engine, model: nn.Module) -> list[RoutedLayer]:
-    """The routed experts modules that are not attached for good (permanent units need nothing)."""
-    owner = {id(s.param): (u, s) for u in engine.units for s in u.slots}
-    parents = {id(child): module for module in model.modules() for child in module.children()}
-    layers = []
-    for name, module in model.named_modules():
-        if not is_routed(module) or id(next(module.parameters())) not in owner:
-            continue
-        unit = owner[id(next(module.parameters()))][0]
-        if engine.residency.is_permanent(unit.uid) or unit.weights is not None:
-            continue  # (compressed weights are read and dequantized whole: not expert by expert)
-        params = {}
-        for pname, param in module.named_parameters(recurse=False):
-            unit_of, slot = owner[id(param)]
-            if unit_of is not unit:
-                return []  # split over units: cannot happen with layout.partition; stream as a unit
-            params[pname] = (slot, slot.numel // module.num_experts)
-        nbytes = sum(per for _, per in params.values()) * engine.compute_dtype.itemsize
-        layers.append(RoutedLayer(len(layers), name, module, unit.uid, params,
-                                  _router_of(parents.get(id(module)), module), nbytes))
-    return layers
-
-
-def _router_of(parent: nn.Module | None, experts: nn.Module) -> nn.Module | None:
-    """The sibling whose `weight` is [experts, hidden]: the router (Mixtral's and Qwen's `gate`)."""
-    if parent is None:
-        return None
-    for child in parent.children():
-        weight = getattr(child, "weight", None)
-        if child is not experts and isinstance(weight, torch.Tensor) and weight.dim() == 2 \
-                and weight.shape[0] == experts.num_experts:
-            return child
-    return None
-
-
-def cache_slots(engine, layers: list[RoutedLayer]) -> int:
-    """Experts per layer kept on the device: a share of what the device budget leaves once the
-    streamed units have room (the largest two in use and as many in flight; the plan's prefetch
-    window is sized by the largest unit, an experts unit here, which is never prefetched whole)."""
-    experts = max(layer.module.num_experts for layer in layers)
-    budget = engine.budgets["device"]
-    if budget.capacity is None:
-        return experts
-    from tierflow.core.plan import working_bytes
-
-    routed = {layer.uid for layer in layers}
-    streamed = sorted((working_bytes(u, engine.compute_dtype) for u in engine.units
-                       if not engine.residency.is_permanent(u.uid) and u.uid not in routed), reverse=True)
-    needed = sum(streamed[:2]) + min(engine.plan.prefetch_bytes, sum(streamed[:2]))
-    per_layer = max(0, int((budget.room() - needed) * CACHE_SHARE)) // (len(layers) * max(l.expert_bytes for l in layers))
-    return min(experts, per_layer)
-
-
-def install(engine, model: nn.Module) -> tuple[ExpertStore | None, list]:
-    """Wrap every routed experts module's forward (module hooks); returns the store (None when
-    the model has none) and the hook handles."""
-    layers = routed_layers(engine, model)
-    if not layers:
-        return None, []
-    if engine.dist is not None:
-        raise ConfigError("frozen mixture-of-experts layers with data-parallel ranks are not supported")
-    store = ExpertStore(engine, layers, cache_slots(engine, layers))
-    engine.residency.reclaimers.append(store.reclaim)
-    handles = []
-    for layer in layers:
-        hook = _Hooks(engine, store, layer)
-        handles.append(layer.module.register_forward_pre_hook(hook.pre, with_kwargs=True))
-        handles.append(layer.module.register_forward_hook(hook.post, always_call=True))
-    return store, handles
-
-
-class _Hooks:
-    """The pre- and post-hook of one routed experts module."""
-
-    def __init__(self, engine, store: ExpertStore, layer: RoutedLayer):
-        self.engine, self.store, self.layer = engine, store, layer
-        self.signature = inspect.signature(layer.module.forward)
-        self.saved: list = []
-
-    def pre(self, module, args, kwargs):
-        bound = self.signature.bind(*args, **kwargs)
-        index = bound.arguments["top_k_index"]
-        hidden = next(iter(bound.arguments.values()))
-        if torch.is_grad_enabled() and isinstance(hidden, torch.Tensor) and hidden.requires_grad:
-            # Training through frozen experts (e.g. LoRA on attention): autograd keeps the
-            # weights it saw until backward, so the unit is held whole, as any unit, and its
-            # saved views become tokens (passes.pack_saved) instead of stacks outside the budget.
-            self.engine.passes.enter_module([self.layer.uid])
-            self.saved.append(None)
-            return None
-        count = module.num_experts
-        with self.engine.bookkeeping():
-            experts = [e for e in torch.unique(index).tolist() if 0 <= e < count]
-            stacked = self.store.take(self.layer, experts)
-            self.store.remember_router(self.layer)
-            self.store.prefetch_next(self.layer, hidden, index.shape[-1])
-        lookup = torch.full((count + 1,), len(experts), dtype=index.dtype, device=index.device)
-        lookup[experts] = torch.arange(len(experts), dtype=index.dtype, device=index.device)
-        bound.arguments["top_k_index"] = lookup[index.clamp(0, count)]
-        # Compact parameters for the duration of this call (plain tensors: no on-demand fetch).
-        originals = {name: module._parameters[name] for name in stacked}
-        self.saved.append((originals, count, len(experts)))
-        module._parameters.update(stacked)
-        module.num_experts = len(experts)
-        return bound.args, bound.kwargs
-
-    def post(self, module, args, output):
-        if not self.saved:
-            return
-        saved = self.saved.pop()
-        if saved is None:
-            self.engine.passes.exit_module([self.layer.uid])
-            return
-        originals, count, used = saved
-        module._parameters.update(originals)
-        module.num_experts = count
-        with self.engine.bookkeeping():
-            self.store.release_stack(self.layer, used)

@@ -33,7 +33,7 @@ class SavedUnitView:
     uid: int
     size: torch.Size
     stride: tuple
-    offset: int
+    offset: int        # elements from the start of the unit's buffer (not of its storage)
 
 
 class OnDemandFetch(TorchFunctionMode):

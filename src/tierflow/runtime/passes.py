@@ -129,7 +129,10 @@ class Passes:
             return engine.activations.pack(tensor)  # an activation: keep, offload (activations.py)
         if uid is None or tensor.dtype != engine.compute_dtype:
             return tensor
-        return SavedUnitView(uid, tensor.size(), tensor.stride(), tensor.storage_offset())
+        # The offset is kept relative to the unit's buffer: the buffer it is fetched into again
+        # for backward may start elsewhere in its storage (aligned buffers for direct reads).
+        start = self.residency.of[uid].flat.storage_offset()
+        return SavedUnitView(uid, tensor.size(), tensor.stride(), tensor.storage_offset() - start)
 
     def unpack_saved(self, saved):
         engine = self.engine
@@ -145,7 +148,7 @@ class Passes:
                 self.residency.prefetch(self.trace.before(uid))
                 self.residency.gather_ahead(self.trace.before(uid))
             flat = self.residency.of[uid].flat
-        return flat.as_strided(saved.size, saved.stride, saved.offset)
+        return flat.as_strided(saved.size, saved.stride, flat.storage_offset() + saved.offset)
 
     def on_grad(self, unit: Unit, slot: Slot, param: nn.Parameter) -> None:
         """A gradient is complete for this backward: send it to the unit's home tier."""

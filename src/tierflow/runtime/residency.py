@@ -70,7 +70,8 @@ class Residency:
         self.spares = SpareBuffers(budgets["device"], plan.prefetch_bytes, enabled=not device.is_cuda)
         # Other holders of device memory that give it back when units need it (the expert
         # cache, experts.py): callables (nbytes) -> True if they freed any.
-        self.reclaimers: list = []
+        self.reclaimers: list = []     # f(nbytes) -> bool: give up cached data (MoE experts) when required
+        self.idle_droppers: list = []  # f(nbytes) -> bool: free idle buffers (no data) before any eviction
         self.packed = PackedWeights(io, compute_dtype)  # compressed frozen units (memory/packed.py)
         # Device bytes a unit takes while resident (0: it never moves, see is_permanent).
         self.moving = [0 if self.is_permanent(u) else working_bytes(self.units[u], compute_dtype)
@@ -391,6 +392,8 @@ class Residency:
         """Evict cached units (`victims(ahead)`) until `nbytes` fit; True if any went."""
         budget = self.budgets["device"]
         evicted = self.spares.drop_until(nbytes)
+        for drop in self.idle_droppers:
+            evicted = drop(nbytes) or evicted
         for uid in self.victims(ahead):
             if budget.room() >= nbytes:
                 break
