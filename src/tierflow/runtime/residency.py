@@ -72,6 +72,7 @@ class Residency:
         # cache, experts.py): callables (nbytes) -> True if they freed any.
         self.reclaimers: list = []
         self.packed = PackedWeights(io, compute_dtype)  # compressed frozen units (memory/packed.py)
+        self.reads_ahead = not device.is_cuda and dist is None and any(u.weights is not None for u in units)
 
     def __getitem__(self, uid: int) -> UnitResidency:
         return self.of[uid]
@@ -144,7 +145,7 @@ class Residency:
         """CPU: start reading the compressed bytes of the units beyond the prefetch window, as
         far as the window's bytes of compressed data reach (memory/packed.py read_ahead)."""
         ahead = 0
-        for uid in upcoming:
+        for uid in upcoming if self.reads_ahead else ():
             if self.units[uid].weights is None or not self._reads_direct(uid):
                 continue
             ahead += self.states[uid].nbytes(ARRAY)
