@@ -177,6 +177,23 @@ def test_cpu_fetches_read_ahead_and_reuse_their_buffers(fmt, tmp_path, engines, 
     assert host.used == host_before
 
 
+@pytest.mark.parametrize("placement", ["host", "nvme"])
+def test_staged_fetch_dequantizes_like_the_direct_one(placement, tmp_path, engines):
+    """`fetch_into` (the GPU's fetch: staged reads, each parameter dequantized as it arrives),
+    run on a CPU: every unit's buffer equals the dequantized weights."""
+    model = medium_llama()
+    engine = tierflow.offload(copy.deepcopy(model), nvme=tmp_path, placement=placement, weights="int4",
+                              device_memory="4MiB", unit_bytes="512KiB", chunk_bytes="256KiB")
+    engines.append(engine)
+    want = dequantized_copy(model, "int4").state_dict()
+    fetches = engine.passes.residency.packed
+    for unit, state in zip(engine.units, engine.states):
+        flat = torch.full((unit.numel,), float("nan"))
+        assert fetches.fetch_into(state, unit, flat) == state.nbytes("qweights")
+        for slot in unit.slots:
+            assert torch.equal(flat[slot.offset:slot.offset + slot.numel].view(slot.shape), want[slot.name])
+
+
 def test_one_openmp_thread_is_per_thread():
     """The dequantization's thread runs its torch ops alone; the other threads keep theirs."""
     import threading
