@@ -199,5 +199,5 @@ def _openmp():
     try:
         lib = ctypes.CDLL(None)
         return lib.omp_get_max_threads, lib.omp_set_num_threads
-    except (OSError, AttributeError):
+    except (OSError, AttributeError, TypeError):  # (TypeError: no process handle, e.g. on Windows)
         return None
