@@ -24,8 +24,8 @@ from tierflow.core.layout import Slot, Unit
 from tierflow.core.plan import Placement, working_bytes
 from tierflow.core.schedule import eviction_order, prefetch_window
 from tierflow.errors import TierflowError
-from tierflow.memory.device import ComputeDevice
-from tierflow.memory.packed import PackedWeights
+from tierflow.memory.device import ComputeDevice, join_openmp
+from tierflow.memory.packed import ARRAY, PackedWeights
 from tierflow.memory.tiers import StateIO, UnitState, aligned_flat, takes_direct_reads
 from tierflow.runtime.events import Span
 from tierflow.runtime.spares import SpareBuffers
@@ -73,6 +73,7 @@ class Residency:
         self.reclaimers: list = []     # f(nbytes) -> bool: give up cached data (MoE experts) when required
         self.idle_droppers: list = []  # f(nbytes) -> bool: free idle buffers (no data) before any eviction
         self.packed = PackedWeights(io, compute_dtype)  # compressed frozen units (memory/packed.py)
+        self.reads_ahead = not device.is_cuda and dist is None and any(u.weights is not None for u in units)
 
     def __getitem__(self, uid: int) -> UnitResidency:
         return self.of[uid]
@@ -138,6 +139,21 @@ class Residency:
         needs = lambda u: self.of[u].fetch is None and (self.of[u].flat is None or bool(self.of[u].pending))
         for uid in prefetch_window(upcoming, size, needs, self.plan.prefetch_bytes):
             if not self.start_fetch(uid, required=False):
+                break
+        self._read_ahead(upcoming)
+
+    def _read_ahead(self, upcoming: list[int]) -> None:
+        """CPU: start reading the compressed bytes of the units beyond the prefetch window, as
+        far as the window's bytes of compressed data reach (memory/packed.py read_ahead)."""
+        ahead = 0
+        for uid in upcoming if self.reads_ahead else ():
+            if self.units[uid].weights is None or not self._reads_direct(uid):
+                continue
+            ahead += self.states[uid].nbytes(ARRAY)
+            if ahead > self.plan.prefetch_bytes:
+                return
+            res = self.of[uid]
+            if res.fetch is None and res.flat is None and not self.packed.read_ahead(self.states[uid], uid):
                 return
 
     def is_permanent(self, uid: int) -> bool:
@@ -164,7 +180,11 @@ class Residency:
         what = f"the weights of unit '{self.units[uid].name}'"
         if nbytes and not pending and self._reads_direct(uid):
             reused = self._reusable_buffer(self.units[uid].numel, nbytes)  # None: reserve a new one
-            if reused is None and not self.reserve_device(nbytes, what, required):
+            # (a compressed unit also reserves the bytes it is read into, beside a reused buffer)
+            extra = nbytes - (reused.numel() * reused.element_size() if reused is not None else 0)
+            if extra and not self.reserve_device(extra, what, required):
+                if reused is not None and not self.spares.keep(reused):
+                    self.budgets["device"].release(reused.numel() * reused.element_size())
                 return False
             res.fetch = self._direct_fetch(uid, reused)
             return True
@@ -190,12 +210,16 @@ class Residency:
 
     # ---- direct fetches (gendisk): CPU compute device, NVMe home, nothing to update ------------
     def _reads_direct(self, uid: int) -> bool:
-        """The unit's weights can go from the disk straight into its (CPU) device buffer. Frozen
-        units only: a trainable unit's arrays are rewritten by its updates, whose write-backs
-        the staged path orders its reads after."""
+        """The unit's weights can go from the disk straight into its (CPU) device buffer (a
+        compressed unit's: dequantized there from its bytes read whole, or from host memory).
+        Frozen units only: a trainable unit's arrays are rewritten by its updates, whose
+        write-backs the staged path orders its reads after."""
         state = self.states[uid]
-        return (not self.device.is_cuda and self.dist is None and not self.units[uid].trainable_numel
-                and self.io.reads_whole(state, self._weights_name(uid), self.compute_dtype))
+        if self.device.is_cuda or self.dist is not None or self.units[uid].trainable_numel:
+            return False
+        if self.units[uid].weights is not None:
+            return self.packed.reads_direct(state)
+        return self.io.reads_whole(state, self._weights_name(uid), self.compute_dtype)
 
     def _reusable_buffer(self, numel: int, nbytes: int) -> torch.Tensor | None:
         """A buffer of `numel` elements whose device bytes stay reserved for the caller: a spare
@@ -211,7 +235,10 @@ class Residency:
             same = [uid for uid in range(len(self.of)) if self.units[uid].numel == numel and self._evictable(uid)]
             if not same:
                 return None
-            flat = self._detach(eviction_order(same, lambda u: self.of[u].last_use)[0])
+            victim = eviction_order(same, lambda u: self.of[u].last_use)[0]
+            flat = self._detach(victim)  # (a compressed unit's read bytes are not taken over)
+            self.budgets["device"].release(working_bytes(self.units[victim], self.compute_dtype)
+                                           - flat.numel() * flat.element_size())
         if not takes_direct_reads(flat):  # allocated by a fetch through the transfer thread
             self.budgets["device"].release(flat.numel() * flat.element_size())
             return None
@@ -222,10 +249,13 @@ class Residency:
         transfer thread, the staging buffers or a copy: the fetches of every unit in the
         prefetch window are in flight at once, which keeps the disk's queue full (measured
         on the 2-core machines: ~1.0 GB/s through the staging path, ~2.7 direct)."""
-        unit, done = self.units[uid], Future()
-        done.set_running_or_notify_cancel()
+        unit = self.units[uid]
         if flat is None:
             flat = aligned_flat(unit.numel, self.compute_dtype)
+        if unit.weights is not None:
+            return self._packed_fetch(uid, flat)
+        done = Future()
+        done.set_running_or_notify_cancel()
         start = self.events.now()
         reading = self.io.read_whole_async(self.states[uid], self._weights_name(uid), flat)
 
@@ -243,6 +273,21 @@ class Residency:
 
         reading.add_done_callback(finished)
         return done
+
+    def _packed_fetch(self, uid: int, flat: torch.Tensor) -> Future:
+        """A compressed unit: its bytes are read now (with the other units' reads in flight);
+        the transfer thread dequantizes them into `flat` when they arrive, one unit after the
+        other in the order they are needed, while the compute thread works on earlier units."""
+        unit = self.units[uid]
+        reading, data = self.packed.start_read(self.states[uid], uid)
+
+        def dequantize():
+            with self.events.span("fetch", unit.name, data.numel()):
+                moved = self.packed.dequantize_read(unit, reading, data, flat)
+            self.count("host_to_device", moved)
+            return flat, None
+
+        return self.transfer.submit(dequantize)
 
     def _weights_name(self, uid: int) -> str:
         return "weights" if "weights" in self.states[uid].arrays else "master"
@@ -440,6 +485,7 @@ class Residency:
 
     def close(self) -> None:
         self.transfer.shutdown(wait=True)
+        self.packed.close()
         if self.updater is not None:
             self.updater.shutdown(wait=True)
         if self.dist is not None:  # no all-gather left in flight when the ranks tear down
@@ -453,15 +499,3 @@ class Residency:
 def scratch_bytes(numel: int) -> int:
     """Device bytes of a GPU-side AdamW's scratch buffers of `numel` fp32 elements each."""
     return SCRATCH_BUFFERS * numel * 4
-
-
-def join_openmp() -> None:
-    """Run one small parallel torch op on the calling thread, so that it gets an OpenMP team.
-
-    With the CPU as compute device, libgomp's idle workers spin for ~300k iterations before
-    they sleep, unless it manages more threads than there are cores; then they spin briefly.
-    When our I/O threads (or other processes) take a core, a spinning worker burns the time
-    the compute thread it waits for needs: measured on 2 cores, a 12-token prefill took 4x
-    longer. One more team (this thread's) puts libgomp in its short-spin mode. (The staged
-    fetch path got it by accident: its copies ran in parallel on the transfer thread.)"""
-    torch.empty(1 << 16).fill_(0.0)
