@@ -139,6 +139,80 @@ def test_bytes_moved_per_forward_are_the_compressed_bytes(tmp_path, engines):
     assert moved[None] / moved["int8"] > 3.7 and moved[None] / moved["int4"] > 6.5, moved
 
 
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_cpu_fetches_read_ahead_and_reuse_their_buffers(fmt, tmp_path, engines, monkeypatch):
+    """On a CPU device, NVMe-homed compressed units are read whole, ahead of their fetch, into
+    kept buffers, and dequantized into reused unit buffers: once warm, a forward allocates no
+    fresh memory for them; the results stay those of the dequantized model; closing the
+    engine gives the host memory of the reads back."""
+    from tierflow.memory import tiers
+    from tierflow.runtime import direct_fetch
+
+    model = medium_llama()
+    ref = dequantized_copy(model, fmt)
+    engine = tierflow.offload(copy.deepcopy(model), nvme=tmp_path, placement="nvme", weights=fmt,
+                              device_memory="4MiB", host_memory="64MiB", unit_bytes="512KiB", chunk_bytes="256KiB",
+                              prefetch_bytes="1MiB")
+    engines.append(engine)
+    host = engine.budgets["host"]
+    host_before = host.used
+    fresh, ahead = [], []
+    counting = lambda real: lambda *a, **k: fresh.append(a) or real(*a, **k)  # noqa: E731
+    monkeypatch.setattr(packed, "aligned_flat", counting(tiers.aligned_flat))
+    monkeypatch.setattr(direct_fetch, "aligned_flat", counting(tiers.aligned_flat))
+    read_ahead = packed.PackedWeights.read_ahead
+    monkeypatch.setattr(packed.PackedWeights, "read_ahead",
+                        lambda self, state, uid: ahead.append(uid not in self.ahead) or read_ahead(self, state, uid))
+    ids = torch.randint(0, 512, (1, 8))
+    with torch.no_grad():
+        want = ref(ids).logits
+        counts = []
+        for forward in range(6):
+            fresh.clear()
+            assert torch.equal(engine(ids).logits, want)
+            counts.append(len(fresh))
+    assert counts[-1] == 0 < counts[0], counts  # once warm (measured: 16, 8, 2, 0, ...): only kept buffers
+    assert any(ahead)   # reads started before their fetch
+    engine.close()
+    assert host.used == host_before
+
+
+@pytest.mark.parametrize("placement", ["host", "nvme"])
+def test_staged_fetch_dequantizes_like_the_direct_one(placement, tmp_path, engines):
+    """`fetch_into` (the GPU's fetch: staged reads, each parameter dequantized as it arrives),
+    run on a CPU: every unit's buffer equals the dequantized weights."""
+    model = medium_llama()
+    engine = tierflow.offload(copy.deepcopy(model), nvme=tmp_path, placement=placement, weights="int4",
+                              device_memory="4MiB", unit_bytes="512KiB", chunk_bytes="256KiB")
+    engines.append(engine)
+    want = dequantized_copy(model, "int4").state_dict()
+    fetches = engine.passes.residency.packed
+    for unit, state in zip(engine.units, engine.states):
+        flat = torch.full((unit.numel,), float("nan"))
+        assert fetches.fetch_into(state, unit, flat) == state.nbytes("qweights")
+        for slot in unit.slots:
+            assert torch.equal(flat[slot.offset:slot.offset + slot.numel].view(slot.shape), want[slot.name])
+
+
+def test_one_openmp_thread_is_per_thread():
+    """The dequantization's thread runs its torch ops alone; the other threads keep theirs."""
+    import threading
+
+    from tierflow.memory import device as device_module
+    from tierflow.memory.device import one_openmp_thread
+
+    outer, seen = torch.get_num_threads(), {}
+    with one_openmp_thread(torch.device("cpu")):
+        seen["inside"] = torch.get_num_threads()
+        other = threading.Thread(target=lambda: seen.setdefault("other", torch.get_num_threads()))
+        other.start()
+        other.join()
+    assert torch.get_num_threads() == outer
+    if device_module._openmp() is not None and outer > 1:  # (a build without OpenMP: nothing to check)
+        assert seen["inside"] == 1
+        assert seen["other"] > 1
+
+
 def test_load_streams_quantized_and_matches(tmp_path, engines):
     model = make_tiny("llama").eval()
     model.save_pretrained(tmp_path / "m")

@@ -14,7 +14,6 @@ the transfer and update threads only move and compute data.
 from __future__ import annotations
 
 import itertools
-import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -24,10 +23,10 @@ from tierflow.core.layout import Slot, Unit
 from tierflow.core.plan import Placement, working_bytes
 from tierflow.core.schedule import eviction_order, prefetch_window, ring_eviction_order
 from tierflow.errors import TierflowError
-from tierflow.memory.device import ComputeDevice
-from tierflow.memory.packed import PackedWeights
-from tierflow.memory.tiers import StateIO, UnitState, aligned_flat, takes_direct_reads
-from tierflow.runtime.events import Span
+from tierflow.memory.device import ComputeDevice, join_openmp
+from tierflow.memory.packed import ARRAY, PackedWeights
+from tierflow.memory.tiers import StateIO, UnitState
+from tierflow.runtime.direct_fetch import DirectFetches
 from tierflow.runtime.spares import SpareBuffers
 from tierflow.runtime.updates import apply_updates
 
@@ -49,7 +48,7 @@ class UnitResidency:
     copied: object = None                  # event: the last async copy reading its host arrays
 
 
-class Residency:
+class Residency(DirectFetches):
     """Acquire, release, fetch, update and evict units within the device budget."""
 
     def __init__(self, units: list[Unit], states: list[UnitState], plan: Placement, device: ComputeDevice,
@@ -73,6 +72,7 @@ class Residency:
         self.reclaimers: list = []     # f(nbytes) -> bool: give up cached data (MoE experts) when required
         self.idle_droppers: list = []  # f(nbytes) -> bool: free idle buffers (no data) before any eviction
         self.packed = PackedWeights(io, compute_dtype)  # compressed frozen units (memory/packed.py)
+        self.reads_ahead = not device.is_cuda and dist is None and any(u.weights is not None for u in units)
         # Device bytes a unit takes while resident (0: it never moves, see is_permanent).
         self.moving = [0 if self.is_permanent(u) else working_bytes(self.units[u], compute_dtype)
                        for u in range(len(units))]
@@ -158,6 +158,21 @@ class Residency:
         needs = lambda u: self.of[u].fetch is None and (self.of[u].flat is None or bool(self.of[u].pending))
         for uid in prefetch_window(upcoming, size, needs, window):
             if not self.start_fetch(uid, required=False):
+                break
+        self._read_ahead(upcoming)
+
+    def _read_ahead(self, upcoming: list[int]) -> None:
+        """CPU: start reading the compressed bytes of the units beyond the prefetch window, as
+        far as the window's bytes of compressed data reach (memory/packed.py read_ahead)."""
+        ahead = 0
+        for uid in upcoming if self.reads_ahead else ():
+            if self.units[uid].weights is None or not self._reads_direct(uid):
+                continue
+            ahead += self.states[uid].nbytes(ARRAY)
+            if ahead > self.plan.prefetch_bytes:
+                return
+            res = self.of[uid]
+            if res.fetch is None and res.flat is None and not self.packed.read_ahead(self.states[uid], uid):
                 return
 
     def is_permanent(self, uid: int) -> bool:
@@ -185,7 +200,11 @@ class Residency:
         ahead = None if required else uid  # a prefetch evicts only units needed after it
         if nbytes and not pending and self._reads_direct(uid):
             reused = self._reusable_buffer(self.units[uid].numel, nbytes, ahead)  # None: reserve a new one
-            if reused is None and not self.reserve_device(nbytes, what, required, ahead):
+            # (a compressed unit also reserves the bytes it is read into, beside a reused buffer)
+            extra = nbytes - (reused.numel() * reused.element_size() if reused is not None else 0)
+            if extra and not self.reserve_device(extra, what, required, ahead):
+                if reused is not None and not self.spares.keep(reused):
+                    self.budgets["device"].release(reused.numel() * reused.element_size())
                 return False
             res.fetch = self._direct_fetch(uid, reused)
             return True
@@ -208,64 +227,6 @@ class Residency:
         executor = self.updater if on_cpu_thread else self.transfer
         res.fetch = executor.submit(self._fetch_job, uid, pending, nbytes > 0, scratch)
         return True
-
-    # ---- direct fetches (gendisk): CPU compute device, NVMe home, nothing to update ------------
-    def _reads_direct(self, uid: int) -> bool:
-        """The unit's weights can go from the disk straight into its (CPU) device buffer. Frozen
-        units only: a trainable unit's arrays are rewritten by its updates, whose write-backs
-        the staged path orders its reads after."""
-        state = self.states[uid]
-        return (not self.device.is_cuda and self.dist is None and not self.units[uid].trainable_numel
-                and self.io.reads_whole(state, self._weights_name(uid), self.compute_dtype))
-
-    def _reusable_buffer(self, numel: int, nbytes: int, ahead: int | None) -> torch.Tensor | None:
-        """A buffer of `numel` elements whose device bytes stay reserved for the caller: a spare
-        one; else None when the budget has room for a new one; else that of the first
-        evictable unit of the same size (`victims(ahead)`). Units of a
-        decoder repeat their sizes layer after layer, so a generation step reuses the buffers
-        of the previous one: fresh memory costs page faults and freed memory TLB shootdowns
-        (measured on 2 cores: compute ran up to 3x slower next to that churn)."""
-        flat = self.spares.pop(numel)
-        if flat is None:
-            if self.budgets["device"].room() >= nbytes:  # (other threads only give bytes back)
-                return None
-            same = [uid for uid in self.victims(ahead) if self.units[uid].numel == numel]
-            if not same:
-                return None
-            flat = self._detach(same[0])
-        if not takes_direct_reads(flat):  # allocated by a fetch through the transfer thread
-            self.budgets["device"].release(flat.numel() * flat.element_size())
-            return None
-        return flat
-
-    def _direct_fetch(self, uid: int, flat: torch.Tensor | None) -> Future:
-        """Read the unit's weights into an aligned buffer on the NVMe threads, without the
-        transfer thread, the staging buffers or a copy: the fetches of every unit in the
-        prefetch window are in flight at once, which keeps the disk's queue full (measured
-        on the 2-core machines: ~1.0 GB/s through the staging path, ~2.7 direct)."""
-        unit, done = self.units[uid], Future()
-        done.set_running_or_notify_cancel()
-        if flat is None:
-            flat = aligned_flat(unit.numel, self.compute_dtype)
-        start, nbytes = self.events.now(), flat.numel() * flat.element_size()
-        reading = self.io.read_whole_async(self.states[uid], self._weights_name(uid), flat)
-        self.count("host_to_device", nbytes)  # when asked for, as the NVMe reads (generate.py's steps)
-
-        def finished(read: Future) -> None:
-            error = read.exception()
-            if error is not None:
-                done.set_exception(error)
-                return
-            if self.events.enabled:
-                self.events.add(Span("fetch", unit.name, start, self.events.now(), nbytes,
-                                     threading.current_thread().name))
-            done.set_result((flat, None))
-
-        reading.add_done_callback(finished)
-        return done
-
-    def _weights_name(self, uid: int) -> str:
-        return "weights" if "weights" in self.states[uid].arrays else "master"
 
     def finish_fetch(self, uid: int) -> None:
         res = self.of[uid]
@@ -469,6 +430,7 @@ class Residency:
 
     def close(self) -> None:
         self.transfer.shutdown(wait=True)
+        self.packed.close()
         if self.updater is not None:
             self.updater.shutdown(wait=True)
         if self.dist is not None:  # no all-gather left in flight when the ranks tear down
@@ -482,15 +444,3 @@ class Residency:
 def scratch_bytes(numel: int) -> int:
     """Device bytes of a GPU-side AdamW's scratch buffers of `numel` fp32 elements each."""
     return SCRATCH_BUFFERS * numel * 4
-
-
-def join_openmp() -> None:
-    """Run one small parallel torch op on the calling thread, so that it gets an OpenMP team.
-
-    With the CPU as compute device, libgomp's idle workers spin for ~300k iterations before
-    they sleep, unless it manages more threads than there are cores; then they spin briefly.
-    When our I/O threads (or other processes) take a core, a spinning worker burns the time
-    the compute thread it waits for needs: measured on 2 cores, a 12-token prefill took 4x
-    longer. One more team (this thread's) puts libgomp in its short-spin mode. (The staged
-    fetch path got it by accident: its copies ran in parallel on the transfer thread.)"""
-    torch.empty(1 << 16).fill_(0.0)
