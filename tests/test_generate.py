@@ -120,6 +120,9 @@ def test_decode_reads_only_non_resident_weights_once_per_step_for_the_whole_batc
     homes = set(engine.plan.homes)
     assert {"host", "nvme"} <= homes, homes
     nvme_bytes = engine.plan.tier_bytes["nvme"]
+    # The first forward records the unit order; after it, the units kept from one step to the
+    # next settle (the device budget caches some between the ones streamed through it).
+    engine.generate(prompts(batch=1), max_new_tokens=2, do_sample=False, pad_token_id=0)
     per_step = {}
     for batch in (1, 8):
         engine.generate(prompts(batch=batch), max_new_tokens=NEW, do_sample=False, pad_token_id=0)
@@ -128,6 +131,48 @@ def test_decode_reads_only_non_resident_weights_once_per_step_for_the_whole_batc
         assert all(s.host_to_device <= nvme_bytes for s in steps)  # host-homed units are not copied
         per_step[batch] = sum(s.nvme_read for s in steps) / len(steps)
     assert per_step[8] == per_step[1]  # one weight load serves every sequence
+
+
+def test_a_tight_budget_still_reads_ahead_and_reads_each_unit_once_per_step(tmp_path, engines):
+    """The device budget holds little more than the largest unit in use and one in flight: the
+    plan's prefetch window is narrower than any unit. During generation the units still stream
+    ahead through the room the budget leaves (a ring): after the first forward, no unit waits
+    for a fetch started only when it was needed, no fetched unit is evicted before its use (so
+    none is read twice in a step), and the output equals transformers'."""
+    path, model = saved(tmp_path, "llama")
+    engine = load(path, tmp_path, engines, device_memory="40KiB", host_memory="360KiB", prefetch_bytes=None)
+    residency = engine.residency
+    streamed = [u.uid for u in engine.units if engine.plan.homes[u.uid] == "nvme"]
+    assert len(streamed) >= 10 and engine.plan.prefetch_bytes < min(residency.moving[u] for u in streamed)
+    # The first forward records the unit order: nothing was read ahead for the second one.
+    engine.generate(prompts(batch=1), max_new_tokens=2, do_sample=False, pad_token_id=0)
+    events = []  # what residency did, in order: ("fetch", uid) and ("use", uid)
+    start_fetch, acquire = residency.start_fetch, residency.acquire
+
+    def spied_start_fetch(uid, required):
+        started = start_fetch(uid, required)
+        if started and residency.moving[uid]:
+            events.append(("fetch", uid))
+        return started
+
+    def spied_acquire(uid):
+        flat = acquire(uid)
+        events.append(("use", uid))
+        return flat
+
+    residency.start_fetch, residency.acquire = spied_start_fetch, spied_acquire
+    for batch in (1, 4):
+        ids = prompts(batch=batch)
+        got = engine.generate(ids, max_new_tokens=NEW, do_sample=False, pad_token_id=0)
+        assert torch.equal(got, reference(model, ids))
+        steps = engine.last_generation.steps
+        assert [s.on_demand for s in steps] == [0] * NEW  # every unit was on its way ahead
+        assert all(s.nvme_read <= engine.plan.tier_bytes["nvme"] for s in steps)
+    waiting = set()  # fetched and not used yet
+    for what, uid in events:
+        assert not (what == "fetch" and uid in waiting), f"unit {uid} fetched again before its use"
+        (waiting.add if what == "fetch" else waiting.discard)(uid)
+    assert sum(what == "fetch" for what, _ in events) >= 2 * NEW * len(streamed) - len(streamed)
 
 
 def test_frozen_units_store_only_compute_dtype_weights(tmp_path, engines):

@@ -15,7 +15,7 @@ from tierflow.cli.bench import parse_budgets
 from tierflow.errors import ConfigError
 from tierflow.memory.nvme import NvmeStore
 from tierflow.memory.tiers import StateIO, UnitState, aligned_flat, takes_direct_reads
-from tierflow.runtime import residency as residency_module
+from tierflow.runtime import direct_fetch as fetch_module
 
 from conftest import SMALL_UNITS, VOCAB, make_tiny
 
@@ -73,8 +73,8 @@ def test_buffers_are_reused_and_the_device_budget_does_not_creep(tmp_path, engin
     assert torch.equal(greedy(engine, ids), expected)
     used = engine.budgets["device"].used
     fresh = []
-    allocate = residency_module.aligned_flat
-    monkeypatch.setattr(residency_module, "aligned_flat", lambda *a: fresh.append(a) or allocate(*a))
+    allocate = fetch_module.aligned_flat
+    monkeypatch.setattr(fetch_module, "aligned_flat", lambda *a: fresh.append(a) or allocate(*a))
     for _ in range(2):
         assert torch.equal(greedy(engine, ids), expected)
         assert engine.budgets["device"].used == used  # buffers changed hands, bytes stayed accounted
@@ -184,7 +184,7 @@ def test_frozen_units_read_direct_train_bitwise_when_fetched_again_for_backward(
                 module.requires_grad_(False)
         return model.train()
 
-    monkeypatch.setattr(residency_module, "aligned_flat", shifted)
+    monkeypatch.setattr(fetch_module, "aligned_flat", shifted)
     batches = make_batches(4, batch=2, seq=8)
     ref = frozen_base(make_tiny("llama"))
     ref_opt = torch.optim.AdamW([p for p in ref.parameters() if p.requires_grad], lr=1e-2, fused=True)

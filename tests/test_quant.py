@@ -146,7 +146,7 @@ def test_cpu_fetches_read_ahead_and_reuse_their_buffers(fmt, tmp_path, engines, 
     fresh memory for them; the results stay those of the dequantized model; closing the
     engine gives the host memory of the reads back."""
     from tierflow.memory import tiers
-    from tierflow.runtime import residency
+    from tierflow.runtime import direct_fetch
 
     model = medium_llama()
     ref = dequantized_copy(model, fmt)
@@ -159,7 +159,7 @@ def test_cpu_fetches_read_ahead_and_reuse_their_buffers(fmt, tmp_path, engines, 
     fresh, ahead = [], []
     counting = lambda real: lambda *a, **k: fresh.append(a) or real(*a, **k)  # noqa: E731
     monkeypatch.setattr(packed, "aligned_flat", counting(tiers.aligned_flat))
-    monkeypatch.setattr(residency, "aligned_flat", counting(tiers.aligned_flat))
+    monkeypatch.setattr(direct_fetch, "aligned_flat", counting(tiers.aligned_flat))
     read_ahead = packed.PackedWeights.read_ahead
     monkeypatch.setattr(packed.PackedWeights, "read_ahead",
                         lambda self, state, uid: ahead.append(uid not in self.ahead) or read_ahead(self, state, uid))

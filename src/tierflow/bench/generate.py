@@ -117,6 +117,7 @@ def _child(spec: dict) -> dict:
         report = engine.last_generation
         steps = [s.seconds for s in report.steps]
         result = dict(steps=steps, nvme_read=[s.nvme_read for s in report.steps], kv_tier=report.kv_tier,
+                      on_demand=[s.on_demand for s in report.steps],
                       placement={tier: sum(v.values()) for tier, v in engine.placement().items()},
                       budget_peaks={k: v[0] for k, v in engine.budget_peaks().items()})
         engine.close()
@@ -313,7 +314,8 @@ def _print_notes(details: dict) -> None:
             extra = ""
             if name == "tierflow":
                 extra = (f", placement {json.dumps(run['placement'])}, KV cache {run['kv_tier']}, "
-                         f"NVMe read per decode step {statistics.median(run['nvme_read'][1:]) / 2**20:.0f} MiB")
+                         f"NVMe read per decode step {statistics.median(run['nvme_read'][1:]) / 2**20:.0f} MiB, "
+                         f"fetches started on demand per decode step {run.get('on_demand', [0, None])[1:]}")
             elif run.get("device_map"):
                 extra = f", device map {json.dumps(run['device_map'])}"
             usage = f", cgroup max usage {run['cgroup_max_usage'] / 2**20:.0f} MiB" if "cgroup_max_usage" in run else ""

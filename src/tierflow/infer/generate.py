@@ -32,9 +32,10 @@ class StepStats:
     """One forward of `generate` (the prefill, then one per new token)."""
 
     seconds: float
-    nvme_read: int        # weight bytes read from the NVMe tier
+    nvme_read: int        # weight bytes read from the NVMe tier (reads submitted in the step)
     host_to_device: int   # weight bytes copied to the device (NVMe- and host-homed units)
     kv_read: int          # KV-cache bytes read back from its tier
+    on_demand: int = 0    # units whose fetch started only when the forward needed them (none ahead)
 
 
 @dataclass
@@ -203,9 +204,12 @@ class _StepRecorder:
         self._handles = []
 
     def _snapshot(self):
-        stats = self.engine.io_stats()
+        # NVMe reads are counted as submitted: a step then counts what it asked for, whether a
+        # read it started ahead for the next step completes before the step ends or after.
+        stats, nvme = self.engine.io_stats(), self.engine.nvme
         kv = self.cache.bytes_read() if self.cache is not None else 0
-        return time.perf_counter(), stats["nvme_read"], stats["host_to_device"], kv
+        return (time.perf_counter(), nvme.bytes_requested if nvme is not None else 0, stats["host_to_device"], kv,
+                self.engine.residency.on_demand)
 
     def _pre(self, module, args):
         self._start = self._snapshot()

@@ -128,6 +128,7 @@ class NvmeStore:
         self._free_list: list[Extent] = []  # freed extents, sorted by offset
         self._live: dict[int, int] = {}  # offset -> nbytes of allocated extents
         self._bytes_read = 0
+        self._bytes_requested = 0
         self._bytes_written = 0
         self._executor = ThreadPoolExecutor(
             io_threads, thread_name_prefix="tierflow-nvme",
@@ -323,6 +324,11 @@ class NvmeStore:
         return self._bytes_read
 
     @property
+    def bytes_requested(self) -> int:
+        """Bytes of the reads submitted so far (`bytes_read` counts them as they complete)."""
+        return self._bytes_requested
+
+    @property
     def bytes_written(self) -> int:
         return self._bytes_written
 
@@ -368,6 +374,9 @@ class NvmeStore:
         if not pieces:
             done.set_result(0)
             return done
+        if not write:
+            with self._lock:
+                self._bytes_requested += len(view)
         state = {"left": len(pieces), "error": None}
         state_lock = threading.Lock()
 

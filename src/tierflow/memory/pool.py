@@ -21,7 +21,7 @@ __all__ = ["aligned_empty", "BufferPool"]
 
 
 _HUGE_PAGE = 2 << 20
-_HUGE_MIN_BYTES = 4 * _HUGE_PAGE  # below this the alignment slack is not worth it
+_HUGE_MIN_BYTES = _HUGE_PAGE  # from one huge page: the units of a tight device budget are a few MiB
 _MADV_HUGEPAGE = 14
 
 
@@ -79,7 +79,7 @@ def aligned_empty(nbytes: int, alignment: int = 4096, pin: bool = False) -> torc
     otherwise a warning is emitted once and pageable memory is returned.
     Check ``t.is_pinned()`` to learn which one you got.
 
-    Unpinned buffers of 8 MiB or more are aligned to 2 MiB and advised to use
+    Unpinned buffers of 2 MiB or more are aligned to 2 MiB and advised to use
     transparent huge pages (cheaper O_DIRECT); this costs at most 2 MiB of
     address space and one partly used huge page.
     """

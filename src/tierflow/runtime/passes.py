@@ -29,9 +29,25 @@ class Passes:
         self._module_starts: list[float] = []
         self._backward_holds: set[int] = set()
         self._backward_callback_queued = False
-        # Generation (infer/) runs the same forward again and again: the units after the last
-        # one are the next forward's first, so prefetch wraps around to them.
+        self.cursor = 0  # trace position of the unit acquired last in forward
         self.cyclic_prefetch = False
+
+    @property
+    def cyclic_prefetch(self) -> bool:
+        """Generation (infer/) runs the same forward again and again: the units after the last
+        one are the next forward's first, so prefetch wraps around to them, and residency
+        evicts by distance ahead in that cycle (`distance_ahead`) instead of least recently used."""
+        return self.residency.next_use is not None
+
+    @cyclic_prefetch.setter
+    def cyclic_prefetch(self, value: bool) -> None:
+        self.residency.next_use = self.distance_ahead if value else None
+
+    def distance_ahead(self, uid: int) -> int:
+        """How many units of the forward order come before `uid`'s next use, counted from the
+        unit in use, wrapping around into the next forward (a unit not in the order: the end)."""
+        n, position = len(self.trace.order), self.trace.position(uid)
+        return (position - self.cursor) % n if position < n else n
 
     # ---- forward ----------------------------------------------------------------------------
     def begin_forward(self) -> None:
@@ -66,6 +82,7 @@ class Passes:
         with self.engine.bookkeeping():
             for uid in sorted(uids, key=self.trace.position):
                 self.trace.record(uid)
+                self.cursor = self.trace.position(uid)
                 self.residency.acquire(uid)
             activations = self.engine.activations
             if activations is None or not activations.recomputing:  # not in backward

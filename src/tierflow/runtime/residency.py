@@ -14,7 +14,6 @@ the transfer and update threads only move and compute data.
 from __future__ import annotations
 
 import itertools
-import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -22,12 +21,12 @@ import torch
 
 from tierflow.core.layout import Slot, Unit
 from tierflow.core.plan import Placement, working_bytes
-from tierflow.core.schedule import eviction_order, prefetch_window
+from tierflow.core.schedule import eviction_order, prefetch_window, ring_eviction_order
 from tierflow.errors import TierflowError
 from tierflow.memory.device import ComputeDevice, join_openmp
 from tierflow.memory.packed import ARRAY, PackedWeights
-from tierflow.memory.tiers import StateIO, UnitState, aligned_flat, takes_direct_reads
-from tierflow.runtime.events import Span
+from tierflow.memory.tiers import StateIO, UnitState
+from tierflow.runtime.direct_fetch import DirectFetches
 from tierflow.runtime.spares import SpareBuffers
 from tierflow.runtime.updates import apply_updates
 
@@ -49,7 +48,7 @@ class UnitResidency:
     copied: object = None                  # event: the last async copy reading its host arrays
 
 
-class Residency:
+class Residency(DirectFetches):
     """Acquire, release, fetch, update and evict units within the device budget."""
 
     def __init__(self, units: list[Unit], states: list[UnitState], plan: Placement, device: ComputeDevice,
@@ -74,6 +73,15 @@ class Residency:
         self.idle_droppers: list = []  # f(nbytes) -> bool: free idle buffers (no data) before any eviction
         self.packed = PackedWeights(io, compute_dtype)  # compressed frozen units (memory/packed.py)
         self.reads_ahead = not device.is_cuda and dist is None and any(u.weights is not None for u in units)
+        # Device bytes a unit takes while resident (0: it never moves, see is_permanent).
+        self.moving = [0 if self.is_permanent(u) else working_bytes(self.units[u], compute_dtype)
+                       for u in range(len(units))]
+        self.held_bytes = 0  # of the moving units in use (refs > 0)
+        self.on_demand = 0   # fetches started by the module that needed the unit: none was ahead
+        # Generation (passes.py): a unit's distance ahead in the fixed unit order of a forward
+        # (0: the current unit); prefetch and eviction then work as a ring. None: evictions
+        # go least recently used first, prefetch stays within the plan's prefetch window.
+        self.next_use = None
 
     def __getitem__(self, uid: int) -> UnitResidency:
         return self.of[uid]
@@ -89,6 +97,7 @@ class Residency:
         """Make unit `uid` resident on the device and hold it; returns its flat buffer."""
         res = self.of[uid]
         if res.flat is None and res.fetch is None:
+            self.on_demand += 1
             self.start_fetch(uid, required=True)
         if res.fetch is not None:
             self.finish_fetch(uid)
@@ -96,6 +105,8 @@ class Residency:
             self.start_fetch(uid, required=True)
             self.finish_fetch(uid)
         res.refs += 1
+        if res.refs == 1:
+            self.held_bytes += self.moving[uid]
         res.last_use = next(self._tick)
         if self.dist is not None and res.refs == 1:
             # Every rank takes its first hold of a unit at the same point of the model, so
@@ -109,6 +120,8 @@ class Residency:
         res = self.of[uid]
         res.refs -= 1
         assert res.refs >= 0, f"unit {self.units[uid].name} released more often than acquired"
+        if res.refs == 0:
+            self.held_bytes -= self.moving[uid]
         if self.dist is not None and res.refs == 0:
             self.dist.forget(uid)  # the next first hold gathers again
 
@@ -134,10 +147,16 @@ class Residency:
         self.dist.gather_ahead(uid, res.flat, state.base, state.limit, self.units[uid].name)
 
     def prefetch(self, upcoming: list[int]) -> None:
-        """Start fetches of the next units within the prefetch window."""
-        size = lambda u: working_bytes(self.units[u], self.compute_dtype)
+        """Start fetches of the next units within the prefetch window. During generation the
+        units stream ahead as through a ring: the window spans the device working set less the
+        units in use (units that never move take none of it), and a fetch evicts only units
+        needed after it (ring_eviction_order), so each is read once per forward, even with a
+        budget so tight that the plan's window holds not one unit."""
+        size, window = (lambda u: working_bytes(self.units[u], self.compute_dtype)), self.plan.prefetch_bytes
+        if self.next_use is not None:
+            size, window = self.moving.__getitem__, self.plan.device_working - self.held_bytes
         needs = lambda u: self.of[u].fetch is None and (self.of[u].flat is None or bool(self.of[u].pending))
-        for uid in prefetch_window(upcoming, size, needs, self.plan.prefetch_bytes):
+        for uid in prefetch_window(upcoming, size, needs, window):
             if not self.start_fetch(uid, required=False):
                 break
         self._read_ahead(upcoming)
@@ -178,17 +197,18 @@ class Residency:
         pending, res.pending = res.pending, []
         nbytes = 0 if self.is_permanent(uid) else working_bytes(self.units[uid], self.compute_dtype)
         what = f"the weights of unit '{self.units[uid].name}'"
+        ahead = None if required else uid  # a prefetch evicts only units needed after it
         if nbytes and not pending and self._reads_direct(uid):
-            reused = self._reusable_buffer(self.units[uid].numel, nbytes)  # None: reserve a new one
+            reused = self._reusable_buffer(self.units[uid].numel, nbytes, ahead)  # None: reserve a new one
             # (a compressed unit also reserves the bytes it is read into, beside a reused buffer)
             extra = nbytes - (reused.numel() * reused.element_size() if reused is not None else 0)
-            if extra and not self.reserve_device(extra, what, required):
+            if extra and not self.reserve_device(extra, what, required, ahead):
                 if reused is not None and not self.spares.keep(reused):
                     self.budgets["device"].release(reused.numel() * reused.element_size())
                 return False
             res.fetch = self._direct_fetch(uid, reused)
             return True
-        if nbytes and not self.reserve_device(nbytes, what, required):
+        if nbytes and not self.reserve_device(nbytes, what, required, ahead):
             res.pending = pending
             return False
         if not nbytes and self.device.is_cuda:
@@ -207,90 +227,6 @@ class Residency:
         executor = self.updater if on_cpu_thread else self.transfer
         res.fetch = executor.submit(self._fetch_job, uid, pending, nbytes > 0, scratch)
         return True
-
-    # ---- direct fetches (gendisk): CPU compute device, NVMe home, nothing to update ------------
-    def _reads_direct(self, uid: int) -> bool:
-        """The unit's weights can go from the disk straight into its (CPU) device buffer (a
-        compressed unit's: dequantized there from its bytes read whole, or from host memory).
-        Frozen units only: a trainable unit's arrays are rewritten by its updates, whose
-        write-backs the staged path orders its reads after."""
-        state = self.states[uid]
-        if self.device.is_cuda or self.dist is not None or self.units[uid].trainable_numel:
-            return False
-        if self.units[uid].weights is not None:
-            return self.packed.reads_direct(state)
-        return self.io.reads_whole(state, self._weights_name(uid), self.compute_dtype)
-
-    def _reusable_buffer(self, numel: int, nbytes: int) -> torch.Tensor | None:
-        """A buffer of `numel` elements whose device bytes stay reserved for the caller: a spare
-        one; else None when the budget has room for a new one; else that of the least
-        recently used evictable unit of the same size. Units of a
-        decoder repeat their sizes layer after layer, so a generation step reuses the buffers
-        of the previous one: fresh memory costs page faults and freed memory TLB shootdowns
-        (measured on 2 cores: compute ran up to 3x slower next to that churn)."""
-        flat = self.spares.pop(numel)
-        if flat is None:
-            if self.budgets["device"].room() >= nbytes:  # (other threads only give bytes back)
-                return None
-            same = [uid for uid in range(len(self.of)) if self.units[uid].numel == numel and self._evictable(uid)]
-            if not same:
-                return None
-            victim = eviction_order(same, lambda u: self.of[u].last_use)[0]
-            flat = self._detach(victim)  # (a compressed unit's read bytes are not taken over)
-            self.budgets["device"].release(working_bytes(self.units[victim], self.compute_dtype)
-                                           - flat.numel() * flat.element_size())
-        if not takes_direct_reads(flat):  # allocated by a fetch through the transfer thread
-            self.budgets["device"].release(flat.numel() * flat.element_size())
-            return None
-        return flat
-
-    def _direct_fetch(self, uid: int, flat: torch.Tensor | None) -> Future:
-        """Read the unit's weights into an aligned buffer on the NVMe threads, without the
-        transfer thread, the staging buffers or a copy: the fetches of every unit in the
-        prefetch window are in flight at once, which keeps the disk's queue full (measured
-        on the 2-core machines: ~1.0 GB/s through the staging path, ~2.7 direct)."""
-        unit = self.units[uid]
-        if flat is None:
-            flat = aligned_flat(unit.numel, self.compute_dtype)
-        if unit.weights is not None:
-            return self._packed_fetch(uid, flat)
-        done = Future()
-        done.set_running_or_notify_cancel()
-        start = self.events.now()
-        reading = self.io.read_whole_async(self.states[uid], self._weights_name(uid), flat)
-
-        def finished(read: Future) -> None:
-            error = read.exception()
-            if error is not None:
-                done.set_exception(error)
-                return
-            nbytes = flat.numel() * flat.element_size()
-            self.count("host_to_device", nbytes)
-            if self.events.enabled:
-                self.events.add(Span("fetch", unit.name, start, self.events.now(), nbytes,
-                                     threading.current_thread().name))
-            done.set_result((flat, None))
-
-        reading.add_done_callback(finished)
-        return done
-
-    def _packed_fetch(self, uid: int, flat: torch.Tensor) -> Future:
-        """A compressed unit: its bytes are read now (with the other units' reads in flight);
-        the transfer thread dequantizes them into `flat` when they arrive, one unit after the
-        other in the order they are needed, while the compute thread works on earlier units."""
-        unit = self.units[uid]
-        reading, data = self.packed.start_read(self.states[uid], uid)
-
-        def dequantize():
-            with self.events.span("fetch", unit.name, data.numel()):
-                moved = self.packed.dequantize_read(unit, reading, data, flat)
-            self.count("host_to_device", moved)
-            return flat, None
-
-        return self.transfer.submit(dequantize)
-
-    def _weights_name(self, uid: int) -> str:
-        return "weights" if "weights" in self.states[uid].arrays else "master"
 
     def finish_fetch(self, uid: int) -> None:
         res = self.of[uid]
@@ -391,14 +327,14 @@ class Residency:
             self.count("device_to_host", 12 * n)
 
     # ---- device memory -------------------------------------------------------------------------
-    def reserve_device(self, nbytes: int, what: str, required: bool) -> bool:
-        """Reserve device bytes, evicting cached units; a required reservation also waits for
-        in-flight fetches and gradients to free memory, and fails with BudgetError."""
+    def reserve_device(self, nbytes: int, what: str, required: bool, ahead: int | None = None) -> bool:
+        """Reserve device bytes, evicting cached units (`victims(ahead)`); a required reservation
+        also waits for in-flight fetches and gradients to free memory, and fails with BudgetError."""
         budget = self.budgets["device"]
         while True:
             if budget.try_reserve(nbytes):
                 return True
-            if self._evict_for(nbytes):
+            if self._evict_for(nbytes, ahead):
                 continue
             if not required:
                 return False
@@ -407,24 +343,33 @@ class Residency:
             inflight = [uid for uid, res in enumerate(self.of) if res.fetch is not None]
             if not inflight:
                 break
-            self.finish_fetch(inflight[-1])  # the furthest prefetch becomes evictable
+            furthest = inflight[-1] if self.next_use is None else max(inflight, key=self.next_use)
+            self.finish_fetch(furthest)  # the furthest prefetch becomes evictable
         # Gradients in flight free device memory as the drain thread writes them out.
         budget.reserve(nbytes, what, wait=BUDGET_WAIT_S)
         return True
 
-    def _evict_for(self, nbytes: int) -> bool:
-        """Evict cached units, least recently used first, until `nbytes` fit; True if any went."""
+    def _evict_for(self, nbytes: int, ahead: int | None) -> bool:
+        """Evict cached units (`victims(ahead)`) until `nbytes` fit; True if any went."""
         budget = self.budgets["device"]
-        candidates = [uid for uid in range(len(self.of)) if self._evictable(uid)]
         evicted = self.spares.drop_until(nbytes)
         for drop in self.idle_droppers:
             evicted = drop(nbytes) or evicted
-        for uid in eviction_order(candidates, lambda u: self.of[u].last_use):
+        for uid in self.victims(ahead):
             if budget.room() >= nbytes:
                 break
             self.evict(uid)
             evicted = True
         return evicted
+
+    def victims(self, ahead: int | None) -> list[int]:
+        """Evictable units, the first to go first: the least recently used; during generation
+        for a prefetch of unit `ahead` only units needed after it (ring_eviction_order)."""
+        candidates = [uid for uid in sorted(self._owner.values()) if self._evictable(uid)]
+        if self.next_use is None:
+            return eviction_order(candidates, lambda u: self.of[u].last_use)
+        return ring_eviction_order(candidates, self.next_use, lambda u: self.of[u].last_use,
+                                   None if ahead is None else self.next_use(ahead))
 
     def _evictable(self, uid: int) -> bool:
         res = self.of[uid]
