@@ -136,14 +136,7 @@ class ExpertStore:
         (misses are read straight there: no fresh memory, no copy); None when it does not fit
         (then the rows are stacked into new memory)."""
         spare = self._spare_for(len(experts) * layer.expert_bytes)
-        if spare is None:
-            return None
-        places, offset = {}, 0
-        for name, param in layer.module.named_parameters(recurse=False):
-            count = len(experts) * layer.params[name][1]
-            places[name] = spare[offset:offset + count].view((len(experts),) + tuple(param.shape[1:]))
-            offset += count
-        return places
+        return None if spare is None else self._layout(layer, spare, len(experts))
 
     def _stack(self, layer: RoutedLayer, experts: list[int], places: dict | None) -> dict:
         """The compact parameters: the stack buffer's places, with the rows not read straight
@@ -235,14 +228,19 @@ class ExpertStore:
         return freed
 
     @staticmethod
-    def _rows_in(layer: RoutedLayer, buffer: torch.Tensor) -> dict:
-        """One expert's rows of each fused parameter, as views of `buffer` (name -> rows)."""
-        rows, offset = {}, 0
+    def _layout(layer: RoutedLayer, buffer: torch.Tensor, count: int) -> dict:
+        """`count` experts' rows of each fused parameter, one parameter after the other, as
+        views of `buffer` (name -> [count, ...])."""
+        out, offset = {}, 0
         for name, param in layer.module.named_parameters(recurse=False):
-            count = layer.params[name][1]
-            rows[name] = buffer[offset:offset + count].view(tuple(param.shape[1:]))
-            offset += count
-        return rows
+            numel = count * layer.params[name][1]
+            out[name] = buffer[offset:offset + numel].view((count,) + tuple(param.shape[1:]))
+            offset += numel
+        return out
+
+    def _rows_in(self, layer: RoutedLayer, buffer: torch.Tensor) -> dict:
+        """One expert's rows of each fused parameter, as views of `buffer` (name -> rows)."""
+        return {name: rows[0] for name, rows in self._layout(layer, buffer, 1).items()}
 
     # ---- fetching ----------------------------------------------------------------------------
     def _start(self, layer: RoutedLayer, experts: list[int], required: bool, keep=(), into=None) -> list[Entry]:
@@ -269,7 +267,7 @@ class ExpertStore:
             for e, _ in chosen:
                 entry = layer.entries[e]
                 if entry.buffer is None:
-                    entry.buffer = aligned_empty(layer.expert_bytes).view(self.engine.compute_dtype)
+                    entry.buffer = self._buffer(layer)
                 into[e] = self._rows_in(layer, entry.buffer)
         experts = [e for e, _ in chosen]
         future = self.residency.transfer.submit(self._fetch_job, layer, experts, into)
