@@ -40,13 +40,16 @@ def make_moe(arch: str, seed: int = 0):
         return transformers.AutoModelForCausalLM.from_config(moe_config(arch)).eval()
 
 
-def saved(tmp_path, arch):
-    model = make_moe(arch)
-    out = tmp_path / f"hf-{arch}"
+def save_quietly(model, path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model.save_pretrained(out)
-    return out, model
+        model.save_pretrained(path)
+    return path
+
+
+def saved(tmp_path, arch):
+    model = make_moe(arch)
+    return save_quietly(model, tmp_path / f"hf-{arch}"), model
 
 
 def prompts(batch=2, tokens=5, seed=0):
@@ -263,10 +266,7 @@ def test_offload_of_a_frozen_model_in_memory_routes_experts(tmp_path, engines):
 
 def test_bf16_experts_equal_transformers(tmp_path, engines):
     model = make_moe("mixtral").to(torch.bfloat16)
-    path = tmp_path / "bf16"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model.save_pretrained(path)
+    path = save_quietly(model, tmp_path / "bf16")
     ids = prompts()
     engine = load(path, tmp_path, engines, "nvme")
     assert torch.equal(engine.generate(ids, max_new_tokens=NEW, do_sample=False, pad_token_id=0), greedy(model, ids))
@@ -346,10 +346,7 @@ def test_experts_whose_rows_are_not_4k_aligned(tmp_path, engines):
                                         num_attention_heads=4, num_key_value_heads=2, num_local_experts=8,
                                         num_experts_per_tok=2, max_position_embeddings=64)
     model = transformers.AutoModelForCausalLM.from_config(config).eval()
-    path = tmp_path / "odd"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model.save_pretrained(path)
+    path = save_quietly(model, tmp_path / "odd")
     ids = prompts()
     engine = load(path, tmp_path, engines, "nvme")
     assert torch.equal(engine.generate(ids, max_new_tokens=NEW, do_sample=False, pad_token_id=0), greedy(model, ids))
