@@ -25,6 +25,7 @@ from tierflow.errors import ConfigError
 from tierflow.checkpoint.conversion import readings
 from tierflow.checkpoint.files import (CheckpointError, TensorFileReader, TensorFileWriter, fsync_dir, os_reason,
                                        read_windows, remove_stale_temporaries, temporary_name, write_bytes_durably)
+from tierflow.memory.device import return_freed_memory_to_os
 
 INDEX = "model.safetensors.index.json"
 
@@ -223,6 +224,10 @@ def load(path, device="cpu", device_memory=None, host_memory=None, nvme=None, dt
     parse_dtype(dtype)  # a bad dtype or size fails before anything is built or read
     for what, size in (("device_memory", device_memory), ("host_memory", host_memory)):
         parse_size(size, what=what)
+    # Before the first tensor is read, not when the engine starts: the shards' headers and the
+    # model's buffers are read first, and a large free among them raises glibc's dynamic mmap
+    # threshold, after which every streamed tensor is freed into a heap that keeps it resident.
+    return_freed_memory_to_os()
     model = _meta_model(path, model_class)
     model.eval()
     if not trainable:

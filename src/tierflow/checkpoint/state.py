@@ -22,6 +22,7 @@ from torch import nn
 
 from tierflow.config import format_size, parse_size
 from tierflow.errors import ConfigError
+from tierflow.memory.device import return_freed_memory_to_os
 from tierflow.checkpoint.files import (CheckpointError, TensorFileReader, TensorFileWriter, fsync_dir,
                                        install_directory, os_reason, read_windows, remove_stale_temporaries,
                                        temporary_name)
@@ -180,6 +181,7 @@ def resume(path, model: nn.Module | None = None, *, device=None, device_memory=_
         raise ConfigError(f"unknown options for resume: {sorted(unknown)} (known: {', '.join(TUNING)})")
     path = checkpoint_dir(path)
     manifest = verify(path, checksums=verify_checksums)
+    return_freed_memory_to_os()  # before anything is read: see tierflow.checkpoint.hf.load
     model = model if model is not None else _rebuild_model(manifest, path)
     names = _match_params(model, manifest, path / FILES["master"])
     _check_buffers(model, manifest, path / FILES["buffers"])
