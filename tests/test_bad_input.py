@@ -107,7 +107,8 @@ def test_missing_nvme_directory_is_created(tmp_path, engines):
     model = make_model()
     engine = tierflow.offload(model, nvme=spill, placement="nvme", **SMALL)
     engines.append(engine)
-    assert spill.is_dir() and any(spill.iterdir())
+    assert spill.is_dir()
+    assert engine.plan.tier_bytes["nvme"] > 0  # it spills there (into a file unlinked once open)
     opt = tierflow.AdamW(engine, lr=1e-2)
     x = torch.randint(0, 64, (2, 5))
     engine(x).square().mean().backward()
@@ -321,3 +322,28 @@ def test_disk_full_while_offloading_loses_nothing(tmp_path, monkeypatch):
     assert calls["n"] > 3, "the fault was never injected"
     assert_intact(model, before)
     assert not list(tmp_path.iterdir()), "the spill file was left behind"
+
+
+_DIES_WITHOUT_CLOSE = """
+import os, signal, sys, torch
+from torch import nn
+import tierflow
+torch.manual_seed(0)
+model = nn.Sequential(*[nn.Linear(64, 64) for _ in range(4)])
+engine = tierflow.offload(model, nvme=sys.argv[1], placement="nvme", activations="offload",
+                          host_memory="330KiB", unit_bytes="8KiB", chunk_bytes="32KiB")
+engine(torch.randn(4, 64)).square().mean().backward()  # the activations' spill file is open too
+print(engine.plan.tier_bytes["nvme"], flush=True)
+os.kill(os.getpid(), signal.SIGKILL)  # no close, no atexit, no finalizer
+"""
+
+
+def test_a_killed_process_leaves_no_spill_file_behind(tmp_path):
+    """The scratch files are unlinked as soon as they are open: however the process ends, their
+    space goes back to the disk and nothing is left in the NVMe directory."""
+    spill = tmp_path / "spill"
+    out = subprocess.run([sys.executable, "-c", _DIES_WITHOUT_CLOSE, str(spill)], capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == -9, out.stderr[-2000:]
+    assert int(out.stdout.split()[0]) > 0  # it did spill
+    assert spill.is_dir() and not list(spill.rglob("*")), list(spill.rglob("*"))

@@ -120,6 +120,7 @@ class NvmeStore:
 
         self._make_directory()
         self._fd, self.direct = self._open(direct)
+        _unlink_now(self.path)
         self.mode = "O_DIRECT" if self.direct else _BUFFERED_MODE
 
         self._lock = threading.Lock()  # guards allocator state and counters
@@ -469,3 +470,13 @@ class NvmeStore:
             f"NvmeStore({str(self.path)!r}, mode={self.mode!r}, "
             f"io_threads={self.io_threads}, reserved={self.reserved_bytes})"
         )
+
+
+def _unlink_now(path: Path) -> None:
+    """Remove a scratch file's name while its descriptor stays open: the data lives until the
+    descriptor closes, and the space goes back to the disk however the process ends (a
+    crash, a kill, a script that never calls close()), never left behind in the directory."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass

@@ -31,6 +31,7 @@ class SpillFile:
         directory.mkdir(parents=True, exist_ok=True)
         self.path = directory / f"tierflow-activations-{os.getpid()}-{secrets.token_hex(4)}.bin"
         self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        os.unlink(self.path)  # the open descriptor keeps the data: nothing is left behind on a crash
         self._end = 0
         self._lock = threading.Lock()
         self.bytes_written = 0
