@@ -149,7 +149,8 @@ def test_pool_many_threads():
 def test_creates_directory_and_cleans_up(tmp_path):
     d = tmp_path / "a" / "b" / "c"
     s = NvmeStore(d)
-    assert d.is_dir() and s.path.exists()
+    assert d.is_dir() and not s.path.exists()  # unlinked once open: nothing left behind on a crash
+    assert s.size_on_disk() == 0
     assert s.mode in ("O_DIRECT", "buffered (file system does not support O_DIRECT)")
     assert s.direct == (s.mode == "O_DIRECT")
     s.close()
@@ -229,7 +230,7 @@ def test_allocate_free_reuse_and_growth(tmp_path):
         c = s.allocate(4096)
         assert (a, b, c) == (Extent(0, 4096), Extent(4096, 8192), Extent(12288, 4096))
         assert s.reserved_bytes == 16384 and s.file_bytes == 16384
-        assert os.path.getsize(s.path) == 16384
+        assert s.size_on_disk() == 16384
         s.free(b)
         assert s.reserved_bytes == 8192
         d = s.allocate(4096)  # first fit reuses b's hole
@@ -237,7 +238,7 @@ def test_allocate_free_reuse_and_growth(tmp_path):
         e = s.allocate(4096)  # the rest of the hole
         assert e == Extent(8192, 4096)
         f = s.allocate(4096)  # no hole left: grows the file
-        assert f == Extent(16384, 4096) and os.path.getsize(s.path) == 20480
+        assert f == Extent(16384, 4096) and s.size_on_disk() == 20480
         with pytest.raises(ValueError, match="double free"):
             s.free(b)
         for ext in (a, c, d, e, f):

@@ -224,6 +224,13 @@ class NvmeStore:
         """Current size of the spill file (its high-water mark)."""
         return self._file_bytes
 
+    def size_on_disk(self) -> int:
+        """The spill file's size as the file system has it (the file has no name: see
+        `_unlink_now`)."""
+        if self._fd is None:
+            raise NvmeError(errno.EBADF, f"NvmeStore for {self.path} is closed")
+        return os.fstat(self._fd).st_size
+
     def allocate(self, nbytes: int) -> Extent:
         """Reserve ``nbytes`` (rounded up to the alignment) in the spill file."""
         if nbytes < 0:
