@@ -25,6 +25,7 @@ import torch
 from tierflow.config import format_size
 from tierflow.errors import BudgetError, ConfigError
 from tierflow.infer.kvcache import KV_TIERS, TieredCache, kv_bytes
+from tierflow.memory.device import return_freed_memory_to_os
 
 
 @dataclass(frozen=True)
@@ -69,6 +70,14 @@ class GenerationReport:
         return sum(getattr(s, name) for s in self.steps)
 
 
+# A batched prefill's hidden states are 512 KiB - 1 MiB (16 x 12 tokens x 1024 x 4 bytes: 768
+# KiB). Below glibc's mmap threshold they fragment its heap, which then holds ~110 MiB more than
+# the forward's data (4x model, 128 + 224 MiB, batch 16: peak RSS 843 MiB with 1 MiB, 730 with
+# 512 KiB, decode steps unchanged, the prefill ~0.2 s slower; docs/benchmarks.md). Under a memory
+# limit that difference decides whether the process thrashes.
+_FORWARD_MMAP_THRESHOLD = 512 << 10
+
+
 def generate(engine, *args, kv_cache: str = "auto", **kwargs):
     """transformers' `generate` on the engine's model (bound as `Engine.generate`).
 
@@ -98,6 +107,8 @@ def generate(engine, *args, kv_cache: str = "auto", **kwargs):
             kwargs["use_cache"] = True  # a config with use_cache=False would bypass the cache we pass
     elif kv_cache == "device":
         report.kv_bytes = kv_bytes(module.config, batch, _capacity(module, prompt, kwargs), engine.compute_dtype)
+    if not engine.device.is_cuda:
+        return_freed_memory_to_os(_FORWARD_MMAP_THRESHOLD)
     recorder = _StepRecorder(engine, cache)
     engine.cyclic_prefetch = True
     start = time.perf_counter()
