@@ -42,11 +42,16 @@ def return_freed_memory_to_os(threshold: int = 1 << 20) -> bool:
     one alone leaves the other where the process's earlier frees raised it), and what the
     heaps already hold free is trimmed now. Returns False where this is not glibc.
     """
+    global _mmap_threshold
     if sys.platform != "linux":
         return False
+    # One setting for the process: the lowest asked for so far (generation asks for less than
+    # the engine), so that an engine built after a generate does not undo what it needed.
+    threshold = min(threshold, _mmap_threshold or threshold)
     try:
         libc = ctypes.CDLL("libc.so.6")
         fixed = libc.mallopt(_M_MMAP_THRESHOLD, threshold) and libc.mallopt(_M_TRIM_THRESHOLD, 2 * threshold)
+        _mmap_threshold = threshold
         libc.malloc_trim(0)
         return bool(fixed)
     except (OSError, AttributeError):
@@ -55,6 +60,7 @@ def return_freed_memory_to_os(threshold: int = 1 << 20) -> bool:
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
+_mmap_threshold: int | None = None  # what return_freed_memory_to_os set last
 
 
 class ComputeDevice:

@@ -444,7 +444,7 @@ class NvmeStore:
     # --------------------------------------------------------------- lifetime
 
     def close(self) -> None:
-        """Wait for pending I/O, then close and delete the spill file. Idempotent."""
+        """Wait for pending I/O, then close the spill file (which frees its space). Idempotent."""
         fd, self._fd = getattr(self, "_fd", None), None  # refuses new requests
         if fd is None:
             return
@@ -454,11 +454,7 @@ class NvmeStore:
                 executor.shutdown(wait=True)  # queued pieces hold `fd`: let them finish
             except RuntimeError:  # closed from one of its own threads (e.g. via __del__)
                 executor.shutdown(wait=False)
-        os.close(fd)
-        try:
-            os.unlink(self.path)
-        except FileNotFoundError:
-            pass
+        os.close(fd)  # the file has had no name since it was opened (`_unlink_now`)
 
     def __enter__(self) -> "NvmeStore":
         return self

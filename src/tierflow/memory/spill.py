@@ -67,6 +67,5 @@ class SpillFile:
 
     def close(self) -> None:
         if self._fd is not None:
-            os.close(self._fd)
+            os.close(self._fd)  # (unlinked when opened: closing frees its space)
             self._fd = None
-            self.path.unlink(missing_ok=True)
