@@ -125,10 +125,11 @@ class FioJob:
     iodepth: int
     mem: str  # fio --mem: "shmhuge" (huge pages) or "malloc" (4 KiB pages)
 
-    def command(self, fio: str, directory: Path, size: int, write: bool, direct: bool) -> list[str]:
+    def command(self, fio: str, directory: Path, size: int, write: bool, direct: bool,
+                file_name: str = "") -> list[str]:
         per_job = size // self.numjobs
         cmd = [
-            fio, "--name=tierflow-ref", f"--filename={directory / _FIO_FILE}",
+            fio, "--name=tierflow-ref", f"--filename={directory / (file_name or _FIO_FILE)}",
             f"--rw={'write' if write else 'read'}", f"--bs={self.bs}", f"--direct={int(direct)}",
             f"--ioengine={self.engine}", f"--iodepth={self.iodepth}",
             f"--numjobs={self.numjobs}", f"--size={per_job}", f"--offset_increment={per_job}",
@@ -149,10 +150,10 @@ def fio_jobs(chunk: int, io_threads: int, huge_pages: bool) -> list[FioJob]:
 
 
 def fio_gbps(fio: str, job: FioJob, directory: Path, size: int, write: bool,
-              direct: bool) -> float:
+              direct: bool, file_name: str = "") -> float:
     if not write:
         drop_caches()
-    cmd = job.command(fio, directory, size, write, direct)
+    cmd = job.command(fio, directory, size, write, direct, file_name)
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     result = json.loads(out[out.index("{"):])["jobs"][0]  # skip warnings before the JSON
     return result["write" if write else "read"]["bw_bytes"] / GB

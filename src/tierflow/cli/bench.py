@@ -104,6 +104,9 @@ def add_arguments(parser) -> None:
                      help="with --matrix: model sizes, as multiples of the memory limit")
     gen.add_argument("--budgets", nargs="+", default=["64MiB/96MiB", "128MiB/224MiB"],
                      help="with --matrix: DEVICE/HOST budget pairs, tight to roomy")
+    gen.add_argument("--timeout", type=float, default=None,
+                     help="seconds each contender may run (default: 900, with --matrix 1800); an accelerate "
+                          "run that times out gives a lower bound of the ratio")
     gen.add_argument("--json", default=None)
     moe = sub.add_parser("moe", help="a mixture-of-experts model bigger than memory: experts fetched as "
                          "routed vs accelerate disk offload")
@@ -279,12 +282,12 @@ def run(args) -> int:
             from tierflow.bench.generate_matrix import run_generate_matrix
             run_generate_matrix(args.dir, args.limit or "768MiB", tuple(args.factors), parse_budgets(args.budgets),
                                 tuple(args.batches), args.hidden, args.intermediate, args.vocab, args.prompt_len,
-                                args.new_tokens, args.threads, args.json)
+                                args.new_tokens, args.threads, args.json, args.timeout or 1800.0)
             return 0
         from tierflow.bench.generate import run_generate_bench
         run_generate_bench(args.dir, args.hidden, args.layers, args.intermediate, args.vocab, args.device,
                            args.device_memory, args.host_memory, args.limit, tuple(args.batches),
-                           args.prompt_len, args.new_tokens, args.threads, args.json)
+                           args.prompt_len, args.new_tokens, args.threads, args.json, args.timeout or 900.0)
     elif args.bench == "moe":
         from tierflow.bench.moe import run_moe_bench
         run_moe_bench(args.dir, args.hidden, args.layers, args.intermediate, args.experts, args.top_k, args.vocab,
