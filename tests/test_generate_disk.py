@@ -224,3 +224,19 @@ def test_frozen_units_read_direct_train_bitwise_when_fetched_again_for_backward(
     got = engine.state_dict()
     for name, value in ref.state_dict().items():
         assert torch.equal(got[name], value), name
+
+
+def test_the_compute_load_of_the_disk_reference_runs_only_inside_its_block(monkeypatch):
+    import subprocess
+
+    from tierflow.bench import generate as bench
+
+    children = []
+    real_popen = subprocess.Popen
+    monkeypatch.setattr(subprocess, "Popen", lambda *a, **k: children.append(real_popen(*a, **k)) or children[-1])
+    with bench._compute_load(0):
+        pass
+    assert children == []  # none asked for: nothing started
+    with bench._compute_load(1):
+        assert len(children) == 1 and children[0].poll() is None  # computing while fio would run
+    assert children[0].poll() is not None  # and gone after

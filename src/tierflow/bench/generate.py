@@ -22,6 +22,7 @@ accelerate's disk offload, on the same model, prompts, budget and memory limit.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -197,7 +198,7 @@ def run_generate_bench(directory, hidden=1536, layers=12, intermediate=4096, voc
     model_bytes = build_model_dir(model_dir, model_config(hidden, layers, intermediate, vocab))
     device_b, host_b = parse_size(device_memory), parse_size(host_memory)
     limit_b = parse_size(limit) if limit else host_b + (device_b if device == "cpu" else 0) + 640 * MiB
-    disk = disk_read_gbps(directory / "spill")
+    disk = disk_read_gbps(directory / "spill", threads if device == "cpu" else 0)
     rows, details = run_cell(directory, model_dir, model_bytes, vocab, device, device_b, host_b, limit_b, batches,
                              prompt, new_tokens, threads, disk, timeout)
     for r in rows:
@@ -251,23 +252,51 @@ def run_cell(directory: Path, model_dir: Path, model_bytes: int, vocab: int, dev
 _NOW_FILE = "fio-now.bin"
 
 
-def disk_now(spill: Path, size: int = 2 << 30) -> float | None:
-    """The disk's read bandwidth now (GB/s): fio's matched job alone (4 threads of 16 MiB
-    O_DIRECT reads, huge-page buffers when they can be reserved) over `size` bytes of a file
-    kept for the next measurement; None without fio. Taken around each tierflow run: over
-    minutes this machine's disk drifts by more than the step target's margin (measured: 2.05
-    to 2.76 GB/s between the decode steps of one run; fio 2.40 to 3.06 between runs)."""
+def disk_now(spill: Path, compute_threads: int = 0, size: int = 2 << 30) -> float | None:
+    """The disk's read bandwidth now (GB/s): fio's matched job (4 threads of 16 MiB O_DIRECT
+    reads, huge-page buffers when they can be reserved) over `size` bytes of a file kept for
+    the next measurement, while `compute_threads` threads multiply matrices (0: none); None
+    without fio. Taken around each tierflow run: over minutes this machine's disk drifts by
+    more than the step target's margin (measured: 2.05 to 2.76 GB/s between the decode steps
+    of one run; fio 2.40 to 3.06 between runs)."""
     fio = find_fio(install=False)
     if fio is None:
         return None
     spill.mkdir(parents=True, exist_ok=True)
-    with huge_pages_for_fio(4 * 24 * MiB) as huge:
+    with huge_pages_for_fio(4 * 24 * MiB) as huge, _compute_load(compute_threads):
         job = fio_jobs(16 * MiB, 4, huge)[0]
         try:
             return fio_gbps(fio, job, spill, size, write=False, direct=True, file_name=_NOW_FILE)
         except (subprocess.CalledProcessError, ValueError, KeyError) as exc:
             print(f"WARNING: fio failed: {exc}", flush=True)
             return None
+
+
+# Matrix-vector products over weights bigger than the caches, like a batched decode step's.
+_BURNER = ("import sys, torch\n"
+           "torch.set_num_threads(int(sys.argv[1]))\n"
+           "w, x = torch.randn(8192, 1024), torch.randn(16, 1024)\n"
+           "print('ready', flush=True)\n"
+           "while True:\n"
+           "    x @ w.T\n")
+
+
+@contextlib.contextmanager
+def _compute_load(threads: int):
+    """A child process computing on `threads` threads for the duration (none when 0)."""
+    if not threads:
+        yield
+        return
+    import sys
+
+    child = subprocess.Popen([sys.executable, "-c", _BURNER, str(threads)], stdout=subprocess.PIPE, text=True,
+                             env=dict(os.environ, OMP_WAIT_POLICY="PASSIVE"))
+    try:
+        child.stdout.readline()  # "ready": torch imported, the weights made
+        yield
+    finally:
+        child.kill()
+        child.wait()
 
 
 def disk_reference(run: dict, run_best: float | None) -> float | None:
@@ -277,11 +306,13 @@ def disk_reference(run: dict, run_best: float | None) -> float | None:
     return sum(around) / len(around) if around else run_best
 
 
-def disk_read_gbps(spill: Path) -> dict:
+def disk_read_gbps(spill: Path, compute_threads: int = 0) -> dict:
     """The disk's sequential O_DIRECT read bandwidth (GB/s) on the spill file system, measured
     now: fio jobs shaped like tierflow's reads (4 threads of 16 MiB, in huge-page buffers when
     they can be reserved, and in 4 KiB pages) and libaio at queue depth 32; "best" is the
-    highest, the reference of the bound (dd's when fio is missing)."""
+    highest (dd's when fio is missing). With `compute_threads`, also the matched job while
+    that many threads multiply matrices ("fio_under_compute", not part of "best"): on a
+    virtual machine the disk's emulation may share the CPUs that a decode step's compute uses."""
     fio = find_fio()
     if fio is None:
         gbps = _dd_read(spill)
@@ -296,8 +327,13 @@ def disk_read_gbps(spill: Path) -> dict:
             except (subprocess.CalledProcessError, ValueError, KeyError) as exc:
                 print(f"WARNING: fio failed: {exc}", flush=True)
     (spill / "fio-bench.bin").unlink(missing_ok=True)
+    best = max(found.values(), default=None)
+    if compute_threads and found:
+        alone, under = disk_now(spill), disk_now(spill, compute_threads)
+        if alone is not None and under is not None:
+            found.update(fio_alone=alone, fio_under_compute=under)
     print("disk read (GB/s): " + ", ".join(f"{k} {v:.2f}" for k, v in found.items()), flush=True)
-    return {"best": max(found.values(), default=None), **found}
+    return {"best": best, **found}
 
 
 def _dd_read(spill: Path) -> float | None:

@@ -44,7 +44,7 @@ def run_generate_matrix(directory, limit="768MiB", factors=(2, 4, 8), budgets=((
 
     directory = Path(directory).absolute()
     limit_b = parse_size(limit)
-    disk = disk_read_gbps(directory / "spill")
+    disk = disk_read_gbps(directory / "spill", threads)
     cells = []
     for factor in factors:
         layers = layers_for(factor, limit_b, hidden, intermediate, vocab)
@@ -112,6 +112,9 @@ def print_summary(cells: list[dict], limit: str, disk: dict) -> None:
     print(f"\nsummary: memory limit {limit} (page cache included), cold cache; disk read "
           f"{best:.2f} GB/s at the start (best fio job); 'disk': fio right before and after each tierflow "
           f"run, the bound's reference" if best else "\nsummary: no disk reference")
+    if "fio_under_compute" in disk:
+        print(f"         the matched fio job at the start: {disk['fio_alone']:.2f} GB/s alone, "
+              f"{disk['fio_under_compute']:.2f} while torch computes on the contenders' threads")
     print(f"{'model':>14} {'budgets':>15} {'batch':>5} {'read/step':>9} {'step':>7} {'compute':>7} {'disk':>5} "
           f"{'io':>7} {'step/bound':>10} {'(at start)':>10} {'tok/s':>7} {'acc tok/s':>9} {'vs acc':>7} {'same':>5} "
           f"{'targets':>7}")
