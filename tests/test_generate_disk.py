@@ -147,15 +147,15 @@ def test_matrix_bound_takes_the_disk_measured_around_the_run():
 
 def test_matrix_accelerate_timing_out_gives_a_lower_bound_of_the_ratio():
     runs = {"tierflow": dict(steps=[2.0, 1.0, 1.2, 1.1], nvme_read=[0, 2e9, 2e9, 2e9], tokens=[[5, 6, 7]]),
-            "accelerate": {"error": "did not finish within 100 s"},
+            "accelerate": {"error": "did not finish within 100 s", "timed_out": 100.0},
             "memory": dict(steps=[1.0, 0.5, 0.4, 0.6], tokens=[[5, 6, 7]])}
-    cell = cell_summary(2, 3e9, "48MiB", "96MiB", 1, runs, 2.0, 4, timeout=100.0)
+    cell = cell_summary(2, 3e9, "48MiB", "96MiB", 1, runs, 2.0, 4)
     assert cell["accelerate_tps_below"] == pytest.approx(0.04) and cell["speedup_above"] == pytest.approx(4 / 5.3 / 0.04)
     assert cell["same_tokens"] and meets_targets(cell)
     runs["memory"]["tokens"] = [[5, 6, 8]]  # tierflow's tokens are still checked, against the model in memory
-    assert not meets_targets(cell_summary(2, 3e9, "48MiB", "96MiB", 1, runs, 2.0, 4, timeout=100.0))
+    assert not meets_targets(cell_summary(2, 3e9, "48MiB", "96MiB", 1, runs, 2.0, 4))
     runs["accelerate"] = {"error": "exit status -9 (killed: out of memory under the cgroup limit)"}
-    assert not meets_targets(cell_summary(2, 3e9, "48MiB", "96MiB", 1, runs, 2.0, 4, timeout=100.0))
+    assert not meets_targets(cell_summary(2, 3e9, "48MiB", "96MiB", 1, runs, 2.0, 4))
 
 
 def test_read_ranges_into_reads_aligned_ranges_in_place_and_copies_the_others(tmp_path, monkeypatch):

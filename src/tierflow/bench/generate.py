@@ -28,6 +28,7 @@ import os
 import shutil
 import statistics
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -287,8 +288,6 @@ def _compute_load(threads: int):
     if not threads:
         yield
         return
-    import sys
-
     child = subprocess.Popen([sys.executable, "-c", _BURNER, str(threads)], stdout=subprocess.PIPE, text=True,
                              env=dict(os.environ, OMP_WAIT_POLICY="PASSIVE"))
     try:
@@ -329,6 +328,8 @@ def disk_read_gbps(spill: Path, compute_threads: int = 0) -> dict:
     (spill / "fio-bench.bin").unlink(missing_ok=True)
     best = max(found.values(), default=None)
     if compute_threads and found:
+        # A pair of its own (same job, size and file, back to back): the jobs above ran over a
+        # smaller file, a minute earlier, and the disk drifts.
         alone, under = disk_now(spill), disk_now(spill, compute_threads)
         if alone is not None and under is not None:
             found.update(fio_alone=alone, fio_under_compute=under)

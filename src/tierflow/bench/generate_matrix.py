@@ -57,14 +57,14 @@ def run_generate_matrix(directory, limit="768MiB", factors=(2, 4, 8), budgets=((
             rows, details = run_cell(directory, model_dir, model_bytes, vocab, "cpu", device_b, host_b, limit_b,
                                      batches, prompt, new_tokens, threads, disk, timeout)
             cells += [cell_summary(factor, model_bytes, device_memory, host_memory, batch, runs, disk["best"],
-                                   new_tokens, timeout) for batch, runs in details["runs"].items()]
+                                   new_tokens) for batch, runs in details["runs"].items()]
             write_json(cells, json_path)  # after every cell: a long run keeps what it measured
     print_summary(cells, limit, disk)
     return cells
 
 
 def cell_summary(factor, model_bytes: int, device_memory: str, host_memory: str, batch: int, runs: dict,
-                 disk_gbps, new_tokens: int, timeout: float | None = None) -> dict:
+                 disk_gbps, new_tokens: int) -> dict:
     """One line of the summary: the figures of one cell at one batch size. `disk_gbps`: the
     run's first fio figure (the bound's reference where tierflow's run has none of its own)."""
     tf, acc, mem = runs["tierflow"], runs["accelerate"], runs["memory"]
@@ -90,9 +90,9 @@ def cell_summary(factor, model_bytes: int, device_memory: str, host_memory: str,
         cell["speedup"] = cell["tierflow_tps"] / cell["accelerate_tps"]
         cell["accelerate_step_s"] = statistics.median(acc["steps"][1:])
         cell["same_tokens"] = tf["tokens"] == acc["tokens"] == mem.get("tokens", tf["tokens"])
-    elif timeout and "did not finish" in acc.get("error", ""):
+    elif acc.get("timed_out"):
         # Its whole run, loading included, took longer than the time-out: fewer tokens/s than this.
-        cell["accelerate_tps_below"] = batch * new_tokens / timeout
+        cell["accelerate_tps_below"] = batch * new_tokens / acc["timed_out"]
         cell["speedup_above"] = cell["tierflow_tps"] / cell["accelerate_tps_below"]
         if "tokens" in mem:
             cell["same_tokens"] = tf["tokens"] == mem["tokens"]  # against the model in memory alone

@@ -33,7 +33,7 @@ def run_isolated(module: str, name: str, config: dict, timeout: float | None = N
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
     except subprocess.TimeoutExpired:
-        return {"name": name, "error": f"did not finish within {timeout:.0f} s"}
+        return {"name": name, "error": f"did not finish within {timeout:.0f} s", "timed_out": timeout}
     lines = [line for line in done.stdout.splitlines() if line.startswith(RESULT)]
     if done.returncode != 0 or not lines:
         tail = (done.stderr or done.stdout).strip().splitlines()[-6:]
@@ -65,7 +65,7 @@ def launch_in_cgroup(module: str, entry: str, spec: dict, cgroup_procs: str | No
         done = subprocess.run([sys.executable, "-c", code, cgroup_procs or "", json.dumps(spec)],
                               capture_output=True, text=True, env=child_env, timeout=timeout)
     except subprocess.TimeoutExpired:
-        return {"error": f"did not finish within {timeout:.0f} s"}
+        return {"error": f"did not finish within {timeout:.0f} s", "timed_out": timeout}
     lines = [line for line in done.stdout.splitlines() if line.startswith(RESULT)]
     if done.returncode != 0 or not lines:
         tail = (done.stderr or done.stdout).strip().splitlines()[-3:]

@@ -19,14 +19,13 @@ layers keep transformers' own cache; see infer.py).
 from __future__ import annotations
 
 import os
-import secrets
 from concurrent.futures import Future, ThreadPoolExecutor
-from pathlib import Path
 
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
 from tierflow.errors import ConfigError
+from tierflow.memory.spill import open_scratch_file
 
 KV_TIERS = ("device", "host", "nvme")
 
@@ -165,11 +164,7 @@ class _NvmeStore:
     def __init__(self, layers: int, capacity: int, nvme_dir):
         if nvme_dir is None:
             raise ConfigError("kv_cache='nvme' needs an NVMe directory: pass nvme=DIR")
-        directory = Path(nvme_dir)
-        directory.mkdir(parents=True, exist_ok=True)
-        path = directory / f"tierflow-kv-{os.getpid()}-{secrets.token_hex(4)}.bin"
-        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-        os.unlink(path)  # the open descriptor keeps it alive until close
+        self.fd, _ = open_scratch_file(nvme_dir, "kv")  # unlinked: nothing is left behind
         self.layers, self.capacity = layers, capacity
         self.slab = None  # (batch, heads, dim, dtype) of one token, known at the first update
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="tierflow-kv")  # FIFO: reads follow writes

@@ -23,15 +23,24 @@ def _bytes_of(t: torch.Tensor) -> memoryview:
     return memoryview((ctypes.c_char * nbytes).from_address(t.untyped_storage().data_ptr())).cast("B")
 
 
+def open_scratch_file(directory: str | Path, kind: str) -> tuple[int, Path]:
+    """A new file in `directory` (created if missing), open for reading and writing, whose name
+    is removed at once: the open descriptor keeps the data until it is closed, and the space
+    goes back to the disk however the process ends (a crash, a kill, no close()). Returns the
+    descriptor and the name it had (for messages)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"tierflow-{kind}-{os.getpid()}-{secrets.token_hex(4)}.bin"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    os.unlink(path)
+    return fd, path
+
+
 class SpillFile:
     """Append-only scratch file for one step's activations."""
 
     def __init__(self, directory: str | Path):
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        self.path = directory / f"tierflow-activations-{os.getpid()}-{secrets.token_hex(4)}.bin"
-        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-        os.unlink(self.path)  # the open descriptor keeps the data: nothing is left behind on a crash
+        self._fd, self.path = open_scratch_file(directory, "activations")
         self._end = 0
         self._lock = threading.Lock()
         self.bytes_written = 0
