@@ -175,6 +175,18 @@ def test_unknown_update_device():
     expect(ConfigError, "update_on", "'cpu'", "'device'", update_on="gpu")
 
 
+def test_host_in_place_on_a_gpu(monkeypatch):
+    """Only a CPU computes on host memory; unset, the option follows the device."""
+    import tierflow.config as config
+
+    assert config.OffloadConfig.create(device="cpu").host_in_place
+    assert not config.OffloadConfig.create(device="cpu", host_in_place=False).host_in_place
+    monkeypatch.setattr(config, "parse_device", lambda device: torch.device("cuda", 0))
+    assert not config.OffloadConfig.create(device="cuda").host_in_place
+    with pytest.raises(ConfigError, match="host_in_place=True needs a CPU"):
+        config.OffloadConfig.create(device="cuda", host_in_place=True)
+
+
 # ---------------------------------------------------------------------------- models
 
 class IntegerParam(nn.Module):

@@ -18,11 +18,15 @@ from conftest import (MIX_BUDGETS, SMALL_UNITS, assert_bitwise, assert_state_bit
                       make_tiny, torch_clip, train)
 
 STEPS, ACCUM, LR, WD = 6, 2, 1e-2, 0.01
-PLACEMENTS = ["device", "host", "nvme", "auto"]
+# "host-streamed": host homes copied into device buffers at each use, as on a GPU (on a CPU
+# they are otherwise computed in place: OffloadConfig.host_in_place).
+PLACEMENTS = ["device", "host", "host-streamed", "nvme", "auto"]
 
 
 def offload(model, placement, tmp_path, engines, **extra):
     """Small units everywhere; for "auto", budgets that force a device/host/NVMe mix."""
+    if placement == "host-streamed":
+        placement, extra = "host", dict(extra, host_in_place=False)
     kwargs = dict(SMALL_UNITS, placement=placement, nvme=tmp_path / "spill")
     if placement == "auto":
         kwargs.update(MIX_BUDGETS)
@@ -93,8 +97,10 @@ def test_fused_adamw_bitwise_equal_to_torch(arch, placement, tmp_path, engines):
     assert any(n > 1.0 for n in ref_norms), "clipping at 1.0 must actually clip"
     ref_sd = reference(arch, fused=True)[2]
     assert not torch.equal(ref_sd[next(iter(ref_sd))], make_tiny(arch).state_dict()[next(iter(ref_sd))])
-    if placement != "device":
+    if placement not in ("device", "host"):
         assert engine.io_stats()["host_to_device"] > 0, "weights must really stream to the device"
+    if placement == "host":  # computed in place: nothing is copied
+        assert engine.io_stats()["host_to_device"] == 0 and all(engine.plan.in_place)
     if placement in ("nvme", "auto"):
         assert engine.io_stats()["nvme_read"] > 0 and engine.io_stats()["nvme_written"] > 0
 

@@ -71,7 +71,8 @@ def run_pair(make_model, tmp_path, engines, *, steps=5, accum=2, clip=True, make
     ref_losses, ref_norms = train(ref, ref_opt, torch_clip(ref) if clip else None, batches, accum,
                                   make_kwargs=make_kwargs)
     model = make_model()
-    kw = dict(SMALL_UNITS, nvme=tmp_path / "spill", placement="host", device_memory="96KiB")
+    # Host homes streamed through a tight device budget (as on a GPU: host_in_place=False).
+    kw = dict(SMALL_UNITS, nvme=tmp_path / "spill", placement="host", device_memory="96KiB", host_in_place=False)
     kw.update(offload_kw or {})
     engine = tierflow.offload(model, **kw)
     engines.append(engine)
@@ -208,7 +209,7 @@ def test_parameter_used_outside_its_module(tmp_path, engines):
     ref_losses, ref_norms = train(ref, ref_opt, torch_clip(ref), batches, 2, make_kwargs=kwargs)
 
     model = make()
-    engine = tierflow.offload(model, **SMALL_UNITS, placement="host", device_memory="128KiB")
+    engine = tierflow.offload(model, **SMALL_UNITS, placement="host", device_memory="128KiB", host_in_place=False)
     engines.append(engine)
     uid = engine.param_owner[id(model.emb.weight)]
     assert len(engine.units) == 7 and engine.units[uid].name == "emb"
@@ -297,7 +298,7 @@ def test_bf16_compute_with_fp32_masters(tmp_path, engines):
     runs = {}
     for dtype in (None, torch.bfloat16):
         model = make_tiny("llama")
-        engine = tierflow.offload(model, **SMALL_UNITS, placement="host", dtype=dtype)
+        engine = tierflow.offload(model, **SMALL_UNITS, placement="host", dtype=dtype, host_in_place=False)
         engines.append(engine)
         opt = tierflow.AdamW(engine, lr=LR, weight_decay=WD)
         losses, norms = train(engine, opt, opt.clip_grad_norm_, batches, 2)

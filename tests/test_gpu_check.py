@@ -118,7 +118,8 @@ def test_lagging_test_path_on_the_cpu(tmp_path):
     batches = gpu.make_batches(3, 2, 16, gpu.TINY.vocab, "cpu", distinct=2)
     ref = gpu.run_torch(model, batches, "cpu", torch.float32, 1e-3, lag_ms=10.0, keep_state=True)
     got = gpu.run_tierflow("evict", model, batches, "cpu", torch.float32, 1e-3,
-                           dict(placement="host", device_memory="192KiB", unit_bytes="16KiB", nvme=tmp_path),
+                           dict(placement="host", device_memory="192KiB", unit_bytes="16KiB", nvme=tmp_path,
+                                host_in_place=False),
                            lag_ms=10.0, keep_state=True)
     assert gpu.max_relative_difference(got.losses, ref.losses) <= 1e-6
     assert gpu.weight_mismatches(ref.state, got.state, rtol=1e-4, atol=1e-5, outlier_fraction=0,

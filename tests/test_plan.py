@@ -183,6 +183,8 @@ def test_plan_does_not_fit_names_what_is_short(tmp_path, cached_calibration, cap
 # ---- predictions against a real engine ------------------------------------------------------
 
 @pytest.mark.parametrize("budgets", [dict(placement="device"),
+                                     dict(device_memory="200KiB", host_memory="768KiB", nvme=True,
+                                          host_in_place=False),
                                      dict(device_memory="200KiB", host_memory="768KiB", nvme=True)])
 def test_predicted_peaks_match_the_engine(tmp_path, budgets, engines, cached_calibration):
     """The predicted device peak assumes the drain thread keeps up (one gradient, the largest,
@@ -195,6 +197,9 @@ def test_predicted_peaks_match_the_engine(tmp_path, budgets, engines, cached_cal
       largest one is reserved on its own: the prediction is the lowest possible peak. At most
       every gradient of one backward is (a drain thread that never ran before opt.step() waits
       for it; measured under load: 852,640 B = that bound, 11 % above the prediction).
+    - a device budget that holds the resident state, the streamed weights and the largest
+      gradient (host homes computed in place on the CPU: only NVMe units stream): as above,
+      with the streamed weights fetched once and kept between the two bounds.
     - a device budget that the resident state plus the streamed weights exceed: the prediction
       is the capacity, which no reservation ever exceeds; since the cached weights do not fit,
       some reservation of n bytes failed (forward fetches every streamed unit and frees nothing
@@ -228,11 +233,15 @@ def test_predicted_peaks_match_the_engine(tmp_path, budgets, engines, cached_cal
     resident = buffers + pred.placement.tier_bytes["device"]
     streamed = streamed_bytes(units, pred.placement, dtype)
     largest_grad = grads_in_flight(units, dtype)
+    every_grad = sum(grad_bytes(u, dtype) for u in units)
     if capacity is None:
         assert streamed == 0 and set(pred.placement.homes) == {"device"}
         assert pred.peaks["device"] == resident + largest_grad
-        every_grad = sum(grad_bytes(u, dtype) for u in units)
         assert pred.peaks["device"] <= measured <= resident + every_grad
+    elif resident + streamed + largest_grad <= capacity:
+        assert engine.cfg.host_in_place and "host" in pred.placement.homes and 0 < streamed
+        assert pred.peaks["device"] == resident + streamed + largest_grad
+        assert pred.peaks["device"] <= measured <= resident + streamed + every_grad
     else:
         assert resident + streamed > capacity and pred.peaks["device"] == capacity
         largest_reservation = max(largest_grad, max(working_bytes(u, dtype) for u in units))

@@ -25,8 +25,10 @@ WIDTH = 256
 
 
 def mlp_config(tmp_path, device_memory="4MiB", host_memory="8MiB", **extra):
+    # host_in_place=False: host-homed units stream as on a GPU, where placement matters most
     return OffloadConfig.create(device_memory=device_memory, host_memory=host_memory, nvme=tmp_path,
-                                unit_bytes=WIDTH * WIDTH * 4, chunk_bytes="64KiB", staging_buffers=5, **extra)
+                                unit_bytes=WIDTH * WIDTH * 4, chunk_bytes="64KiB", staging_buffers=5,
+                                **dict(dict(host_in_place=False), **extra))
 
 
 @pytest.mark.parametrize("device_memory,host_memory", [("2MiB", "4MiB"), ("2MiB", "8MiB"), ("4MiB", "8MiB"),
@@ -74,7 +76,7 @@ def test_engine_plans_with_the_cached_calibration(tmp_path, monkeypatch, engines
     figures.save(fake_calibration(**SLOW_DISK), torch.float32)
     torch.manual_seed(0)
     model = nn.Sequential(*[nn.Linear(WIDTH, WIDTH, bias=False) for _ in range(12)])
-    options = dict(device_memory="4MiB", host_memory="8MiB", nvme=tmp_path / "spill",
+    options = dict(device_memory="4MiB", host_memory="8MiB", nvme=tmp_path / "spill", host_in_place=False,
                    unit_bytes=WIDTH * WIDTH * 4, chunk_bytes="64KiB", staging_buffers=5, batch_shape=(1, 256))
     pred = predict(model, OffloadConfig.create(**options), fake_calibration(**SLOW_DISK), 1, 256)
     assert pred.placement.variant != GREEDY

@@ -18,9 +18,11 @@ from lane_recorder import RecordingDevice, recorded_updates
 
 CASES = {  # name -> offload options
     "device": dict(placement="device"),
-    "host-evicting": dict(device_memory="96KiB", host_memory="4MiB"),
+    # host_in_place=False: host homes stream through device buffers, as on a GPU
+    "host-evicting": dict(device_memory="96KiB", host_memory="4MiB", host_in_place=False),
     "nvme": dict(placement="nvme"),
-    "host-activations-offload": dict(device_memory="256KiB", host_memory="4MiB", activations="offload"),
+    "host-activations-offload": dict(device_memory="256KiB", host_memory="4MiB", activations="offload",
+                                     host_in_place=False),
 }
 
 

@@ -151,6 +151,11 @@ class OffloadConfig:
         weights: None, or "int8" / "int4" (NF4): frozen units (no trainable parameter) keep
             their weights compressed group-wise in their home tier and are dequantized on
             the device just before use (core/quant.py). Trainable parameters stay as they are.
+        host_in_place: CPU compute device only: host-homed units are computed where they live,
+            with no copy into a device buffer (host memory is the compute device's memory
+            there), and they take none of the device budget. `create` resolves None to True on
+            a CPU; False streams them through device buffers as on a GPU (the tests use it to
+            run the GPU's fetch path on a CPU).
     """
 
     device: torch.device
@@ -168,6 +173,7 @@ class OffloadConfig:
     activations: str | None = None
     batch_shape: tuple[int, int] | None = None
     weights: str | None = None
+    host_in_place: bool = False
 
     def device_capacity(self) -> int | None:
         """The device budget: device_memory, or on CUDA without one, 80% of what is free now
@@ -181,7 +187,7 @@ class OffloadConfig:
     def create(cls, device="cpu", device_memory=None, host_memory=None, nvme=None, dtype=None,
                unit_bytes=None, prefetch_bytes=None, chunk_bytes=None, staging_buffers=8,
                io_threads=4, direct_io=None, update_on="auto", activations=None,
-               batch_shape=None, weights=None) -> "OffloadConfig":
+               batch_shape=None, weights=None, host_in_place=None) -> "OffloadConfig":
         """Parse and validate user-facing values (sizes as strings or ints).
 
         `chunk_bytes` defaults to 8 MiB, less when the host budget is small: the staging
@@ -215,6 +221,9 @@ class OffloadConfig:
             raise ConfigError(f"unknown weights format {weights!r}: use one of {', '.join(WEIGHT_FORMATS)} "
                               f"(or None for uncompressed weights)")
         device, device_memory = parse_device(device), parse_size(device_memory, what="device_memory")
+        if host_in_place and device.type != "cpu":
+            raise ConfigError(f"host_in_place=True needs a CPU compute device: {device} cannot compute on "
+                              f"host memory (leave it unset)")
         return cls(
             device=device,
             device_memory=device_memory,
@@ -231,4 +240,5 @@ class OffloadConfig:
             activations=default_activations(check_mode(activations), device, device_memory),
             batch_shape=batch_shape,
             weights=weights.lower() if weights is not None else None,
+            host_in_place=device.type == "cpu" if host_in_place is None else bool(host_in_place),
         )

@@ -155,8 +155,8 @@ def class_bytes(units: list[Unit], placement: Placement, compute_dtype: torch.dt
 
 
 def streamed_bytes(units: list[Unit], placement: Placement, compute_dtype: torch.dtype) -> int:
-    """Bytes of the weights of every unit that does not live on the device."""
-    return sum(working_bytes(u, compute_dtype) for u, h in zip(units, placement.homes) if h != "device")
+    """Bytes of the weights of every unit fetched into device buffers (not computed in place)."""
+    return sum(working_bytes(u, compute_dtype) for i, u in enumerate(units) if not placement.stays(i))
 
 
 def grads_in_flight(units: list[Unit], compute_dtype: torch.dtype) -> int:
@@ -219,7 +219,8 @@ def predict_step(units: list[Unit], placement: Placement, work: Workload, cal: C
     `world_size` ranks joined by links of `link_bps` bytes/s, of one rank."""
     fwd_rate, bwd_rate = cal.block_rate(work.width)
     homes, n = placement.homes, len(units)
-    overhead = [cal.unit_overhead_s[0 if h == "device" else 1] / 2 for h in homes]  # main-thread bookkeeping
+    stays = [placement.stays(i) for i in range(n)]
+    overhead = [cal.unit_overhead_s[0 if s else 1] / 2 for s in stays]  # main-thread bookkeeping
     fwd = [f / fwd_rate + o for f, o in zip(work.unit_flops, overhead)]
     bwd = [2 * f / bwd_rate + o for f, o in zip(work.unit_flops, overhead)]
     fixed = cal.block_fixed(work.width)  # embedding, head, loss: with the last unit (the head)
@@ -231,19 +232,20 @@ def predict_step(units: list[Unit], placement: Placement, work: Workload, cal: C
     fwd = [f + g for f, g in zip(fwd, gathers)]  # gathered on the compute thread at first use
     bwd = [b + g for b, g in zip(bwd, gathers)]
     on_gpu = placement.device_updates or (False,) * n
-    updates = [update_job(u, h, cal, compute_dtype, d) for u, h, d in zip(units, homes, on_gpu)]
-    cached = _cached_after_forward(units, homes, size, placement, compute_dtype, device_capacity, buffer_bytes)
-    refetch = [Job() if h == "device" or c else fetch_job(u, h, cal, compute_dtype)
-               for u, h, c in zip(units, homes, cached)]
+    updates = [update_job(u, h, cal, compute_dtype, d, s) for u, h, d, s in zip(units, homes, on_gpu, stays)]
+    cached = _cached_after_forward(units, stays, size, placement, compute_dtype, device_capacity, buffer_bytes)
+    refetch = [Job() if s or c else fetch_job(u, h, cal, compute_dtype) for u, h, s, c in zip(units, homes, stays, cached)]
+    # On a CPU the units that never move take no room in the prefetch window (residency.prefetch).
+    window_size = [0 if s and cal.device == "cpu" else b for s, b in zip(stays, size)]
     drains = [drain_job(u, h, cal, compute_dtype) for u, h in zip(units, homes)]
     scatters = [collective_seconds(share_of * 4 * u.numel, world_size, link_bps) if u.trainable_numel else 0.0
                 for u in full]
     drains = [Job((("io", s),) + d.parts) if s else d for d, s in zip(drains, scatters)]
     share = cal.contention  # what compute, CPU work and I/O lose while they run together
-    fwd_s, fwd_waits = simulate(fwd, updates, _window(size, placement.prefetch_bytes), share)
+    fwd_s, fwd_waits = simulate(fwd, updates, _window(window_size, placement.prefetch_bytes), share)
     back = list(reversed(range(n)))
     bwd_s, bwd_waits = simulate([bwd[i] for i in back], [refetch[i] for i in back],
-                                _window([size[i] for i in back], placement.prefetch_bytes), share,
+                                _window([window_size[i] for i in back], placement.prefetch_bytes), share,
                                 [drains[i] for i in back])
     jobs = updates + refetch + drains
     optimizer_s = sum(j.seconds("adamw") for j in jobs)
@@ -255,14 +257,16 @@ def predict_step(units: list[Unit], placement: Placement, work: Workload, cal: C
                           _bottleneck(step_s, waits), collective_s)
 
 
-def update_job(unit: Unit, home: str, cal: Calibration, dtype: torch.dtype, on_device: bool = False) -> Job:
+def update_job(unit: Unit, home: str, cal: Calibration, dtype: torch.dtype, on_device: bool = False,
+               in_place: bool = False) -> Job:
     """The forward job of a unit after opt.step(): AdamW in its home tier (NVMe: read, update,
     write back), then its weights to the device (fused when every parameter is trainable).
     `on_device` (a host- or NVMe-homed unit on a GPU, `Placement.device_updates`): the state
-    crosses the link to the GPU's AdamW and back instead, and the new weights stay there."""
+    crosses the link to the GPU's AdamW and back instead, and the new weights stay there.
+    `in_place`: the unit is computed in its home (`Placement.stays`): nothing is copied."""
     t = unit.trainable_numel
     if t == 0:
-        return fetch_job(unit, home, cal, dtype)
+        return fetch_job(unit, home, cal, dtype, in_place)
     parts = []
     if home == "nvme":
         parts.append(("io", t * ADAMW_READ / cal.nvme_read_bps))
@@ -283,16 +287,17 @@ def update_job(unit: Unit, home: str, cal: Calibration, dtype: torch.dtype, on_d
         parts.append(("io", (t * ADAMW_WRITE + (t * dtype.itemsize if dtype != torch.float32 else 0))
                       / cal.nvme_write_bps))
     job = Job(tuple(parts))
-    if home == "device":
+    if home == "device" or in_place:
         return job
     if t == unit.numel:
         return Job(job.parts + (_to_device(working_bytes(unit, dtype), cal),))
     return Job(job.parts + fetch_job(unit, home, cal, dtype).parts)
 
 
-def fetch_job(unit: Unit, home: str, cal: Calibration, dtype: torch.dtype) -> Job:
-    """Copy a unit's weights from its home tier to the device (NVMe: through staging)."""
-    if home == "device":
+def fetch_job(unit: Unit, home: str, cal: Calibration, dtype: torch.dtype, in_place: bool = False) -> Job:
+    """Copy a unit's weights from its home tier to the device (NVMe: through staging); nothing
+    for a unit computed in place."""
+    if home == "device" or in_place:
         return Job()
     nbytes = working_bytes(unit, dtype)
     read = (("io", nbytes / cal.nvme_read_bps),) if home == "nvme" else ()
@@ -320,14 +325,14 @@ def _to_device(nbytes: int, cal: Calibration) -> tuple[str, float]:
     return ("cpu" if cal.device == "cpu" else "io", nbytes / cal.h2d_bps)
 
 
-def _cached_after_forward(units, homes, size, placement, dtype, capacity, buffer_bytes) -> list[bool]:
+def _cached_after_forward(units, stays, size, placement, dtype, capacity, buffer_bytes) -> list[bool]:
     """Which streamed units are still on the device when backward starts (LRU keeps the last)."""
     if capacity is None:
         return [True] * len(units)
     room = capacity - buffer_bytes - placement.tier_bytes["device"] - grads_in_flight(units, dtype)
     cached = [False] * len(units)
     for i in reversed(range(len(units))):
-        if homes[i] == "device":
+        if stays[i]:
             continue
         if size[i] > room:
             break

@@ -96,6 +96,8 @@ class Placement:
         variant: how the budgets were spent (see `Variant`).
         device_updates: per unit, whether its AdamW runs on the GPU although its state lives
             in host memory or on NVMe (copied over and back; `update_on`); empty: none does.
+        in_place: per unit, whether it is computed where its state lives and never fetched
+            (`computed_in_place`); empty: the device-homed units are.
     """
 
     homes: tuple[str, ...]
@@ -106,10 +108,25 @@ class Placement:
     activation_bytes: int = 0
     variant: Variant = GREEDY
     device_updates: tuple[bool, ...] = ()
+    in_place: tuple[bool, ...] = ()
 
     @property
     def uses_nvme(self) -> bool:
         return "nvme" in self.homes
+
+    def stays(self, uid: int) -> bool:
+        """Whether unit `uid` is computed in its home, never fetched into a device buffer."""
+        return self.in_place[uid] if self.in_place else self.homes[uid] == "device"
+
+
+def computed_in_place(unit: Unit, home: str, cfg: OffloadConfig, world_size: int = 1) -> bool:
+    """A unit whose weights the compute device reads where they live: device-homed state, and
+    on a CPU host-homed state too (`OffloadConfig.host_in_place`). Not with several ranks (a
+    rank holds only its shard: the weights are gathered) nor for compressed units (they are
+    dequantized into a buffer at each use)."""
+    if world_size > 1 or unit.weights is not None:
+        return False
+    return home == "device" or (home == "host" and cfg.host_in_place)
 
 
 def plan_placement(units: list[Unit], cfg: OffloadConfig, compute_dtype: torch.dtype,
@@ -154,8 +171,9 @@ def plan_placement(units: list[Unit], cfg: OffloadConfig, compute_dtype: torch.d
             f"host_memory={format_size(cfg.host_memory)} cannot hold the NVMe staging buffers "
             f"({cfg.staging_buffers + DRAIN_BUFFERS} x {format_size(cfg.chunk_bytes)} = {format_size(staging)}): "
             f"raise host_memory, or pass a smaller chunk_bytes or fewer staging_buffers")
+    in_place = tuple(computed_in_place(u, h, cfg, world_size) for u, h in zip(units, homes))
     return Placement(tuple(homes), device_working, prefetch, staging if uses_nvme else 0, tier_bytes,
-                     activation_bytes, variant)
+                     activation_bytes, variant, in_place=in_place)
 
 
 def device_capacity(cfg: OffloadConfig) -> int | None:

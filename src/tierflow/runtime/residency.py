@@ -3,10 +3,11 @@
 A unit is *acquired* by the module (or backward) that needs it and *released* after; a
 released unit stays cached on the device until its room is needed (least recently used
 goes first). A fetch job runs on the transfer thread: it applies the unit's recorded AdamW
-updates, then copies its weights to the device, on the copy lane (device.py). On a GPU the
-fetch jobs of host-homed units whose AdamW runs on the CPU have a thread of their own (the
-update thread), so CPU and GPU updates of different units run at the same time. Device-homed
-units never move; their updates are queued on the compute stream.
+updates, then copies its weights to the device, on the copy lane (device.py). CPU updates of
+state in memory have a thread of their own (the update thread): on a GPU the host-homed units'
+(so CPU and GPU updates of different units run at the same time), on a CPU those of the units
+computed in place. Units computed in place never move (device-homed ones; on a CPU host-homed
+ones too: `Placement.stays`); on a GPU their updates are queued on the compute stream.
 
 All bookkeeping runs under the engine's lock, on the thread that runs forward/backward;
 the transfer and update threads only move and compute data.
@@ -59,11 +60,14 @@ class Residency(DirectFetches):
         self.count, self.health = count, health        # count(key, nbytes); health.fail(exc)
         self.of = [UnitResidency() for _ in units]
         self.transfer = ThreadPoolExecutor(1, thread_name_prefix="tierflow-transfer")
-        # On a GPU, host-homed units updated on the CPU get their own thread: their AdamW runs
-        # while the transfer thread streams weights and runs other units' updates on the GPU.
-        self.updater = ThreadPoolExecutor(1, thread_name_prefix="tierflow-update") if device.is_cuda else None
+        # CPU AdamW of state in memory gets a thread of its own, so it runs while the transfer
+        # thread streams weights and runs the other units' updates: on a GPU the host-homed
+        # units' (the others run on the GPU), on a CPU the units computed in place (the
+        # transfer thread then starts on the NVMe units' update chain at once).
+        self.updater = ThreadPoolExecutor(1, thread_name_prefix="tierflow-update")
         if not device.is_cuda:
             self.transfer.submit(join_openmp)
+            self.updater.submit(join_openmp)
         self._tick = itertools.count(1)
         self._owner: dict[int, int] = {}  # data_ptr of a streamed unit's device buffer -> unit id
         self.spares = SpareBuffers(budgets["device"], plan.prefetch_bytes, enabled=not device.is_cuda)
@@ -153,6 +157,11 @@ class Residency(DirectFetches):
         needed after it (ring_eviction_order), so each is read once per forward, even with a
         budget so tight that the plan's window holds not one unit."""
         size, window = (lambda u: working_bytes(self.units[u], self.compute_dtype)), self.plan.prefetch_bytes
+        if not self.device.is_cuda:
+            # Units that never move take no room: their updates all start at once on the update
+            # thread. (On a GPU a device-homed unit's update is queued on the compute stream, and
+            # starting them all would put every one ahead of the forward's first kernels.)
+            size = self.moving.__getitem__
         if self.next_use is not None:
             size, window = self.moving.__getitem__, self.plan.device_working - self.held_bytes
         needs = lambda u: self.of[u].fetch is None and (self.of[u].flat is None or bool(self.of[u].pending))
@@ -176,15 +185,10 @@ class Residency(DirectFetches):
                 return
 
     def is_permanent(self, uid: int) -> bool:
-        """Device-homed units stay attached (one process: a rank's device-resident state is only
-        its shard, the full weights are gathered). So do frozen host-homed units when the
-        compute device is the CPU: host memory is device memory there, a copy would only cost time.
-        Compressed units never do: they are dequantized into a buffer at each fetch."""
-        if self.dist is not None or self.units[uid].weights is not None:
-            return False
-        home = self.plan.homes[uid]
-        return home == "device" or (home == "host" and not self.device.is_cuda
-                                    and not self.units[uid].trainable_numel)
+        """Units computed where their state lives stay attached and never move: device-homed
+        ones, and on a CPU host-homed ones (`Placement.stays`). One process only: a rank's
+        device-resident state is only its shard, the full weights are gathered."""
+        return self.dist is None and self.plan.stays(uid)
 
     def owner_of(self, tensor: torch.Tensor) -> int | None:
         """The streamed unit whose device buffer `tensor` views, or None."""
@@ -223,7 +227,8 @@ class Residency(DirectFetches):
                 res.fetch.set_result((self.device_view(uid), None))
             return True
         scratch = self._reserve_update_scratch(uid, pending) if nbytes else 0
-        on_cpu_thread = self.updater is not None and pending and not scratch and self.plan.homes[uid] == "host"
+        in_memory = self.plan.homes[uid] == "host" if self.device.is_cuda else not nbytes
+        on_cpu_thread = pending and not scratch and in_memory
         executor = self.updater if on_cpu_thread else self.transfer
         res.fetch = executor.submit(self._fetch_job, uid, pending, nbytes > 0, scratch)
         return True
@@ -431,8 +436,7 @@ class Residency(DirectFetches):
     def close(self) -> None:
         self.transfer.shutdown(wait=True)
         self.packed.close()
-        if self.updater is not None:
-            self.updater.shutdown(wait=True)
+        self.updater.shutdown(wait=True)
         if self.dist is not None:  # no all-gather left in flight when the ranks tear down
             for uid in range(len(self.units)):
                 try:
