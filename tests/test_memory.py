@@ -216,3 +216,21 @@ def test_peak_rss_with_nvme_stays_near_budget_not_model_size(tmp_path):
     host_over_model = host["peak"] - host["rss_built"]
     assert host_over_model >= 0.75 * state, summary
     assert host["peak"] - nvme["peak"] >= 0.5 * state, summary
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator settings")
+def test_cpu_training_reuses_freed_blocks_and_generation_returns_them(engines):
+    """Training on a CPU keeps the blocks a step frees for the next backward (memory.device:
+    reuse_freed_blocks); generation lowers the threshold again (its heap must stay small)."""
+    from tierflow.memory import device as device_memory
+
+    engine = tierflow.offload(make_tiny("llama"), **SMALL_UNITS, placement="host")
+    engines.append(engine)
+    opt = tierflow.AdamW(engine, lr=1e-3)
+    ids = make_batches(1)[0]
+    engine(input_ids=ids, labels=ids).loss.backward()
+    opt.step()
+    opt.zero_grad()
+    assert device_memory.mmap_threshold() == device_memory.REUSE_BLOCKS_UP_TO
+    engine.generate(ids[:, :4], max_new_tokens=1, do_sample=False)
+    assert device_memory.mmap_threshold() <= 1 << 20

@@ -58,9 +58,45 @@ def return_freed_memory_to_os(threshold: int = 1 << 20) -> bool:
         return False
 
 
+# glibc's largest mmap threshold on 64-bit (half its heap size): the blocks of up to this size
+# that a CPU training step frees are kept for the next step (reuse_freed_blocks).
+REUSE_BLOCKS_UP_TO = 32 << 20
+
+
+def reuse_freed_blocks() -> bool:
+    """CPU training: let glibc keep the blocks of up to 32 MiB that a step frees and hand them to
+    the next step, instead of returning them to the OS and faulting them in again.
+
+    Backward allocates every weight's gradient afresh (the 171 M Llama: 680 MB per step in
+    4-31 MiB blocks). Returned to the OS at each free (return_freed_memory_to_os), they cost a
+    page fault per 4 KiB at the next backward: measured 240 k faults, 0.5 s of system time and
+    0.26 s of backward per step on 2 cores. The device budget bounds the gradients alive at
+    once, so what the heap keeps is bounded by it plus the activations and fragmentation
+    (measured there: 0.35-0.45 GB more resident memory). Loading and generation lower the
+    thresholds again when they run. Returns False where this is not glibc."""
+    global _mmap_threshold
+    if sys.platform != "linux":
+        return False
+    if _mmap_threshold == REUSE_BLOCKS_UP_TO:
+        return True
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        fixed = libc.mallopt(_M_MMAP_THRESHOLD, REUSE_BLOCKS_UP_TO) and libc.mallopt(_M_TRIM_THRESHOLD,
+                                                                                     2 * REUSE_BLOCKS_UP_TO)
+        _mmap_threshold = REUSE_BLOCKS_UP_TO
+        return bool(fixed)
+    except (OSError, AttributeError):
+        return False
+
+
+def mmap_threshold() -> int | None:
+    """The mmap threshold tierflow set last (None: never set; glibc's dynamic default)."""
+    return _mmap_threshold
+
+
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
-_mmap_threshold: int | None = None  # what return_freed_memory_to_os set last
+_mmap_threshold: int | None = None  # what return_freed_memory_to_os or reuse_freed_blocks set last
 
 
 class ComputeDevice:
