@@ -111,6 +111,12 @@ class ComputeDevice:
         self._warned_unpinned = False
         return_freed_memory_to_os()
 
+    def reuse_step_memory(self) -> None:
+        """Training: on a CPU the next backward reuses the blocks this step freed
+        (`reuse_freed_blocks`); a GPU's come from torch's caching allocator anyway."""
+        if not self.is_cuda:
+            reuse_freed_blocks()
+
     # ---- allocation ----------------------------------------------------------------------
     def empty(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
         """A flat uninitialised tensor on the compute device (allocated on the current lane)."""

@@ -23,7 +23,7 @@ from torch import nn
 from tierflow.config import OffloadConfig
 from tierflow.core.layout import default_unit_bytes, model_dtype
 from tierflow.dist import ranks
-from tierflow.memory.device import ComputeDevice, reuse_freed_blocks
+from tierflow.memory.device import ComputeDevice
 from tierflow.memory.tiers import StateIO
 from tierflow.runtime import build, expert_hooks, hooks
 from tierflow.runtime.events import EventLog
@@ -165,8 +165,7 @@ class Engine:
     def queue_step(self, hyper_params: dict) -> None:
         """Record an AdamW update for every parameter with a gradient; applied lazily."""
         self.steps.record(hyper_params)
-        if not self.device.is_cuda:  # training on the CPU: the next backward reuses this one's blocks
-            reuse_freed_blocks()
+        self.device.reuse_step_memory()
         with self.bookkeeping():  # the first units' updates start now, beside what comes next
             self.residency.prefetch(self.passes.trace.order)
 
