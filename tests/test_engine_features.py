@@ -324,6 +324,17 @@ def test_bf16_compute_with_fp32_masters(tmp_path, engines):
     bf16_h2d = engine.io_stats()["host_to_device"]
     assert fp32_h2d > 0 and 0.45 <= bf16_h2d / fp32_h2d <= 0.55, (bf16_h2d, fp32_h2d)
 
+    # Computed in place (a CPU's default): the compute-dtype copy in host memory is what the
+    # model reads, rewritten by every update; the same losses as the streamed run, no copies.
+    model = make_tiny("llama")
+    in_place = tierflow.offload(model, **SMALL_UNITS, placement="host", dtype=torch.bfloat16)
+    engines.append(in_place)
+    opt = tierflow.AdamW(in_place, lr=LR, weight_decay=WD)
+    in_place_losses, _ = train(in_place, opt, opt.clip_grad_norm_, batches, 2)
+    assert all(in_place.plan.in_place) and in_place.io_stats()["host_to_device"] == 0
+    assert_bitwise(runs[torch.bfloat16][1], in_place_losses, "bf16 loss, in place vs streamed")
+    assert_state_bitwise(sd, in_place.state_dict())
+
 
 # ---------------------------------------------------------------------------- changing forward path
 

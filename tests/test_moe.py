@@ -15,7 +15,7 @@ import tierflow
 from tierflow.checkpoint.files import CheckpointError
 from tierflow.core.layout import is_routed, partition
 
-from conftest import SMALL_UNITS, VOCAB, assert_bitwise, lm_batch, make_batches, torch_clip, train
+from conftest import SMALL_UNITS, VOCAB, assert_bitwise, make_batches, torch_clip, train
 
 NEW = 6
 

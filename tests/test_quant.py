@@ -16,7 +16,7 @@ from tierflow.core import quant
 from tierflow.memory import packed
 from tierflow.errors import ConfigError
 
-from conftest import SMALL_UNITS, assert_bitwise, lm_batch, make_batches, make_tiny, torch_clip, train
+from conftest import SMALL_UNITS, assert_bitwise, make_batches, make_tiny, torch_clip, train
 
 FORMATS = ("int8", "int4")
 
