@@ -17,7 +17,8 @@ def test_infinity_bench_runs_contenders_side_by_side(monkeypatch, tmp_path, caps
     results = infinity.run_infinity_bench(cfg, json_path=tmp_path / "r.json", timeout=600)
     out = capsys.readouterr().out
     by_name = {r["name"]: r for r in results}
-    assert "deepspeed is not installed" in by_name["deepspeed-infinity"]["error"]
+    for name in infinity.DEEPSPEED:
+        assert "deepspeed is not installed" in by_name[name]["error"]
     torch_run, tf = by_name["torch"], by_name["tierflow-nvme"]
     assert torch_run["checksum"] == tf["checksum"]
     assert torch_run["losses"] == tf["losses"]  # fp32, torch's fused AdamW arithmetic: bitwise
@@ -34,3 +35,11 @@ def test_infinity_bench_rejects_steps_without_measurements(steps, warmup, tmp_pa
 def test_infinity_bench_rejects_unknown_contenders(tmp_path):
     with pytest.raises(ConfigError, match="unknown contender"):
         infinity.run_infinity_bench(infinity.InfinityConfig(TINY, nvme=str(tmp_path)), contenders=("fsdp",))
+
+
+def test_tuned_deepspeed_differs_only_in_its_async_io(tmp_path):
+    """The tuned contender is DeepSpeed's default ZeRO-Infinity with its aio section set."""
+    cfg = infinity.InfinityConfig(TINY, nvme=str(tmp_path))
+    default, tuned = (infinity.deepspeed_config(cfg, tmp_path, tuned=t) for t in (False, True))
+    assert "aio" not in default and tuned.pop("aio") == infinity.TUNED_AIO
+    assert tuned == default

@@ -211,8 +211,9 @@ def add_infinity_arguments(sub) -> None:
     inf.add_argument("--host-memory", default="1GiB", help="tierflow's host budget")
     inf.add_argument("--nvme", default=None, help="spill directory (default: a temporary one, removed after)")
     inf.add_argument("--threads", type=int, default=0, help="torch threads per contender (0: torch's default)")
-    inf.add_argument("--contenders", nargs="+", default=["torch", "tierflow-nvme", "deepspeed-infinity"],
-                     choices=("torch", "tierflow-nvme", "deepspeed-infinity"))
+    inf.add_argument("--contenders", nargs="+", default=["torch", "tierflow-nvme", "deepspeed-infinity",
+                                                          "deepspeed-infinity-tuned"],
+                     choices=("torch", "tierflow-nvme", "deepspeed-infinity", "deepspeed-infinity-tuned"))
     inf.add_argument("--json", default=None)
 
 
