@@ -43,3 +43,29 @@ def test_tuned_deepspeed_differs_only_in_its_async_io(tmp_path):
     default, tuned = (infinity.deepspeed_config(cfg, tmp_path, tuned=t) for t in (False, True))
     assert "aio" not in default and tuned.pop("aio") == infinity.TUNED_AIO
     assert tuned == default
+
+
+def test_rounds_compare_contenders_round_by_round(monkeypatch, tmp_path, capsys):
+    """Two rounds: every contender twice, each result tagged with its round, and tierflow's
+    median ratios against the others printed from the per-round pairs."""
+    monkeypatch.setattr(infinity, "_importable", lambda module: False)
+    monkeypatch.setattr(infinity, "disk_gbps", lambda directory, size: (1.0, 1.0, "stub"))
+    cfg = infinity.InfinityConfig(TINY, seq_len=16, steps=2, warmup=1, device_memory="256KiB",
+                                  host_memory="1MiB", nvme=str(tmp_path / "runs"))
+    results = infinity.run_infinity_bench(cfg, contenders=("torch", "tierflow-nvme"), timeout=600, rounds=2)
+    assert sorted((r["round"], r["name"]) for r in results) == [
+        (1, "tierflow-nvme"), (1, "torch"), (2, "tierflow-nvme"), (2, "torch")]
+    out = capsys.readouterr().out
+    assert "tierflow-nvme vs torch over 2 rounds" in out and "round 2 of 2" in out
+    with pytest.raises(ConfigError, match="--rounds"):
+        infinity.run_infinity_bench(cfg, rounds=0)
+
+
+def test_round_summary_takes_medians_of_the_pairs():
+    def r(name, rnd, step, rss):
+        return {"name": name, "round": rnd, "median_step_s": step, "peak_rss": rss}
+    results = [r("tierflow-nvme", 1, 2.0, 2), r("deepspeed-infinity", 1, 5.0, 8),
+               r("tierflow-nvme", 2, 2.0, 2), r("deepspeed-infinity", 2, 6.0, 8),
+               r("tierflow-nvme", 3, 1.0, 2), {"name": "deepspeed-infinity", "round": 3, "error": "failed"}]
+    (line,) = infinity.round_summary(results)
+    assert "over 2 rounds: 2.75x its speed (rounds: 2.50, 3.00)" in line and "0.25x its peak RSS" in line

@@ -253,8 +253,10 @@ def disk_bound_lines(tf: dict, disk: tuple) -> list[str]:
 
 
 def run_infinity_bench(cfg: InfinityConfig, contenders=CONTENDERS, json_path=None,
-                       timeout: float | None = 1800) -> list[dict]:
-    """Measure the disk, run each contender in its own process, print and return the results."""
+                       timeout: float | None = 1800, rounds: int = 1) -> list[dict]:
+    """Measure the disk, run each contender in its own process, `rounds` times over (round after
+    round, so that every round compares contenders measured minutes apart: this machine drifts
+    by more than the differences measured), print and return the results (each with its round)."""
     from tierflow.errors import ConfigError
 
     unknown = [c for c in contenders if c not in STEPPERS]
@@ -263,24 +265,51 @@ def run_infinity_bench(cfg: InfinityConfig, contenders=CONTENDERS, json_path=Non
     if cfg.warmup < 0 or cfg.steps <= cfg.warmup:
         raise ConfigError(f"--steps ({cfg.steps}) must exceed --warmup ({cfg.warmup}), which must be >= 0: "
                           "the median is taken over the steps after the warm-up")
+    if rounds < 1:
+        raise ConfigError(f"--rounds must be at least 1, got {rounds}")
     made = not cfg.nvme
     cfg = replace(cfg, nvme=cfg.nvme or tempfile.mkdtemp(prefix="tierflow-infinity-"))
     directory = Path(cfg.nvme)
     directory.mkdir(parents=True, exist_ok=True)
+    results, disks = [], []
     try:
-        disk = disk_gbps(directory, cfg.disk_bytes) if "tierflow-nvme" in contenders else (None, None, "")
-        results = []
-        for name in contenders:
-            print(f"[{time.strftime('%H:%M:%S')}] {name} ...", flush=True)
-            results.append(run_in_subprocess(name, cfg, timeout))
-            shutil.rmtree(directory / name, ignore_errors=True)
+        for round_ in range(1, rounds + 1):
+            disk = disk_gbps(directory, cfg.disk_bytes) if "tierflow-nvme" in contenders else (None, None, "")
+            this_round = []
+            for name in contenders:
+                print(f"[{time.strftime('%H:%M:%S')}] {name} (round {round_} of {rounds}) ...", flush=True)
+                this_round.append(dict(run_in_subprocess(name, cfg, timeout), round=round_))
+                shutil.rmtree(directory / name, ignore_errors=True)
+            print("\n".join(report(this_round, cfg, disk)), flush=True)
+            results += this_round
+            disks.append(disk)
     finally:
         if made:
             shutil.rmtree(directory, ignore_errors=True)
-    print("\n".join(report(results, cfg, disk)), flush=True)
+    if rounds > 1:
+        print("\n".join(round_summary(results)), flush=True)
     if json_path:
-        Path(json_path).write_text(json.dumps({"config": asdict(cfg), "disk": disk, "results": results}, indent=1))
+        Path(json_path).write_text(json.dumps({"config": asdict(cfg), "disk": disks, "results": results}, indent=1))
     return results
+
+
+def round_summary(results: list[dict]) -> list[str]:
+    """tierflow's speed and peak RSS relative to each other contender, round by round, and the medians."""
+    by_round: dict[int, dict] = {}
+    for r in results:
+        if "error" not in r:
+            by_round.setdefault(r["round"], {})[r["name"]] = r
+    lines = []
+    for other in [name for name in CONTENDERS if name != "tierflow-nvme"]:
+        pairs = [(rs[other], rs["tierflow-nvme"]) for rs in by_round.values() if other in rs and "tierflow-nvme" in rs]
+        if not pairs:
+            continue
+        speed = [o["median_step_s"] / t["median_step_s"] for o, t in pairs]
+        rss = [t["peak_rss"] / o["peak_rss"] for o, t in pairs]
+        lines.append(f"tierflow-nvme vs {other} over {len(pairs)} rounds: {statistics.median(speed):.2f}x its speed "
+                     f"(rounds: {', '.join(f'{x:.2f}' for x in speed)}), {statistics.median(rss):.2f}x its peak RSS "
+                     f"(rounds: {', '.join(f'{x:.2f}' for x in rss)})")
+    return lines
 
 
 if __name__ == "__main__":  # one contender, in its own process (run_in_subprocess)

@@ -214,6 +214,9 @@ def add_infinity_arguments(sub) -> None:
     inf.add_argument("--contenders", nargs="+", default=["torch", "tierflow-nvme", "deepspeed-infinity",
                                                           "deepspeed-infinity-tuned"],
                      choices=("torch", "tierflow-nvme", "deepspeed-infinity", "deepspeed-infinity-tuned"))
+    inf.add_argument("--rounds", type=int, default=1,
+                     help="run the contenders this many times, round after round; prints each round and "
+                          "tierflow's median ratios over them")
     inf.add_argument("--json", default=None)
 
 
@@ -312,7 +315,7 @@ def run(args) -> int:
         cfg = InfinityConfig(shape, args.batch_size, args.seq_len, args.steps, args.warmup,
                              device_memory=args.device_memory, host_memory=args.host_memory,
                              nvme=args.nvme or "", threads=args.threads)
-        results = run_infinity_bench(cfg, tuple(args.contenders), args.json)
+        results = run_infinity_bench(cfg, tuple(args.contenders), args.json, rounds=args.rounds)
         return int(any("error" in r and not r["error"].endswith("skipped") for r in results))
     elif args.bench == "gpu":
         from tierflow.bench.gpu_check import run_gpu_bench
