@@ -21,10 +21,12 @@ class DirectFetches:
     def _reads_direct(self, uid: int) -> bool:
         """The unit's weights can go from the disk straight into its (CPU) device buffer (a
         compressed unit's: dequantized there from its bytes read whole, or from host memory).
-        Frozen units only: a trainable unit's arrays are rewritten by its updates, whose
-        write-backs the staged path orders its reads after."""
+        Also a trainable unit's, when the fetch applies no update (`start_fetch` asks only
+        then): its last update's write-backs were complete before that update's job ended
+        (`apply_updates` waits for them), and no update starts while a fetch is in flight
+        (`update_now` finishes it first)."""
         state = self.states[uid]
-        if self.device.is_cuda or self.dist is not None or self.units[uid].trainable_numel:
+        if self.device.is_cuda or self.dist is not None:
             return False
         if self.units[uid].weights is not None:
             return self.packed.reads_direct(state)
