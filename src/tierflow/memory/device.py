@@ -42,17 +42,25 @@ def return_freed_memory_to_os(threshold: int = 1 << 20) -> bool:
     one alone leaves the other where the process's earlier frees raised it), and what the
     heaps already hold free is trimmed now. Returns False where this is not glibc.
     """
-    global _mmap_threshold
     if sys.platform != "linux":
         return False
     # One setting for the process: the lowest asked for so far (generation asks for less than
     # the engine), so that an engine built after a generate does not undo what it needed.
     threshold = min(threshold, _mmap_threshold or threshold)
+    return _set_malloc_thresholds(threshold, trim_now=True)
+
+
+def _set_malloc_thresholds(threshold: int, trim_now: bool = False) -> bool:
+    """glibc's mmap threshold to `threshold` and its trim threshold to twice that (both: fixing
+    one alone leaves the other where earlier frees raised it); remembered in `_mmap_threshold`.
+    `trim_now`: also give back what the heaps hold free now. False where this is not glibc."""
+    global _mmap_threshold
     try:
         libc = ctypes.CDLL("libc.so.6")
         fixed = libc.mallopt(_M_MMAP_THRESHOLD, threshold) and libc.mallopt(_M_TRIM_THRESHOLD, 2 * threshold)
         _mmap_threshold = threshold
-        libc.malloc_trim(0)
+        if trim_now:
+            libc.malloc_trim(0)
         return bool(fixed)
     except (OSError, AttributeError):
         return False
@@ -74,19 +82,11 @@ def reuse_freed_blocks() -> bool:
     once, so what the heap keeps is bounded by it plus the activations and fragmentation
     (measured there: 0.35-0.45 GB more resident memory). Loading and generation lower the
     thresholds again when they run. Returns False where this is not glibc."""
-    global _mmap_threshold
     if sys.platform != "linux":
         return False
-    if _mmap_threshold == REUSE_BLOCKS_UP_TO:
+    if _mmap_threshold == REUSE_BLOCKS_UP_TO:  # (called at every step: nothing to do after the first)
         return True
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        fixed = libc.mallopt(_M_MMAP_THRESHOLD, REUSE_BLOCKS_UP_TO) and libc.mallopt(_M_TRIM_THRESHOLD,
-                                                                                     2 * REUSE_BLOCKS_UP_TO)
-        _mmap_threshold = REUSE_BLOCKS_UP_TO
-        return bool(fixed)
-    except (OSError, AttributeError):
-        return False
+    return _set_malloc_thresholds(REUSE_BLOCKS_UP_TO)
 
 
 def mmap_threshold() -> int | None:

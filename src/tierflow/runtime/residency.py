@@ -156,12 +156,12 @@ class Residency(DirectFetches):
         units in use (units that never move take none of it), and a fetch evicts only units
         needed after it (ring_eviction_order), so each is read once per forward, even with a
         budget so tight that the plan's window holds not one unit."""
-        size, window = (lambda u: working_bytes(self.units[u], self.compute_dtype)), self.plan.prefetch_bytes
-        if not self.device.is_cuda:
-            # Units that never move take no room: their updates all start at once on the update
-            # thread. (On a GPU a device-homed unit's update is queued on the compute stream, and
-            # starting them all would put every one ahead of the forward's first kernels.)
-            size = self.moving.__getitem__
+        # On a CPU units that never move take no room: their updates all start at once on the
+        # update thread. (On a GPU a device-homed unit's update is queued on the compute stream,
+        # and starting them all would put every one ahead of the forward's first kernels.)
+        size = (lambda u: working_bytes(self.units[u], self.compute_dtype)) if self.device.is_cuda \
+            else self.moving.__getitem__
+        window = self.plan.prefetch_bytes
         if self.next_use is not None:
             size, window = self.moving.__getitem__, self.plan.device_working - self.held_bytes
         needs = lambda u: self.of[u].fetch is None and (self.of[u].flat is None or bool(self.of[u].pending))
