@@ -268,12 +268,13 @@ def update_job(unit: Unit, home: str, cal: Calibration, dtype: torch.dtype, on_d
     if t == 0:
         return fetch_job(unit, home, cal, dtype, in_place)
     parts = []
+    read = ADAMW_READ - 4 + stored_grad_bytes(home, dtype)  # bytes per parameter AdamW reads
     if home == "nvme":
-        parts.append(("io", t * ADAMW_READ / cal.nvme_read_bps))
+        parts.append(("io", t * read / cal.nvme_read_bps))
     if on_device and home != "device" and cal.device != "cpu":
         back = ADAMW_WRITE + (dtype.itemsize if dtype != torch.float32 else 0)  # + host copy of the weights
         # Uploads and downloads overlap (updates.DeviceAdamW uses both directions of the link).
-        parts.append(("io", max(t * ADAMW_READ / cal.h2d_bps, t * back / cal.d2h_bps) + t / cal.device_adamw_params_per_s))
+        parts.append(("io", max(t * read / cal.h2d_bps, t * back / cal.d2h_bps) + t / cal.device_adamw_params_per_s))
         if home == "nvme":
             parts.append(("io", t * back / cal.nvme_write_bps))
         job = Job(tuple(parts))
@@ -304,19 +305,27 @@ def fetch_job(unit: Unit, home: str, cal: Calibration, dtype: torch.dtype, in_pl
     return Job(read + (_to_device(nbytes, cal),))
 
 
+def stored_grad_bytes(home: str, dtype: torch.dtype) -> int:
+    """Bytes per parameter of a gradient in its home: a 2-byte compute dtype's stays packed off
+    the device (runtime/gradients.py; one micro-batch per step), fp32 otherwise."""
+    return 2 if dtype.itemsize == 2 and home != "device" else 4
+
+
 def drain_job(unit: Unit, home: str, cal: Calibration, dtype: torch.dtype) -> Job:
-    """Move a unit's fresh gradients to its home tier as fp32 (norm, copy, NVMe write)."""
+    """Move a unit's fresh gradients to its home tier (norm, copy, NVMe write)."""
     fp32 = 4 * unit.trainable_numel
     if fp32 == 0:
         return Job()
     if home == "device" and cal.device != "cpu":
         return Job((("io", fp32 / cal.drain_bps),))  # on the GPU: small next to compute
-    if cal.device != "cpu":  # converted and normed on the GPU, copied straight into its pinned array
-        parts = [("io", fp32 / cal.d2h_bps)]
+    stored = stored_grad_bytes(home, dtype) * unit.trainable_numel
+    if cal.device != "cpu":  # normed on the GPU, copied straight into its pinned array
+        parts = [("io", stored / cal.d2h_bps)]
     else:
-        parts = [("cpu", fp32 / cal.drain_bps + (fp32 / cal.memcpy_bps if dtype != torch.float32 else 0.0))]
+        widened = dtype != torch.float32 and stored == fp32  # converted to fp32 on the way
+        parts = [("cpu", fp32 / cal.drain_bps + (fp32 / cal.memcpy_bps if widened else 0.0))]
     if home == "nvme":
-        parts.append(("io", fp32 / cal.nvme_write_bps))
+        parts.append(("io", stored / cal.nvme_write_bps))
     return Job(tuple(parts))
 
 

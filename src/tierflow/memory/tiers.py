@@ -131,17 +131,23 @@ class StateIO:
             yield offset, min(step, end - offset)
 
     def open(self, state: UnitState, names, start: int, numel: int, read: bool = True,
-             wait: bool = True) -> "Window":
+             wait: bool = True, packed: dict | None = None) -> "Window":
         """A window onto elements [start, start+numel) of the named arrays. With wait=False
-        the NVMe reads are only started: call `window.wait()` before touching the views."""
+        the NVMe reads are only started: call `window.wait()` before touching the views.
+
+        `packed` (name -> a 2-byte dtype) views an fp32 array in its packed form: element i as
+        that dtype at byte 2*i, in the array's first half (a gradient kept in the compute dtype,
+        gradients.py): half the bytes read and written."""
         names = tuple(state.key(n) for n in names)
+        packed = packed or {}
         if state.home != "nvme":
             local = start - state.base
-            return Window(state, tuple(names), start, [state.arrays[n][local:local + numel] for n in names])
+            arrays = [state.arrays[n] if n not in packed else state.arrays[n].view(packed[n]) for n in names]
+            return Window(state, tuple(names), start, [a[local:local + numel] for a in arrays])
         window = Window(state, tuple(names), start, [], [])
         try:
             for name in names:
-                dtype = state.dtypes[name]
+                dtype = packed.get(name, state.dtypes[name])
                 buf = self.pool.acquire()
                 window.buffers.append(buf)
                 window.views.append(buf[:numel * dtype.itemsize].view(dtype))
@@ -174,11 +180,11 @@ class StateIO:
             if name not in write:
                 self.pool.release(buf)
                 continue
-            dtype = window.state.dtypes[name]
-            nbytes = _round_up(view.numel() * dtype.itemsize, ALIGN)
+            itemsize = view.element_size()  # (a packed view's, not the array's)
+            nbytes = _round_up(view.numel() * itemsize, ALIGN)
             try:
                 future = self.nvme.write_async(window.state.arrays[name], buf[:nbytes],
-                                               (window.start - window.state.base) * dtype.itemsize)
+                                               (window.start - window.state.base) * itemsize)
             except BaseException:
                 self.pool.release(buf)
                 raise
@@ -190,11 +196,13 @@ class StateIO:
             return []
         return writes
 
-    def windows(self, state: UnitState, names, ranges, read: bool = True, ahead: int = 1, spare: int = 0):
+    def windows(self, state: UnitState, names, ranges, read: bool = True, ahead: int = 1, spare: int = 0,
+                packed: dict | None = None):
         """Yield open windows over consecutive (start, numel) ranges, reading up to `ahead`
         windows beyond the one the caller works on. The caller closes each window; `spare`:
         staging buffers it takes besides, per window, before closing it. Fewer windows are read
-        ahead when the staging pool could not hold them all at once (it would wait forever)."""
+        ahead when the staging pool could not hold them all at once (it would wait forever).
+        `packed`: as for `open`."""
         ranges = list(ranges)
         if state.home == "nvme" and self.pool is not None:
             ahead = max(0, min(ahead, (self.pool.count - spare) // len(names) - 1))
@@ -202,7 +210,8 @@ class StateIO:
         try:
             for i in range(len(ranges)):
                 while len(opened) < ahead + 1 and i + len(opened) < len(ranges):
-                    opened.append(self.open(state, names, *ranges[i + len(opened)], read=read, wait=False))
+                    opened.append(self.open(state, names, *ranges[i + len(opened)], read=read, wait=False,
+                                            packed=packed))
                 current = opened.pop(0)
                 try:
                     current.wait()

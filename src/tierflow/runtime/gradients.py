@@ -7,6 +7,16 @@ global-norm clipping needs no second pass over the tiers and gives exactly what
 same arithmetic). The clip coefficient is not multiplied into the stored
 gradients here: AdamW multiplies each window just before it uses it.
 
+A gradient computed in a 2-byte dtype (bf16/fp16 compute) that goes to host memory or NVMe is
+kept there in that dtype when it is the first of its step (the "packed" form: element i at byte
+2*i of the unit's fp32 gradient array). Widening it to fp32 is exact, so AdamW, which widens it
+as it reads it (updates.py), computes exactly what it would from the fp32 gradient, and each
+parameter's gradient costs 2 B instead of 4 each way: on a GPU, half the device->host link and
+host-memory bytes of the drain; on NVMe, 4 B fewer per parameter per step. A unit's gradients
+are widened in place the moment a second micro-batch accumulates into them (sums are fp32, as
+torch's), and from then on gradients stay fp32 (widening costs more bytes than packing saves).
+`forms` says which units hold the packed form.
+
 With data-parallel ranks (`dist`), a unit's gradients are first collected into one
 fp32 bucket; when every trainable parameter of the unit has reported (or at `wait`,
 for units with unused parameters) the drain thread reduce-scatters the bucket and
@@ -44,9 +54,16 @@ class GradientSink:
         self.total: torch.Tensor | None = None     # total norm of the raw gradients (after clip)
         self.dist = dist                           # distributed.Dist, or None (one process)
         self._unit_of = {s.index: u for u in units for s in u.slots}
+        self._units_by_id = {u.uid: u for u in units}
         self._buckets: dict[int, list] = {}        # unit id -> [(state, slot, grad, fresh, nbytes)]
         self._asked: set[int] = set()              # slots whose norm torch asked for (torch_idioms.py)
         self._clipping = None                      # (coefficient, slots) of a torch clip under way
+        # unit id -> the 2-byte dtype its gradient array holds them in (packed form; absent: fp32).
+        # Kept across steps: it describes the array's contents until new gradients arrive.
+        self.forms: dict[int, torch.dtype] = {}
+        self._formed: set[int] = set()             # units whose form this step's gradients chose
+        self.packs = dist is None                  # ranks reduce-scatter fp32 buckets: never packed
+        self.accumulates = False                   # a step had micro-batches: pack no more
 
     def submit(self, state: UnitState, slot: Slot, grad: torch.Tensor, nbytes: int) -> None:
         """Queue one gradient; `nbytes` of device budget are released once it has left."""
@@ -84,12 +101,65 @@ class GradientSink:
 
     def _accumulate(self, state: UnitState, slot: Slot, grad: torch.Tensor, fresh: bool, nbytes: int) -> None:
         try:
-            incoming = grad.detach().reshape(-1).to(FP32)  # the engine took `grad`: ours to reuse
-            if state.home != "device":
-                self._count("device_to_host", nbytes)
-            self._add_into(state, slot, incoming, slot.offset, fresh)
+            incoming = grad.detach().reshape(-1)  # the engine took `grad`: ours to reuse
+            packed = self._keeps_packed(state, slot, incoming.dtype, fresh)
+            if state.home != "device":  # the bytes that leave: packed, or widened to fp32
+                self._count("device_to_host", incoming.numel() * (incoming.element_size() if packed else 4))
+            if packed:
+                self.norms[slot.index] = torch.linalg.vector_norm(incoming.to(FP32))
+                self._write_packed(state, slot, incoming)
+            else:
+                self._add_into(state, slot, incoming.to(FP32), slot.offset, fresh)
         finally:
             self.device_budget.release(nbytes)
+
+    def _keeps_packed(self, state: UnitState, slot: Slot, dtype: torch.dtype, fresh: bool) -> bool:
+        """Whether this gradient is stored in its own 2-byte dtype. The first gradient of a unit
+        in a step decides for the unit; a later micro-batch widens the unit's array first."""
+        uid = self._unit_of[slot.index].uid
+        if uid not in self._formed:
+            self._formed.add(uid)
+            self.forms.pop(uid, None)
+            if (self.packs and not self.accumulates and fresh and dtype.itemsize == 2 and state.home != "device"
+                    and "grad" in state.arrays):
+                self.forms[uid] = dtype
+        if uid in self.forms and not fresh:
+            self._widen(state, uid)
+        return uid in self.forms
+
+    def _write_packed(self, state: UnitState, slot: Slot, incoming: torch.Tensor) -> None:
+        """Copy a fresh 2-byte gradient into its unit's array, packed (half the bytes)."""
+        packed = {"grad": incoming.dtype}
+        for start, count in self.io.pieces(state, slot.offset, slot.numel):
+            window = self.io.open(state, ("grad",), start, count, read=False, packed=packed)
+            try:
+                window.views[0].copy_(incoming[start - slot.offset:start - slot.offset + count])
+            except BaseException:
+                self.io.close(window)
+                raise
+            self.io.close(window, write=("grad",))
+
+    def _widen(self, state: UnitState, uid: int) -> None:
+        """Rewrite a unit's packed gradients as fp32, in place, last piece first: the fp32 form of
+        elements [a, b) covers packed bytes [4a, 4b), all at or after the packed bytes [2a, 2b)
+        of its own elements, so no packed value is overwritten before it is read."""
+        packed = {"grad": self.forms.pop(uid)}
+        # Widening costs more bytes than packing saved: with micro-batches, gradients stay fp32.
+        self.accumulates = True
+        numel = self._units_by_id[uid].trainable_numel
+        for start, count in reversed(list(self.io.pieces(state, 0, numel))):
+            window = self.io.open(state, ("grad",), start, count, packed=packed)
+            try:
+                values = window.views[0].to(FP32)  # a copy: read before the fp32 form lands on it
+            finally:
+                self.io.close(window)
+            window = self.io.open(state, ("grad",), start, count, read=False)
+            try:
+                window.views[0].copy_(values)
+            except BaseException:
+                self.io.close(window)
+                raise
+            self.io.close(window, write=("grad",))
 
     def _add_into(self, state: UnitState, slot: Slot, incoming: torch.Tensor, origin: int, fresh: bool) -> None:
         """Copy or add fp32 `incoming` (unit elements from `origin`, within `slot`; ours to
@@ -176,6 +246,7 @@ class GradientSink:
         """The next backward starts afresh (after the optimizer recorded what it needs)."""
         self.wait()
         self.has_grad.clear()
+        self._formed.clear()
         self.norms.clear()
         self.scale = None
         self.total = None

@@ -19,7 +19,7 @@ class StateAccess:
 
     def __init__(self, engine):
         # The engine's parts it reads: units, states, io, dist, residency, steps, health,
-        # module, tiled, param_dtype, compute_dtype, bookkeeping.
+        # module, tiled, param_dtype, compute_dtype, bookkeeping, grads (the gradients' form).
         self.engine = engine
 
     def named_slots(self):
@@ -38,8 +38,10 @@ class StateAccess:
             return engine.residency.packed.read_slot(engine.states[unit.uid], unit, unit.slots.index(slot))
         out = torch.empty(slot.numel, dtype=FP32) if dist is None else torch.zeros(slot.numel, dtype=FP32)
         state = engine.states[unit.uid]
+        form = engine.grads.forms.get(unit.uid) if name == "grad" else None
+        packed = {"grad": form} if form is not None else None  # kept in the compute dtype: widened here
         for start, count in io.pieces(state, slot.offset, slot.numel):
-            window = io.open(state, (name,), start, count)
+            window = io.open(state, (name,), start, count, packed=packed)
             try:
                 out[start - slot.offset:start - slot.offset + count].copy_(window.views[0])
             finally:

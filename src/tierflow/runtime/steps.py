@@ -53,7 +53,7 @@ class OptimizerSteps:
                     self.counts[slot.index] = self.counts.get(slot.index, 0) + 1
                     stepped.append(slot.index)
                     updates.append(PendingUpdate(slot, hyper_params[id(slot.param)], self.counts[slot.index],
-                                                 gate.scale, gate))
+                                                 gate.scale, gate, self.grads.forms.get(unit.uid)))
                 self._replace_pending(unit.uid, updates)
             self._last = (gate, stepped) if chosen else None
             self.grads.zero()

@@ -24,6 +24,7 @@ from tierflow.memory.tiers import wait_all
 # multiple of this has no scalar tail, so a fused call over it and its successors computes
 # each element on the same path as a call of its own.
 VECTOR_ELEMENTS = 64
+WIDEN_ELEMENTS = 64 * 4096  # a packed gradient is widened this many elements at a time (1 MiB)
 
 
 @dataclass(frozen=True)
@@ -79,6 +80,7 @@ class PendingUpdate:
     step: int                    # the step number this update makes (1-based)
     grad_scale: torch.Tensor | None  # clip coefficient, multiplied into the gradient first
     gate: StepGate | None = None     # the engine's: scale and finiteness, ordered across lanes
+    grad_dtype: torch.dtype | None = None  # the unit's gradients are packed in it (gradients.py)
 
 
 def scale_and_skip(update: PendingUpdate, device: torch.device) -> tuple:
@@ -119,6 +121,18 @@ def adamw_(master: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_
     master.addcdiv_(exp_avg, denom, value=-step_size)
 
 
+def adamw_widening(master, grad, exp_avg, exp_avg_sq, update: PendingUpdate) -> None:
+    """`adamw_`, for a gradient that may be packed in a 2-byte dtype: widened to fp32 a piece at a
+    time (cache-sized, so the copy costs no memory traffic), one call per piece. Pieces are whole
+    multiples of VECTOR_ELEMENTS, so every element takes the kernel's path it takes in one call."""
+    if grad.dtype == master.dtype:
+        adamw_(master, grad, exp_avg, exp_avg_sq, update)
+        return
+    for a in range(0, master.numel(), WIDEN_ELEMENTS):
+        b = min(a + WIDEN_ELEMENTS, master.numel())
+        adamw_(master[a:b], grad[a:b].to(master.dtype), exp_avg[a:b], exp_avg_sq[a:b], update)
+
+
 class DeviceAdamW:
     """AdamW of host-side arrays (a home array or an NVMe staging window) run on the GPU, as
     a pipeline over chunks that uses both directions of the PCIe link at once.
@@ -154,7 +168,10 @@ class DeviceAdamW:
             dev = [buf[:b - a] for buf in self.sets[s]]
             self.device.wait_event(self.freed[s])
             for target, source in zip(dev, views):
-                target.copy_(source[a:b], non_blocking=True)
+                if source.dtype != target.dtype:  # a packed gradient: 2 B over the link, widened there
+                    target.copy_(source[a:b].to(target.device, non_blocking=True))
+                else:
+                    target.copy_(source[a:b], non_blocking=True)
             adamw_(*dev, update)
             out[a:b].copy_(dev[0], non_blocking=True)
             computed = self.device.record_event()
@@ -180,7 +197,8 @@ def same_call(a: PendingUpdate, b: PendingUpdate) -> bool:
     and nothing but `a`'s padding between them (any slot is at least SEGMENT_ALIGN long)."""
     gap = b.slot.offset - (a.slot.offset + a.slot.numel)
     return (a.hp.fused and a.hp == b.hp and a.step == b.step and a.grad_scale is b.grad_scale
-            and a.gate is b.gate and a.slot.numel % VECTOR_ELEMENTS == 0 and 0 <= gap < SEGMENT_ALIGN)
+            and a.gate is b.gate and a.grad_dtype == b.grad_dtype and a.slot.numel % VECTOR_ELEMENTS == 0
+            and 0 <= gap < SEGMENT_ALIGN)
 
 
 def update_runs(pending: list) -> list[tuple[int, int, PendingUpdate]]:
@@ -212,6 +230,8 @@ def apply_updates(io, device, state, pending: list, flat: torch.Tensor | None = 
     """
     on_device = DeviceAdamW(device, scratch) if scratch is not None else None
     names = ("master", "grad", "exp_avg", "exp_avg_sq")
+    grad_dtype = pending[0].grad_dtype if pending else None  # (one step's updates: one form per unit)
+    packed = {"grad": grad_dtype} if grad_dtype is not None else None
     by_start = {}
     ranges = []
     for first, numel, update in update_runs(pending):
@@ -220,7 +240,7 @@ def apply_updates(io, device, state, pending: list, flat: torch.Tensor | None = 
             ranges.append((start, count))
     writes = []
     try:
-        for window in io.windows(state, names, ranges, spare=int("weights" in state.arrays)):
+        for window in io.windows(state, names, ranges, spare=int("weights" in state.arrays), packed=packed):
             start, count = window.start, window.views[0].numel()
             weights = None
             try:
@@ -231,7 +251,7 @@ def apply_updates(io, device, state, pending: list, flat: torch.Tensor | None = 
                     on_device.update(window.views, by_start[start], flat[start:start + count],
                                      weights.views[0] if weights is not None else None)
                 else:
-                    adamw_(*window.views, by_start[start])
+                    adamw_widening(*window.views, by_start[start])
                     if weights is not None:
                         weights.views[0].copy_(window.views[0])
                 if flat is not None and on_device is None:
