@@ -30,9 +30,13 @@ class StateAccess:
 
     def read_array(self, unit: Unit, slot: Slot, name: str = "master") -> torch.Tensor:
         """One parameter's slice of an array ('master', 'exp_avg', 'exp_avg_sq', 'grad'), as a
-        new fp32 CPU tensor of the parameter's shape. Call `flush()` first for current values."""
+        new fp32 CPU tensor of the parameter's shape. Call `flush()` first for current values
+        (a gradient is read once the drain has written every gradient queued so far)."""
         engine = self.engine
         engine.health.check()
+        if name == "grad":
+            with engine.health.marks_failure():
+                engine.grads.wait()
         dist, io = engine.dist, engine.io
         if unit.weights is not None:  # compressed (frozen: its 'master' is its weights)
             return engine.residency.packed.read_slot(engine.states[unit.uid], unit, unit.slots.index(slot))
