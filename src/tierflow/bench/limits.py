@@ -6,7 +6,9 @@ import time
 
 import torch
 
-HOST_BYTES_PER_PARAM = 32  # per step, per trainable parameter whose state is off the device (see `limits`)
+# Per step, per trainable parameter whose state is off the device (see `limits`), with bf16
+# compute: the gradient stays bf16 off the device (runtime/gradients.py), 2 B each way.
+HOST_BYTES_PER_PARAM = 28
 
 
 def _best_seconds(fn, repeats: int = 3) -> float:
@@ -24,9 +26,9 @@ def limits(device: str, nbytes: int = 1 << 30) -> dict:
 
     * host_copy_bps: bytes read + written per second by a 1 GiB host copy (all cores): host
       memory bandwidth. AdamW of state in host memory moves HOST_BYTES_PER_PARAM per
-      parameter per step through it (read master, gradient, both moments: 16 B; write
-      master and moments: 12 B; the gradient written by the drain: 4 B), whether the
-      arithmetic runs on the CPU or the arrays cross to the GPU and back;
+      parameter per step through it (read master, both moments and the bf16 gradient: 14 B;
+      write master and moments: 12 B; the gradient written by the drain: 2 B; 32 B with fp32
+      gradients), whether the arithmetic runs on the CPU or the arrays cross to the GPU and back;
     * cpu_adamw_params_per_s: torch's fused AdamW on the CPU over 64 M fp32 parameters;
     * h2d_bps, d2h_bps, duplex_bps: pinned 1 GiB copies each way alone, and both at once on
       two streams (the sum of both directions)."""

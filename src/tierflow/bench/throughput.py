@@ -296,6 +296,8 @@ def run_contender(name: str, cfg: ThroughputConfig) -> dict:
             result["offdevice_trainable"] = sum(u.trainable_numel for u, h in zip(engine.units, engine.plan.homes)
                                                 if h != "device")
             result["io_per_step"] = {k: v / len(batches) for k, v in engine.io_stats().items()}
+            result["nvme_trainable"] = sum(u.trainable_numel for u, h in zip(engine.units, engine.plan.homes)
+                                           if h == "nvme")
             if cfg.profile_dir:
                 result["lanes"] = lane_totals(engine, Path(cfg.profile_dir) / f"{name}-timeline.png")
     finally:
@@ -365,6 +367,10 @@ def report(results: list[dict], cfg: ThroughputConfig) -> str:
             lines.append(f"{'':<18} host-memory bound {bound:.3f} s/step ({r['offdevice_trainable'] / 1e6:.0f} M "
                          f"parameters x {HOST_BYTES_PER_PARAM} B at {lim['host_copy_bps'] / 1e9:.0f} GB/s): "
                          f"measured / bound {t / bound:.2f}")
+        if r.get("nvme_trainable"):  # the baseline: 16 B read, 17 B written (fp32 gradients)
+            io, n = r["io_per_step"], r["nvme_trainable"]
+            lines.append(f"{'':<18} NVMe per step and NVMe-homed parameter: {io['nvme_read'] / n:.1f} B read, "
+                         f"{io['nvme_written'] / n:.1f} B written ({n / 1e6:.0f} M parameters)")
         if r.get("predicted_step_s"):
             lines.append(f"{'':<18} plan predicted {r['predicted_step_s']:.3f} s/step: measured / predicted "
                          f"{t / r['predicted_step_s']:.2f}")
