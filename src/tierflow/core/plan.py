@@ -184,8 +184,10 @@ def device_capacity(cfg: OffloadConfig) -> int | None:
 def traffic_bytes(unit: Unit, compute_dtype: torch.dtype) -> int:
     """Bytes one step moves for a unit that lives off the device: its weights in forward and
     again in backward and, per trainable parameter, AdamW's 16 B read and 12 B write of master,
-    moments and gradient plus the 4 B gradient written back."""
-    return 2 * working_bytes(unit, compute_dtype) + 32 * unit.trainable_numel
+    moments and gradient plus the 4 B gradient written back (a 2-byte compute dtype's gradient
+    stays in it off the device, runtime/gradients.py: 2 B less each way)."""
+    grad = 2 if compute_dtype.itemsize == 2 else 4
+    return 2 * working_bytes(unit, compute_dtype) + (24 + 2 * grad) * unit.trainable_numel
 
 
 def claim_order(units: list[Unit], order: str, compute_dtype: torch.dtype = torch.float32) -> list[int]:
