@@ -53,7 +53,9 @@ CASES = {
     "act-offload": dict(placement="host", device_memory=TIGHT, activations="offload"),
     "act-recompute": dict(placement="host", device_memory=TIGHT, activations="recompute"),
 }
-BF16_CASES = ["device", "host-cpu", "host-device", "host-shared", "nvme-device", "evict-device", "act-offload", "act-recompute"]
+# (every off-device case here keeps its bf16 gradients packed: runtime/gradients.py)
+BF16_CASES = ["device", "host-cpu", "host-device", "host-shared", "nvme-cpu", "nvme-device", "evict-device",
+              "act-offload", "act-recompute"]
 
 _REFERENCE: dict = {}
 
