@@ -199,6 +199,8 @@ def run_throughput(args) -> int:
 
 
 def add_infinity_arguments(sub) -> None:
+    from tierflow.bench.infinity import CONTENDERS as INFINITY_CONTENDERS
+
     inf = sub.add_parser("infinity", help="NVMe-homed training on the CPU vs DeepSpeed ZeRO-Infinity (171 M "
                          "Llama), peak RSS, and tierflow's step against its disk bound")
     inf.add_argument("--steps", type=int, default=8)
@@ -211,9 +213,7 @@ def add_infinity_arguments(sub) -> None:
     inf.add_argument("--host-memory", default="1GiB", help="tierflow's host budget")
     inf.add_argument("--nvme", default=None, help="spill directory (default: a temporary one, removed after)")
     inf.add_argument("--threads", type=int, default=0, help="torch threads per contender (0: torch's default)")
-    inf.add_argument("--contenders", nargs="+", default=["torch", "tierflow-nvme", "deepspeed-infinity",
-                                                          "deepspeed-infinity-tuned"],
-                     choices=("torch", "tierflow-nvme", "deepspeed-infinity", "deepspeed-infinity-tuned"))
+    inf.add_argument("--contenders", nargs="+", default=list(INFINITY_CONTENDERS), choices=INFINITY_CONTENDERS)
     inf.add_argument("--rounds", type=int, default=1,
                      help="run the contenders this many times, round after round; prints each round and "
                           "tierflow's median ratios over them")

@@ -36,7 +36,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from tierflow.core.figures import Calibration
-from tierflow.core.layout import ALIGN, ARRAY_CLASS, Unit, array_specs
+from tierflow.core.layout import ALIGN, ARRAY_CLASS, Unit, array_specs, stored_grad_bytes
 from tierflow.core.plan import TIERS, Placement, working_bytes
 
 CLASSES = ("weights", "master", "grads", "moments", "activations", "buffers", "working", "staging")
@@ -303,12 +303,6 @@ def fetch_job(unit: Unit, home: str, cal: Calibration, dtype: torch.dtype, in_pl
     nbytes = working_bytes(unit, dtype)
     read = (("io", nbytes / cal.nvme_read_bps),) if home == "nvme" else ()
     return Job(read + (_to_device(nbytes, cal),))
-
-
-def stored_grad_bytes(home: str, dtype: torch.dtype) -> int:
-    """Bytes per parameter of a gradient in its home: a 2-byte compute dtype's stays packed off
-    the device (runtime/gradients.py; one micro-batch per step), fp32 otherwise."""
-    return 2 if dtype.itemsize == 2 and home != "device" else 4
 
 
 def drain_job(unit: Unit, home: str, cal: Calibration, dtype: torch.dtype) -> Job:

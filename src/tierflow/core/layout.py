@@ -263,5 +263,12 @@ def array_specs(unit: Unit, compute_dtype: torch.dtype, shard=None) -> dict[str,
     return specs
 
 
+def stored_grad_bytes(home: str, compute_dtype: torch.dtype) -> int:
+    """Bytes per parameter of a fresh gradient in its home: a 2-byte compute dtype's gradient
+    stays in that dtype off the device (the "packed" form, runtime/gradients.py; one
+    micro-batch per step), fp32 otherwise."""
+    return 2 if compute_dtype.itemsize == 2 and home != "device" else 4
+
+
 ARRAY_CLASS = {"master": "master", "weights": "weights", "qweights": "weights", "grad": "grads",
                "exp_avg": "moments", "exp_avg_sq": "moments"}

@@ -23,7 +23,7 @@ import torch
 from tierflow.config import OffloadConfig, format_size
 from tierflow.errors import BudgetError, ConfigError
 from tierflow.core.layout import Unit
-from tierflow.core.layout import array_specs
+from tierflow.core.layout import array_specs, stored_grad_bytes
 from tierflow.core.quant import packed_nbytes
 
 TIERS = ("device", "host", "nvme")
@@ -186,7 +186,7 @@ def traffic_bytes(unit: Unit, compute_dtype: torch.dtype) -> int:
     again in backward and, per trainable parameter, AdamW's 16 B read and 12 B write of master,
     moments and gradient plus the 4 B gradient written back (a 2-byte compute dtype's gradient
     stays in it off the device, runtime/gradients.py: 2 B less each way)."""
-    grad = 2 if compute_dtype.itemsize == 2 else 4
+    grad = stored_grad_bytes("host", compute_dtype)
     return 2 * working_bytes(unit, compute_dtype) + (24 + 2 * grad) * unit.trainable_numel
 
 

@@ -32,7 +32,7 @@ import torch
 
 from tierflow.memory.budget import Budget
 from tierflow.errors import ConfigError, UnsupportedError
-from tierflow.core.layout import Slot
+from tierflow.core.layout import Slot, Unit, stored_grad_bytes
 from tierflow.runtime.updates import StepGate
 from tierflow.memory.tiers import FP32, StateIO, UnitState
 
@@ -54,7 +54,6 @@ class GradientSink:
         self.total: torch.Tensor | None = None     # total norm of the raw gradients (after clip)
         self.dist = dist                           # distributed.Dist, or None (one process)
         self._unit_of = {s.index: u for u in units for s in u.slots}
-        self._units_by_id = {u.uid: u for u in units}
         self._buckets: dict[int, list] = {}        # unit id -> [(state, slot, grad, fresh, nbytes)]
         self._asked: set[int] = set()              # slots whose norm torch asked for (torch_idioms.py)
         self._clipping = None                      # (coefficient, slots) of a torch clip under way
@@ -102,74 +101,54 @@ class GradientSink:
     def _accumulate(self, state: UnitState, slot: Slot, grad: torch.Tensor, fresh: bool, nbytes: int) -> None:
         try:
             incoming = grad.detach().reshape(-1)  # the engine took `grad`: ours to reuse
-            packed = self._keeps_packed(state, slot, incoming.dtype, fresh)
+            if not self._keeps_packed(state, slot, incoming.dtype, fresh):
+                incoming = incoming.to(FP32)
             if state.home != "device":  # the bytes that leave: packed, or widened to fp32
-                self._count("device_to_host", incoming.numel() * (incoming.element_size() if packed else 4))
-            if packed:
-                self.norms[slot.index] = torch.linalg.vector_norm(incoming.to(FP32))
-                self._write_packed(state, slot, incoming)
-            else:
-                self._add_into(state, slot, incoming.to(FP32), slot.offset, fresh)
+                self._count("device_to_host", incoming.numel() * incoming.element_size())
+            self._add_into(state, slot, incoming, slot.offset, fresh)
         finally:
             self.device_budget.release(nbytes)
 
     def _keeps_packed(self, state: UnitState, slot: Slot, dtype: torch.dtype, fresh: bool) -> bool:
         """Whether this gradient is stored in its own 2-byte dtype. The first gradient of a unit
         in a step decides for the unit; a later micro-batch widens the unit's array first."""
-        uid = self._unit_of[slot.index].uid
-        if uid not in self._formed:
-            self._formed.add(uid)
-            self.forms.pop(uid, None)
-            if (self.packs and not self.accumulates and fresh and dtype.itemsize == 2 and state.home != "device"
+        unit = self._unit_of[slot.index]
+        if unit.uid not in self._formed:
+            self._formed.add(unit.uid)
+            self.forms.pop(unit.uid, None)
+            if (self.packs and not self.accumulates and fresh and stored_grad_bytes(state.home, dtype) == 2
                     and "grad" in state.arrays):
-                self.forms[uid] = dtype
-        if uid in self.forms and not fresh:
-            self._widen(state, uid)
-        return uid in self.forms
+                self.forms[unit.uid] = dtype
+        if unit.uid in self.forms and not fresh:
+            self._widen(state, unit)
+        return unit.uid in self.forms
 
-    def _write_packed(self, state: UnitState, slot: Slot, incoming: torch.Tensor) -> None:
-        """Copy a fresh 2-byte gradient into its unit's array, packed (half the bytes)."""
-        packed = {"grad": incoming.dtype}
-        for start, count in self.io.pieces(state, slot.offset, slot.numel):
-            window = self.io.open(state, ("grad",), start, count, read=False, packed=packed)
-            try:
-                window.views[0].copy_(incoming[start - slot.offset:start - slot.offset + count])
-            except BaseException:
-                self.io.close(window)
-                raise
-            self.io.close(window, write=("grad",))
-
-    def _widen(self, state: UnitState, uid: int) -> None:
+    def _widen(self, state: UnitState, unit: Unit) -> None:
         """Rewrite a unit's packed gradients as fp32, in place, last piece first: the fp32 form of
         elements [a, b) covers packed bytes [4a, 4b), all at or after the packed bytes [2a, 2b)
         of its own elements, so no packed value is overwritten before it is read."""
-        packed = {"grad": self.forms.pop(uid)}
+        packed = {"grad": self.forms.pop(unit.uid)}
         # Widening costs more bytes than packing saved: with micro-batches, gradients stay fp32.
         self.accumulates = True
-        numel = self._units_by_id[uid].trainable_numel
-        for start, count in reversed(list(self.io.pieces(state, 0, numel))):
+        for start, count in reversed(list(self.io.pieces(state, 0, unit.trainable_numel))):
             window = self.io.open(state, ("grad",), start, count, packed=packed)
             try:
                 values = window.views[0].to(FP32)  # a copy: read before the fp32 form lands on it
             finally:
                 self.io.close(window)
-            window = self.io.open(state, ("grad",), start, count, read=False)
-            try:
-                window.views[0].copy_(values)
-            except BaseException:
-                self.io.close(window)
-                raise
-            self.io.close(window, write=("grad",))
+            self.io.write_from(state, "grad", values, start)
 
     def _add_into(self, state: UnitState, slot: Slot, incoming: torch.Tensor, origin: int, fresh: bool) -> None:
-        """Copy or add fp32 `incoming` (unit elements from `origin`, within `slot`; ours to
-        reuse) into the unit's gradient array and record the norm of what is now there."""
+        """Copy or add `incoming` (unit elements from `origin`, within `slot`; ours to reuse) into
+        the unit's gradient array and record the norm of what is now there. `incoming` is fp32,
+        or a fresh gradient in its 2-byte dtype, copied in packed (half the bytes)."""
         if fresh:
-            self.norms[slot.index] = torch.linalg.vector_norm(incoming)
+            self.norms[slot.index] = torch.linalg.vector_norm(incoming.to(FP32))  # (a no-op for fp32)
+        packed = {"grad": incoming.dtype} if incoming.dtype != FP32 else None
         pieces = list(self.io.pieces(state, origin, incoming.numel()))
         norm = None
         for start, count in pieces:
-            window = self.io.open(state, ("grad",), start, count, read=not fresh)
+            window = self.io.open(state, ("grad",), start, count, read=not fresh, packed=packed)
             try:
                 target = window.views[0]
                 part = incoming[start - origin:start - origin + count]
