@@ -3,6 +3,7 @@ the same schedule on plain PyTorch and on a tierflow engine."""
 from __future__ import annotations
 
 import copy
+import os
 import types
 import warnings
 
@@ -137,6 +138,42 @@ def engines():
             engine.close()
         except Exception:
             pass
+
+
+@pytest.fixture
+def spill_io(monkeypatch):
+    """Counts the NVMe stores opened and the writes of state to them (`NvmeStore.write_async`,
+    the one way state reaches a spill file). A spill file's name is unlinked as soon as it is
+    opened, so looking for files in the directory proves nothing."""
+    from tierflow.memory import nvme as nvme_module
+    seen = {"stores": 0, "writes": 0}
+    real_init, real_write = nvme_module.NvmeStore.__init__, nvme_module.NvmeStore.write_async
+
+    def init(self, *args, **kwargs):
+        seen["stores"] += 1
+        real_init(self, *args, **kwargs)
+
+    def write_async(self, *args, **kwargs):
+        seen["writes"] += 1
+        return real_write(self, *args, **kwargs)
+
+    monkeypatch.setattr(nvme_module.NvmeStore, "__init__", init)
+    monkeypatch.setattr(nvme_module.NvmeStore, "write_async", write_async)
+    return seen
+
+
+def open_files_under(path) -> list[str]:
+    """Files under `path` this process still holds open (unlinked ones included: /proc/self/fd
+    names them '... (deleted)'): a store closed on an error leaves none."""
+    held = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith(str(path)):
+            held.append(target)
+    return held
 
 
 def cli_train_flags(tmp_path, *extra: str) -> list:

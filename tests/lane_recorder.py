@@ -107,6 +107,7 @@ class RecordingDevice(ComputeDevice):
 def recorded_updates(apply_updates, device_of):
     """Wrap `optim.apply_updates` so each call logs the lane it ran on and the unit's home."""
     def wrapped(io, device, state, *args, **kwargs):
-        device_of().note_update(state.home)
+        on_device = len(args) > 2 and args[2] is not None  # (pending, flat, scratch): DeviceAdamW
+        device_of().note_update(state.home + ("/device-adamw" if on_device else ""))
         return apply_updates(io, device, state, *args, **kwargs)
     return wrapped

@@ -16,6 +16,7 @@ from torch import nn
 
 import tierflow
 import tierflow.memory.nvme as nvme_module
+from conftest import open_files_under
 from tierflow.errors import BudgetError, ConfigError, NvmeError, TierflowError
 
 SMALL = dict(unit_bytes="8KiB", chunk_bytes="32KiB")
@@ -85,7 +86,7 @@ def test_nvme_directory_that_cannot_be_written():
     expect(NvmeError, "/proc/self", "pass another directory", nvme="/proc/self", placement="nvme", **SMALL)
 
 
-def test_nvme_directory_without_room_for_the_spill(tmp_path, monkeypatch):
+def test_nvme_directory_without_room_for_the_spill(tmp_path, monkeypatch, spill_io):
     spill = tmp_path / "spill"
     real_statvfs = os.statvfs
 
@@ -98,8 +99,8 @@ def test_nvme_directory_without_room_for_the_spill(tmp_path, monkeypatch):
     monkeypatch.setattr(nvme_module.os, "statvfs", tiny_disk)
     err = expect(NvmeError, str(spill), "free", "larger disk", nvme=spill, placement="nvme", **SMALL)
     assert err.errno == errno.ENOSPC
-    assert not list(spill.glob("*")) or all(p.stat().st_size == 0 for p in spill.glob("*")), \
-        "nothing may be spilled before the space check"
+    assert spill_io["writes"] == 0, "nothing may be spilled before the space check"
+    assert not open_files_under(spill), "the refused spill file is still open"
 
 
 def test_missing_nvme_directory_is_created(tmp_path, engines):
@@ -334,6 +335,7 @@ def test_disk_full_while_offloading_loses_nothing(tmp_path, monkeypatch):
     assert calls["n"] > 3, "the fault was never injected"
     assert_intact(model, before)
     assert not list(tmp_path.iterdir()), "the spill file was left behind"
+    assert not open_files_under(tmp_path), "the failed store's spill file is still open"
 
 
 _DIES_WITHOUT_CLOSE = """

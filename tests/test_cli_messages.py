@@ -20,7 +20,7 @@ from tierflow.cli.main import EXIT_ERROR, main
 from tierflow.cli.messages import for_cli
 from tierflow.errors import NvmeError, os_problem
 
-from conftest import SMALL_UNITS, cli_train_flags
+from conftest import SMALL_UNITS, cli_train_flags, open_files_under
 
 
 @pytest.fixture
@@ -165,7 +165,7 @@ def _read_only_under(monkeypatch, root: Path):
     monkeypatch.setattr(os, "statvfs", statvfs)
 
 
-def test_read_only_nvme_directory_is_not_called_a_permission_problem(tmp_path, monkeypatch):
+def test_read_only_nvme_directory_is_not_called_a_permission_problem(tmp_path, monkeypatch, spill_io):
     ro = tmp_path / "ro"
     ro.mkdir()
     _read_only_under(monkeypatch, ro)
@@ -175,7 +175,7 @@ def test_read_only_nvme_directory_is_not_called_a_permission_problem(tmp_path, m
     message = str(info.value)
     assert f"the file system at {ro} is read-only" in message and "permission" not in message, message
     assert info.value.errno == errno.EROFS
-    assert not any(ro.iterdir())
+    assert not any(ro.iterdir()) and spill_io["writes"] == 0 and not open_files_under(ro)
 
 
 def test_nvme_directory_that_cannot_be_created_on_a_read_only_file_system(tmp_path, monkeypatch):

@@ -5,7 +5,6 @@ the bytes moved, streaming load, the plan's accounting, and the errors before an
 from __future__ import annotations
 
 import copy
-import os
 
 import pytest
 import torch
@@ -284,28 +283,24 @@ def test_plan_accounts_the_compressed_bytes():
 
 
 # ---- errors before any work --------------------------------------------------------------------------
-def _spill_files(path):
-    return [n for n in os.listdir(path) if n.startswith("tierflow")] if os.path.isdir(path) else []
-
-
-def test_unknown_format_refused(tmp_path):
+def test_unknown_format_refused(tmp_path, spill_io):
     with pytest.raises(ConfigError, match="unknown weights format 'int3'.*int8, int4"):
         tierflow.offload(make_tiny("llama").requires_grad_(False), weights="int3", nvme=tmp_path, placement="nvme")
-    assert not _spill_files(tmp_path)
+    assert spill_io == {"stores": 0, "writes": 0}  # refused before any spill file was opened
 
 
-def test_format_on_trainable_model_refused_before_loading(tmp_path):
+def test_format_on_trainable_model_refused_before_loading(tmp_path, spill_io):
     make_tiny("llama").save_pretrained(tmp_path / "m")
     with pytest.raises(ConfigError, match="frozen parameters only.*trainable=False"):
         tierflow.load(tmp_path / "m", weights="int8", nvme=tmp_path / "spill", placement="nvme")
-    assert not _spill_files(tmp_path / "spill")
+    assert spill_io == {"stores": 0, "writes": 0}
 
 
-def test_ungroupable_shape_refused(tmp_path):
+def test_ungroupable_shape_refused(tmp_path, spill_io):
     model = nn.Sequential(nn.Linear(64, 64), nn.Linear(3, 7)).requires_grad_(False)
     with pytest.raises(ConfigError, match=r"1.weight of shape \[7, 3\] has 21 elements.*group size 64"):
         tierflow.offload(model, weights="int4", nvme=tmp_path, placement="nvme")
-    assert not _spill_files(tmp_path)
+    assert spill_io == {"stores": 0, "writes": 0}
 
 
 def test_overwriting_compressed_weights_refused(engines):

@@ -123,24 +123,34 @@ def test_pool_context_manager_releases_on_error():
 
 
 def test_pool_many_threads():
+    """Never more holders than buffers, and a waiting thread gets a buffer once one is freed."""
     pool = BufferPool(2, 4096)
     in_use, peak, lock = [0], [0], threading.Lock()
+    both_held = threading.Barrier(2, timeout=10)  # the first two holders meet: the limit is reached
 
-    def worker():
-        for _ in range(50):
-            with pool.buffer(timeout=5):
+    def worker(first: bool):
+        for i in range(20):
+            with pool.buffer(timeout=10):
                 with lock:
                     in_use[0] += 1
                     peak[0] = max(peak[0], in_use[0])
+                if first and i == 0:
+                    both_held.wait()
+                time.sleep(0.001)  # hold it long enough for the others to contend
                 with lock:
                     in_use[0] -= 1
 
-    threads = [threading.Thread(target=worker) for _ in range(6)]
-    for t in threads:
+    firsts = [threading.Thread(target=worker, args=(True,)) for _ in range(2)]
+    for t in firsts:
         t.start()
-    for t in threads:
+    while pool.available:  # both first workers hold their buffer (at the barrier) ...
+        time.sleep(0.001)
+    others = [threading.Thread(target=worker, args=(False,)) for _ in range(4)]
+    for t in others:  # ... so these must wait for one to be given back
+        t.start()
+    for t in firsts + others:
         t.join()
-    assert peak[0] <= 2 and pool.available == 2
+    assert peak[0] == 2 and pool.available == 2
 
 
 # ---------------------------------------------------------------- NvmeStore setup

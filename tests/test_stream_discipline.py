@@ -5,11 +5,13 @@ recorded hand-off is checked against the rules; training must still equal torch 
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
 
 import tierflow
+import tierflow.core.planner as planner_module
 import tierflow.runtime.engine as engine_module
 import tierflow.runtime.residency as residency_module
 
@@ -52,12 +54,18 @@ def _train(module, opt, clip, batches):
 @pytest.mark.filterwarnings("ignore:could not allocate.*pinned")  # (CUDA control flow, CPU memory)
 @pytest.mark.parametrize("update_on", ["cpu", "device"])
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_every_hand_off_is_ordered(tmp_path, engines, recording, case, update_on):
+def test_every_hand_off_is_ordered(tmp_path, engines, recording, monkeypatch, case, update_on):
     model = make_tiny("llama")
     ref = copy.deepcopy(model)
     options = dict(SMALL_UNITS, **CASES[case])
+    if update_on == "device":  # the planner places GPU-side updates for a CUDA device only
+        plan_sites = planner_module.update_sites
+        monkeypatch.setattr(planner_module, "update_sites", lambda units, plan, cfg, *rest: plan_sites(
+            units, plan, dataclasses.replace(cfg, device=torch.device("cuda", 0)), *rest))
     engine = tierflow.offload(model, nvme=tmp_path / "spill", update_on=update_on, **options)
     engines.append(engine)
+    # update_on="device": AdamW of every host- or NVMe-homed unit is planned on the "GPU"
+    assert any(engine.plan.device_updates) == (update_on == "device" and case != "device")
     opt = tierflow.AdamW(engine, lr=1e-2)
     batches = make_batches(4)
     _train(engine, opt, opt.clip_grad_norm_, batches)
@@ -67,6 +75,9 @@ def test_every_hand_off_is_ordered(tmp_path, engines, recording, case, update_on
 
     log = list(RecordingDevice.log)
     ops = {op for *_, op, _ in log}
+    homes = {detail for *_, op, detail in log if op == "update"}
+    # the GPU-side AdamW (DeviceAdamW, its downloads on the drain lane) ran, and only when asked
+    assert any(h.endswith("/device-adamw") for h in homes) == (update_on == "device" and case != "device"), homes
     # (all on the device: no hand-off at all, every update on the compute stream)
     assert ({"update"} if case == "device" else {"record", "wait", "update", "hand_over"}) <= ops, ops
     _check_no_work_outside_lanes(log)

@@ -3,6 +3,7 @@ weights on the same batches, and the report carries the ratios and bounds it pro
 from __future__ import annotations
 
 import pytest
+from dataclasses import replace
 
 from tierflow.bench import gpu
 from tierflow.bench.throughput import ThroughputConfig, check_contender, report, run_contender, split_options
@@ -12,12 +13,17 @@ TINY = ThroughputConfig(shape=gpu.TINY, batch=2, seq_len=16, steps=3, warmup=1, 
 
 
 def test_tierflow_and_torch_start_from_the_same_weights_and_agree():
-    ref = run_contender("torch", TINY)
-    got = run_contender("tierflow-host[update_on=cpu]", TINY)
+    # A learning rate at which 4 steps move the loss far more than bf16 rounding does, so a
+    # tierflow that did not train would not agree with torch.
+    config = replace(TINY, lr=3e-2, steps=4)
+    ref = run_contender("torch", config)
+    got = run_contender("tierflow-host[update_on=cpu]", config)
     assert got["checksum"] == ref["checksum"] and got["params"] == ref["params"]
     assert got["homes"]["host"] > 0 and got["offdevice_trainable"] > 0
     # bf16 weights against torch's fp32 weights under bf16 autocast: close, not equal
     assert got["losses"] == pytest.approx(ref["losses"], rel=1e-2)
+    frozen = run_contender("torch", replace(config, lr=0.0))  # the same batches, no training
+    assert frozen["losses"][1:] != pytest.approx(ref["losses"][1:], rel=1e-2), (frozen["losses"], ref["losses"])
     limits = {"name": "limits", "host_copy_bps": 1e10, "cpu_adamw_params_per_s": 1e9}
     text = report([limits, ref, got, {"name": "deepspeed-offload", "error": "not installed"}], TINY)
     assert "host-memory bound" in text and "deepspeed-offload  not run: not installed" in text
