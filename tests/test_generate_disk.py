@@ -4,12 +4,16 @@ one step serve the next, and the greedy tokens stay those of transformers. Also 
 `tierflow bench generate --matrix` that do arithmetic."""
 from __future__ import annotations
 
+import subprocess
+import time
 import warnings
 
 import pytest
 import torch
 
 import tierflow
+from tierflow.bench import isolated
+from tierflow.bench.generate import forward_seconds_at_least
 from tierflow.bench.generate_matrix import cell_summary, layers_for, meets_targets
 from tierflow.cli.bench import parse_budgets
 from tierflow.errors import ConfigError
@@ -146,16 +150,39 @@ def test_matrix_bound_takes_the_disk_measured_around_the_run():
 
 
 def test_matrix_accelerate_timing_out_gives_a_lower_bound_of_the_ratio():
+    """Killed at its time-out, accelerate's forwards took at least the completed ones plus the one
+    under way at the kill (tokens/s counts forward time, not loading): that bounds its tokens/s."""
+    # loaded until t=1000; the prefill took 40 s; the first decode forward ran 30 s until the kill
+    progress = [("forward", 1000.0), ("done", 1040.0), ("forward", 1041.0)]
     runs = {"tierflow": dict(steps=[2.0, 1.0, 1.2, 1.1], nvme_read=[0, 2e9, 2e9, 2e9], tokens=[[5, 6, 7]]),
-            "accelerate": {"error": "did not finish within 100 s", "timed_out": 100.0},
+            "accelerate": {"error": "did not finish within 600 s", "timed_out": 600.0, "killed_at": 1071.0,
+                           "progress": progress},
             "memory": dict(steps=[1.0, 0.5, 0.4, 0.6], tokens=[[5, 6, 7]])}
     cell = cell_summary(2, 3e9, "48MiB", "96MiB", 1, runs, 2.0, 4)
-    assert cell["accelerate_tps_below"] == pytest.approx(0.04) and cell["speedup_above"] == pytest.approx(4 / 5.3 / 0.04)
+    assert cell["accelerate_tps_below"] == pytest.approx(4 / 70) and cell["speedup_above"] == pytest.approx(70 / 5.3)
     assert cell["same_tokens"] and meets_targets(cell)
     runs["memory"]["tokens"] = [[5, 6, 8]]  # tierflow's tokens are still checked, against the model in memory
     assert not meets_targets(cell_summary(2, 3e9, "48MiB", "96MiB", 1, runs, 2.0, 4))
+    runs["memory"]["tokens"] = [[5, 6, 7]]
+    runs["accelerate"]["progress"] = []  # killed while loading: no bound at all, no ratio
+    loading = cell_summary(2, 3e9, "48MiB", "96MiB", 1, runs, 2.0, 4)
+    assert "speedup_above" not in loading and not meets_targets(loading)
     runs["accelerate"] = {"error": "exit status -9 (killed: out of memory under the cgroup limit)"}
     assert not meets_targets(cell_summary(2, 3e9, "48MiB", "96MiB", 1, runs, 2.0, 4))
+
+
+def test_a_killed_contender_reports_the_progress_it_made(monkeypatch):
+    """The PROGRESS lines a child printed before its time-out reach the parent, with the kill's
+    time (launch_in_cgroup reads the partial output the time-out leaves)."""
+    code = ("import time\nfrom tierflow.bench.isolated import print_progress\n"
+            "print_progress('forward'); print_progress('done'); print_progress('forward'); time.sleep(60)\n")
+    real_run = subprocess.run
+    monkeypatch.setattr(isolated.subprocess, "run", lambda cmd, **kwargs: real_run([cmd[0], "-c", code], **kwargs))
+    start = time.time()
+    run = isolated.launch_in_cgroup("unused", "unused", {}, None, timeout=4)
+    assert run["timed_out"] == 4 and [what for what, _ in run["progress"]] == ["forward", "done", "forward"]
+    assert start <= run["progress"][-1][1] <= run["killed_at"]
+    assert 0 < forward_seconds_at_least(run) <= run["killed_at"] - start
 
 
 def test_read_ranges_into_reads_aligned_ranges_in_place_and_copies_the_others(tmp_path, monkeypatch):

@@ -45,3 +45,25 @@ def test_a_child_process_reports_its_result_or_its_failure():
     assert launch_in_cgroup("tierflow.bench.isolated", "print_result", {"a": 1}, None, 120) == '{"a": 1}'
     failed = launch_in_cgroup("tierflow.bench.isolated", "no_such_entry", {}, None, 120)
     assert "error" in failed and "no_such_entry" in failed["error"]
+
+
+def test_bench_train_on_cuda_passes_its_flags_to_throughput():
+    """`tierflow bench train --device cuda` runs `bench throughput` with the flags it was given
+    (none dropped), the built-in model's shape, and throughput's defaults for the rest."""
+    from tierflow.cli.bench import throughput_args_of_train
+    from tierflow.cli.main import build_parser
+    from tierflow.errors import ConfigError
+
+    args = build_parser().parse_args(["bench", "train", "--device", "cuda", "--model", "llama-100m", "--steps", "10",
+                                      "--warmup", "3", "--seq-len", "512", "--device-memory", "256MiB",
+                                      "--host-memory", "4GiB", "--nvme", "/tmp/x", "--json", "out.json"])
+    tp = throughput_args_of_train(args)
+    assert (tp.steps, tp.warmup, tp.seq_len, tp.device_memory, tp.host_memory, tp.nvme_host_memory, tp.nvme,
+            tp.json) == (10, 3, 512, "256MiB", "4GiB", "4GiB", "/tmp/x", "out.json")
+    assert (tp.hidden, tp.layers, tp.intermediate, tp.heads) == (768, 14, 2048, 12)
+    defaults = throughput_args_of_train(build_parser().parse_args(["bench", "train", "--device", "cuda"]))
+    assert (defaults.hidden, defaults.steps, defaults.seq_len, defaults.json) == (2048, 8, 1024, None)
+    with pytest.raises(ConfigError, match="disk-gbps"):
+        throughput_args_of_train(build_parser().parse_args(["bench", "train", "--device", "cuda", "--disk-gbps", "2"]))
+    with pytest.raises(ConfigError, match="untied"):
+        throughput_args_of_train(build_parser().parse_args(["bench", "train", "--device", "cuda", "--model", "gpt2-tiny"]))

@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 
 from tierflow.bench.io import GB, drop_caches, find_fio, fio_gbps, fio_jobs, huge_pages_for_fio
-from tierflow.bench.isolated import launch_in_cgroup
+from tierflow.bench.isolated import launch_in_cgroup, print_progress
 from tierflow.bench.model_dirs import parameter_bytes, saved_random_model
 from tierflow.bench.report import print_row, row, write_json
 
@@ -141,13 +141,37 @@ def _child(spec: dict) -> dict:
         model = AutoModelForCausalLM.from_pretrained(spec["model"], **options).eval()
         loaded = time.perf_counter() - start
         steps = []
-        model.register_forward_pre_hook(lambda m, a: steps.append(-time.perf_counter()))
         sync = torch.cuda.synchronize if cuda else (lambda: None)
-        model.register_forward_hook(lambda m, a, o: sync() or steps.__setitem__(-1, steps[-1] + time.perf_counter()))
+
+        def forward_starts(module, args):
+            print_progress("forward")  # (read if the run is killed: see forward_seconds_at_least)
+            steps.append(-time.perf_counter())
+
+        def forward_ends(module, args, output):
+            sync()
+            steps[-1] += time.perf_counter()
+            print_progress("done")
+        model.register_forward_pre_hook(forward_starts)
+        model.register_forward_hook(forward_ends)
         out = model.generate(ids, **kwargs)
         result = dict(steps=steps, device_map=_summarise_device_map(getattr(model, "hf_device_map", None)))
     result.update(load_s=loaded, tokens=out[:, spec["prompt"]:].tolist(), peak_rss=_peak_rss())
     return result
+
+
+def forward_seconds_at_least(run: dict) -> float:
+    """For a contender killed at its time-out: a lower bound of the summed forward times its
+    generation would have had (the forwards completed, plus the one under way until the kill),
+    from its PROGRESS lines; 0.0 if no forward had started."""
+    seconds, started = 0.0, None
+    for what, when in run.get("progress", ()):
+        if what == "forward":
+            started = when
+        elif what == "done" and started is not None:
+            seconds, started = seconds + when - started, None
+    if started is not None:
+        seconds += run["killed_at"] - started
+    return seconds
 
 
 def _summarise_device_map(device_map) -> dict | None:

@@ -22,7 +22,8 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
-from tierflow.bench.generate import build_model_dir, disk_read_gbps, disk_reference, model_config, run_cell
+from tierflow.bench.generate import (build_model_dir, disk_read_gbps, disk_reference, forward_seconds_at_least,
+                                     model_config, run_cell)
 from tierflow.bench.report import write_json
 
 STEP_TARGET = 1.15    # decode step / physical bound, at most
@@ -91,9 +92,12 @@ def cell_summary(factor, model_bytes: int, device_memory: str, host_memory: str,
         cell["accelerate_step_s"] = statistics.median(acc["steps"][1:])
         cell["same_tokens"] = tf["tokens"] == acc["tokens"] == mem.get("tokens", tf["tokens"])
     elif acc.get("timed_out"):
-        # Its whole run, loading included, took longer than the time-out: fewer tokens/s than this.
-        cell["accelerate_tps_below"] = batch * new_tokens / acc["timed_out"]
-        cell["speedup_above"] = cell["tierflow_tps"] / cell["accelerate_tps_below"]
+        # Killed at its time-out: its forwards (tokens/s counts forward time only, loading not)
+        # took at least the completed ones plus the one under way: fewer tokens/s than this.
+        forwards = forward_seconds_at_least(acc)
+        if forwards > 0:
+            cell["accelerate_tps_below"] = batch * new_tokens / forwards
+            cell["speedup_above"] = cell["tierflow_tps"] / cell["accelerate_tps_below"]
         if "tokens" in mem:
             cell["same_tokens"] = tf["tokens"] == mem["tokens"]  # against the model in memory alone
     return cell

@@ -9,11 +9,13 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
 
 RESULT = "RESULT "  # the line a contender's process prints its figures on (JSON)
+PROGRESS = "PROGRESS "  # lines a contender prints as it goes: '<what> <time.time()>' (read after a time-out)
 
 
 def checksum(model: torch.nn.Module) -> float:
@@ -41,6 +43,23 @@ def run_isolated(module: str, name: str, config: dict, timeout: float | None = N
     return json.loads(lines[-1][len(RESULT):])
 
 
+def progress_lines(output) -> list[tuple[str, float]]:
+    """(what, wall time) of the PROGRESS lines in a killed child's output (bytes or text)."""
+    if isinstance(output, bytes):
+        output = output.decode(errors="replace")
+    found = []
+    for line in (output or "").splitlines():
+        if line.startswith(PROGRESS):
+            what, _, when = line[len(PROGRESS):].rpartition(" ")
+            found.append((what, float(when)))
+    return found
+
+
+def print_progress(what: str) -> None:
+    """The contender's side of `progress_lines`."""
+    print(f"{PROGRESS}{what} {time.time()!r}", flush=True)
+
+
 def print_result(result: dict) -> None:
     """The contender process's side of `run_isolated`."""
     print(RESULT + json.dumps(result), flush=True)
@@ -64,8 +83,10 @@ def launch_in_cgroup(module: str, entry: str, spec: dict, cgroup_procs: str | No
     try:
         done = subprocess.run([sys.executable, "-c", code, cgroup_procs or "", json.dumps(spec)],
                               capture_output=True, text=True, env=child_env, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return {"error": f"did not finish within {timeout:.0f} s", "timed_out": timeout}
+    except subprocess.TimeoutExpired as exc:
+        killed_at = time.time()
+        return {"error": f"did not finish within {timeout:.0f} s", "timed_out": timeout, "killed_at": killed_at,
+                "progress": progress_lines(exc.stdout)}
     lines = [line for line in done.stdout.splitlines() if line.startswith(RESULT)]
     if done.returncode != 0 or not lines:
         tail = (done.stderr or done.stdout).strip().splitlines()[-3:]

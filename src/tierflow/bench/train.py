@@ -1,7 +1,10 @@
 """`tierflow bench train`: step time of tierflow against plain PyTorch, same model and data.
 
-Three contenders train the same model (same seed, same batches) in one process,
-their steps interleaved so that machine noise hits all alike:
+Three contenders train the same model (same seed, same batches) in one process, each
+its steps in one block: a tierflow step's AdamW runs lazily, overlapped with the next forward,
+so interleaving the contenders step by step would move that work into another contender's
+timed step. Each step after the first then carries the previous step's update, as in training,
+and the work left pending after a tierflow block is settled (untimed) before the next block:
 
 * `torch`: plain PyTorch, everything in memory, `torch.optim.AdamW(fused=True)`;
 * `tierflow-memory`: tierflow with every unit's state in device memory;
@@ -63,16 +66,19 @@ def run_train_bench(model_name: str = "llama-100m", steps: int = 6, warmup: int 
 
     times = {name: [] for name in contenders}
     losses = {name: [] for name in contenders}
-    io_before = None
-    for i, batch in enumerate(batches):
-        if i == warmup:
-            io_before = nvme_engine.io_stats()
-        for name, (model, opt, clip) in contenders.items():
+    io_before = io_after = None
+    for name, (model, opt, clip) in contenders.items():
+        for i, batch in enumerate(batches):
+            if i == warmup and model is nvme_engine:
+                io_before = nvme_engine.io_stats()
             seconds, loss = timed_step(model, opt, batch, clip)
             losses[name].append(loss)
             if i >= warmup:
                 times[name].append(seconds)
-    io_after = nvme_engine.io_stats()
+        if model is nvme_engine:
+            io_after = nvme_engine.io_stats()
+        if isinstance(model, tierflow.Engine):
+            model.flush()  # the last step's update, before the next contender's block
     measured = steps - warmup
     per_step = {k: (io_after[k] - io_before[k]) / measured for k in io_after}
     median = {name: statistics.median(t) for name, t in times.items()}

@@ -14,9 +14,11 @@
     tierflow bench infinity  NVMe-homed training on the CPU vs DeepSpeed ZeRO-Infinity, and the disk bound
     tierflow bench gpu  the 1 B bf16 run of the NaN report: tierflow vs plain PyTorch losses, PASS/FAIL (CUDA)
     tierflow bench throughput  GPU training throughput vs torch, DeepSpeed ZeRO-3 offload and FSDP2 offload
-                      (`tierflow bench train --device cuda` runs it with its defaults)
+                      (`tierflow bench train --device cuda` runs it, with the train flags given)
 """
 from __future__ import annotations
+
+import argparse
 
 HELP = "run tierflow and its baselines side by side and print ratios"
 
@@ -28,13 +30,16 @@ def add_arguments(parser) -> None:
     io.add_argument("--size", default="2GiB", help="bytes written and read (default 2GiB)")
     io.add_argument("--repeats", type=int, default=3, help="runs per figure (median)")
     io.add_argument("--json", default=None, help="also write the rows to this JSON file")
-    train = sub.add_parser("train", help="training step time vs plain PyTorch")
-    train.add_argument("--model", default="llama-100m")
-    train.add_argument("--steps", type=int, default=6)
-    train.add_argument("--warmup", type=int, default=2)
-    train.add_argument("--seq-len", type=int, default=256)
-    train.add_argument("--device-memory", default="256MiB")
-    train.add_argument("--host-memory", default="512MiB")
+    train = sub.add_parser("train", help="training step time vs plain PyTorch (with --device cuda: `bench "
+                           "throughput`, given the flags set here)")
+    # (None: the flag was not given. On a CPU it takes the default in TRAIN_DEFAULTS; with
+    # --device cuda only the flags given are passed on to `bench throughput`.)
+    train.add_argument("--model", default=None, help="a built-in Llama (default llama-100m)")
+    train.add_argument("--steps", type=int, default=None, help="default 6")
+    train.add_argument("--warmup", type=int, default=None, help="default 2")
+    train.add_argument("--seq-len", type=int, default=None, help="default 256")
+    train.add_argument("--device-memory", default=None, help="default 256MiB")
+    train.add_argument("--host-memory", default=None, help="default 512MiB")
     train.add_argument("--nvme", default=None, help="spill directory (default: a temporary one)")
     train.add_argument("--disk-gbps", type=float, default=None,
                        help="disk bandwidth (GB/s, e.g. from `tierflow bench io`) for the physical bound")
@@ -255,14 +260,13 @@ def run(args) -> int:
     elif args.bench == "throughput":
         return run_throughput(args)
     elif args.bench == "train" and args.device.startswith("cuda"):
-        import argparse
-        sub = argparse.ArgumentParser(prog="tierflow bench throughput")
-        add_arguments(sub)
-        return run_throughput(sub.parse_args(["throughput", "--device", args.device]))
+        return run_throughput(throughput_args_of_train(args))
     elif args.bench == "train":
         from tierflow.bench.train import run_train_bench
-        run_train_bench(args.model, args.steps, args.warmup, args.seq_len, args.device_memory,
-                        args.host_memory, args.nvme, args.disk_gbps, args.json, args.device)
+        train = argparse.Namespace(**{name: TRAIN_DEFAULTS.get(name) if value is None else value
+                                      for name, value in vars(args).items()})
+        run_train_bench(train.model, train.steps, train.warmup, train.seq_len, train.device_memory,
+                        train.host_memory, train.nvme, train.disk_gbps, train.json, train.device)
     elif args.bench == "optim":
         from tierflow.bench.optim import run_optim_bench
         run_optim_bench(args.numel, args.repeats, args.json)
@@ -321,6 +325,38 @@ def run(args) -> int:
         from tierflow.bench.gpu_check import run_gpu_bench
         return run_gpu_bench(args)
     return 0
+
+
+TRAIN_DEFAULTS = dict(model="llama-100m", steps=6, warmup=2, seq_len=256, device_memory="256MiB",
+                      host_memory="512MiB")
+
+
+def throughput_args_of_train(args) -> argparse.Namespace:
+    """`bench train --device cuda` is `bench throughput` with the flags given to `bench train`
+    (the others keep throughput's defaults: the 1 B Llama of issue 15): the model's shape from a
+    built-in Llama, one host budget for both tierflow contenders."""
+    from tierflow.errors import ConfigError
+    from tierflow.models import builtin_config
+
+    if args.disk_gbps is not None:
+        raise ConfigError("--disk-gbps is not used with --device cuda (bench throughput measures no disk bound)")
+    flags = ["throughput", "--device", args.device]
+    for flag, value in (("--steps", args.steps), ("--warmup", args.warmup), ("--seq-len", args.seq_len),
+                        ("--device-memory", args.device_memory), ("--host-memory", args.host_memory),
+                        ("--nvme-host-memory", args.host_memory), ("--nvme", args.nvme), ("--json", args.json)):
+        if value is not None:
+            flags += [flag, str(value)]
+    if args.model is not None:
+        config = builtin_config(args.model)
+        if config.model_type != "llama" or config.tie_word_embeddings:
+            raise ConfigError(f"--model {args.model} with --device cuda: bench throughput builds a Llama with "
+                              f"untied embeddings; give its shape to `tierflow bench throughput` instead")
+        flags += ["--hidden", str(config.hidden_size), "--layers", str(config.num_hidden_layers),
+                  "--intermediate", str(config.intermediate_size), "--heads", str(config.num_attention_heads),
+                  "--vocab", str(config.vocab_size)]
+    parser = argparse.ArgumentParser(prog="tierflow bench throughput")
+    add_arguments(parser)
+    return parser.parse_args(flags)
 
 
 def parse_budgets(pairs) -> tuple:
