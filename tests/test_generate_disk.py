@@ -267,3 +267,12 @@ def test_the_compute_load_of_the_disk_reference_runs_only_inside_its_block(monke
     with bench._compute_load(1):
         assert len(children) == 1 and children[0].poll() is None  # computing while fio would run
     assert children[0].poll() is not None  # and gone after
+
+
+def test_matrix_refuses_flags_it_would_not_take():
+    from tierflow.cli.bench import run
+    from tierflow.cli.main import build_parser
+
+    args = build_parser().parse_args(["bench", "generate", "--matrix", "--device", "cuda", "--layers", "3"])
+    with pytest.raises(ConfigError, match="--layers, --device not taken with --matrix"):
+        run(args)

@@ -67,3 +67,29 @@ def test_bench_train_on_cuda_passes_its_flags_to_throughput():
         throughput_args_of_train(build_parser().parse_args(["bench", "train", "--device", "cuda", "--disk-gbps", "2"]))
     with pytest.raises(ConfigError, match="untied"):
         throughput_args_of_train(build_parser().parse_args(["bench", "train", "--device", "cuda", "--model", "gpt2-tiny"]))
+
+
+def test_budgets_steps_and_checksums_are_checked():
+    """A per-contender host budget reaches tierflow-nvme; too few steps fail before any work;
+    contenders that did not start from the same weights are reported, and the CLI fails."""
+    from tierflow.bench.throughput import check_steps, same_start
+    from tierflow.cli.bench import ran_or_not_installed
+    from tierflow.errors import ConfigError
+
+    small = run_contender("tierflow-nvme[host_memory=1MiB,chunk_bytes=16KiB]", replace(TINY, steps=2))
+    large = run_contender("tierflow-nvme[chunk_bytes=16KiB]", replace(TINY, steps=2))
+    assert small["budgets"]["host"] == "1MiB" and large["budgets"]["host"] == TINY.nvme_host_memory
+    assert small["homes"]["nvme"] > large["homes"]["nvme"]
+    with pytest.raises(ConfigError, match="no timed step"):
+        check_steps(replace(TINY, steps=2, warmup=2))
+    with pytest.raises(ConfigError, match="profiled"):
+        check_steps(replace(TINY, steps=3, warmup=2, profile_dir="/tmp/p"))
+    a, b = {"name": "torch", "checksum": 1.0}, {"name": "tierflow-host", "checksum": 2.0}
+    assert same_start([a, dict(b, checksum=1.0)]) and not same_start([a, b])
+    assert "did not start from the same weights" in report([dict(a, **ROW), dict(b, **ROW)], TINY)
+    assert ran_or_not_installed({"name": "deepspeed-offload", "error": "exit status 1: No module named 'deepspeed'"})
+    assert not ran_or_not_installed({"name": "fsdp2-offload", "error": "exit status 1: RuntimeError: boom"})
+    assert not ran_or_not_installed({"name": "tierflow-host", "error": "exit status 1: No module named 'x'"})
+
+
+ROW = dict(median_step_s=1.0, tokens_per_s=1.0, tflops=1.0, gpu_peak=None, host_peak_rss=1, losses=[1.0])

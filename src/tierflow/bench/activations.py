@@ -224,10 +224,11 @@ def _time_at(seq_len, args, steps) -> dict:
 
 def _print(result: dict) -> None:
     longest = result["longest"]
-    base = longest["torch"] or 1
+    base = longest["torch"]
     print("\nlongest sequence within the device budget:")
     for name, n in longest.items():
-        print(f"  {name:<17} {n:>6} tokens  ({n / base:.1f}x plain PyTorch)")
+        versus = f"{n / base:.1f}x plain PyTorch" if base else "plain PyTorch fits none"
+        print(f"  {name:<17} {n:>6} tokens  ({versus})")
     secs = result["step_seconds"]
     if secs:
         print(f"step time at {result['timed_length']} tokens:")

@@ -32,7 +32,7 @@ import sys
 import time
 from pathlib import Path
 
-from tierflow.bench.io import GB, drop_caches, find_fio, fio_gbps, fio_jobs, huge_pages_for_fio
+from tierflow.bench.io import FIO_FILE, GB, drop_caches, find_fio, fio_gbps, fio_jobs, huge_pages_for_fio
 from tierflow.bench.isolated import launch_in_cgroup, print_progress
 from tierflow.bench.model_dirs import parameter_bytes, saved_random_model
 from tierflow.bench.report import print_row, row, write_json
@@ -349,7 +349,7 @@ def disk_read_gbps(spill: Path, compute_threads: int = 0) -> dict:
                 found[name] = fio_gbps(fio, job, spill, 1 << 30, write=False, direct=True)
             except (subprocess.CalledProcessError, ValueError, KeyError) as exc:
                 print(f"WARNING: fio failed: {exc}", flush=True)
-    (spill / "fio-bench.bin").unlink(missing_ok=True)
+    (spill / FIO_FILE).unlink(missing_ok=True)
     best = max(found.values(), default=None)
     if compute_threads and found:
         # A pair of its own (same job, size and file, back to back): the jobs above ran over a

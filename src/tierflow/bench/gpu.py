@@ -356,6 +356,7 @@ def weight_mismatches(ref: dict, got: dict, rtol: float, atol: float, outlier_fr
 
 
 def median_after_warmup(seconds: list[float], warmup: int = 2) -> float | None:
-    """Median step time without the first steps (tierflow records its unit order on step 1)."""
-    rest = seconds[warmup:] or seconds
+    """Median step time without the first steps (tierflow records its unit order on step 1);
+    None when no step is left after them (no figure rather than one of warm-up steps)."""
+    rest = seconds[warmup:]
     return statistics.median(rest) if rest else None

@@ -193,7 +193,7 @@ def disk_gbps(directory: Path, size: int = 1 << 30) -> tuple[float | None, float
     4 KiB pages, and libaio QD32 1 MiB, O_DIRECT, `size` bytes; without fio, tierflow's own
     O_DIRECT store. (Into 4 KiB pages this virtual disk reads at about 40 % of its speed into
     huge pages: measured 1.2 vs 3.1 GB/s, so a bound without huge pages is too lenient.)"""
-    from tierflow.bench.io import find_fio, fio_gbps, fio_jobs, huge_pages_for_fio
+    from tierflow.bench.io import FIO_FILE, find_fio, fio_gbps, fio_jobs, huge_pages_for_fio
 
     fio = find_fio(install=False)
     if fio is not None:
@@ -206,8 +206,7 @@ def disk_gbps(directory: Path, size: int = 1 << 30) -> tuple[float | None, float
         except (subprocess.CalledProcessError, ValueError, KeyError) as exc:
             print(f"fio failed ({exc}): measuring with tierflow's O_DIRECT store", flush=True)
         finally:
-            for f in directory.glob("tierflow-ref*"):
-                f.unlink(missing_ok=True)
+            (directory / FIO_FILE).unlink(missing_ok=True)  # fio's 1 GiB file, in the user's --nvme
     from tierflow.bench.probes import nvme_bps
 
     read, write = nvme_bps(directory, total=max(size, 32 << 20))

@@ -42,7 +42,7 @@ from tierflow.memory.pool import BufferPool
 __all__ = ["run_io_bench", "parse_size"]
 
 GB = 1e9  # throughput in decimal GB/s, as fio and disk vendors report it
-_FIO_FILE = "fio-bench.bin"
+FIO_FILE = "fio-bench.bin"
 
 
 def parse_size(text: str) -> int:
@@ -129,7 +129,7 @@ class FioJob:
                 file_name: str = "") -> list[str]:
         per_job = size // self.numjobs
         cmd = [
-            fio, "--name=tierflow-ref", f"--filename={directory / (file_name or _FIO_FILE)}",
+            fio, "--name=tierflow-ref", f"--filename={directory / (file_name or FIO_FILE)}",
             f"--rw={'write' if write else 'read'}", f"--bs={self.bs}", f"--direct={int(direct)}",
             f"--ioengine={self.engine}", f"--iodepth={self.iodepth}",
             f"--numjobs={self.numjobs}", f"--size={per_job}", f"--offset_increment={per_job}",
@@ -310,7 +310,7 @@ def run_io_bench(directory: str | Path, size_bytes: int = 2 << 30, json_path: st
                   f"torch threads: {torch.get_num_threads()})")
         finally:
             store.free(extent)
-            (directory / _FIO_FILE).unlink(missing_ok=True)
+            (directory / FIO_FILE).unlink(missing_ok=True)
     if json_path is not None:
         Path(json_path).write_text(json.dumps(rows, indent=2) + "\n")
     return rows

@@ -170,7 +170,8 @@ def tierflow_stepper(model, cfg: ThroughputConfig, host_memory: str, **options):
         opt.step()
         opt.zero_grad()
         return loss
-    return step, engine, {"predicted_step_s": predicted}
+    return step, engine, {"predicted_step_s": predicted,
+                          "budgets": {"device": cfg.device_memory, "host": host_memory}}
 
 
 def deepspeed_stepper(model, cfg: ThroughputConfig):
@@ -253,6 +254,8 @@ def make_stepper(name: str, model, cfg: ThroughputConfig):
     name, options = split_options(name)
     if options:
         budgets = {k: options.pop(k) for k in ("device_memory", "host_memory") if k in options}
+        if name == "tierflow-nvme" and "host_memory" in budgets:  # (its budget field is nvme_host_memory)
+            budgets["nvme_host_memory"] = budgets.pop("host_memory")
         cfg = replace(cfg, offload_options={**cfg.offload_options, **options}, **budgets)
     if name == "torch":
         return torch_stepper(model, cfg.device, cfg.lr)
@@ -304,7 +307,7 @@ def run_contender(name: str, cfg: ThroughputConfig) -> dict:
         if engine is not None:
             engine.close()
     tokens = cfg.batch * cfg.seq_len
-    measured = seconds[cfg.warmup:len(seconds) - bool(profile_out)] or seconds  # not the profiled step
+    measured = seconds[cfg.warmup:len(seconds) - bool(profile_out)]  # not the profiled step (check_steps)
     median = sorted(measured)[len(measured) // 2]
     result.update(step_s=seconds, median_step_s=median, tokens_per_s=tokens / median,
                   tflops=6 * params * tokens / median / 1e12, losses=losses, host_peak_rss=rss.peak,
@@ -374,18 +377,37 @@ def report(results: list[dict], cfg: ThroughputConfig) -> str:
         if r.get("predicted_step_s"):
             lines.append(f"{'':<18} plan predicted {r['predicted_step_s']:.3f} s/step: measured / predicted "
                          f"{t / r['predicted_step_s']:.2f}")
-        for key in ("homes", "gpu_updates", "io_per_step", "lanes"):
+        for key in ("budgets", "homes", "gpu_updates", "io_per_step", "lanes"):
             if key in r:
                 lines.append(f"{'':<18} {key}: {r[key]}")
     if lim:
         lines.append(describe_limits(lim))
     lines.append("(vs torch / vs DS: that contender's speed relative to torch's / DeepSpeed's; "
                  "higher is faster)")
+    if len(sums) > 1:
+        lines.append("WARNING: the contenders did not start from the same weights (checksums above): "
+                     "the ratios compare different runs")
     return "\n".join(lines)
+
+
+def same_start(results: list[dict]) -> bool:
+    """Whether every contender that ran started from the same initial weights."""
+    return len({round(r["checksum"], 3) for r in results if "checksum" in r and "error" not in r}) <= 1
+
+
+def check_steps(cfg: ThroughputConfig) -> None:
+    """At least one timed step after the warm-up (and after the profiled last step), before any work."""
+    from tierflow.errors import ConfigError
+
+    needed = cfg.warmup + 1 + bool(cfg.profile_dir)
+    if cfg.steps < needed:
+        raise ConfigError(f"--steps {cfg.steps} leaves no timed step after {cfg.warmup} warm-up step(s)"
+                          + (" and the profiled last step" if cfg.profile_dir else "") + f": give at least {needed}")
 
 
 def run_throughput_bench(cfg: ThroughputConfig, contenders=CONTENDERS, json_path=None,
                          timeout: float | None = None) -> list[dict]:
+    check_steps(cfg)
     for name in contenders:  # a typo fails before any model is built
         check_contender(name)
     print(f"[{time.strftime('%H:%M:%S')}] measuring the machine's limits ...", flush=True)

@@ -91,12 +91,12 @@ def add_arguments(parser) -> None:
     gen.add_argument("--dir", default="/tmp/tierflow-generate-bench",
                      help="directory for the model, the spill files and fio's file (on the disk to test)")
     gen.add_argument("--hidden", type=int, default=1536)
-    gen.add_argument("--layers", type=int, default=14)
+    gen.add_argument("--layers", type=int, default=None, help="default 14 (with --matrix: from --factors)")
     gen.add_argument("--intermediate", type=int, default=4096)
     gen.add_argument("--vocab", type=int, default=8000)
-    gen.add_argument("--device", default="cpu", help="compute device: cpu or cuda")
-    gen.add_argument("--device-memory", default="256MiB")
-    gen.add_argument("--host-memory", default="512MiB")
+    gen.add_argument("--device", default=None, help="compute device: cpu (default) or cuda (not with --matrix)")
+    gen.add_argument("--device-memory", default=None, help="default 256MiB (with --matrix: --budgets)")
+    gen.add_argument("--host-memory", default=None, help="default 512MiB (with --matrix: --budgets)")
     gen.add_argument("--limit", default=None,
                      help="cgroup memory limit, page cache included (default: the budgets + 640MiB)")
     gen.add_argument("--batches", type=int, nargs="+", default=[1, 16])
@@ -191,7 +191,7 @@ def add_throughput_arguments(sub) -> None:
 
 def run_throughput(args) -> int:
     from tierflow.bench.gpu import ModelShape
-    from tierflow.bench.throughput import ThroughputConfig, run_throughput_bench
+    from tierflow.bench.throughput import ThroughputConfig, run_throughput_bench, same_start
 
     shape = ModelShape(hidden=args.hidden, layers=args.layers, intermediate=args.intermediate, heads=args.heads,
                        vocab=args.vocab)
@@ -200,7 +200,13 @@ def run_throughput(args) -> int:
                            host_memory=args.host_memory, nvme_host_memory=args.nvme_host_memory, nvme=args.nvme,
                            profile_dir=args.profile_dir)
     results = run_throughput_bench(cfg, tuple(args.contenders), args.json, args.timeout)
-    return 0 if all("error" not in r for r in results if r["name"].startswith("tierflow")) else 1
+    return 0 if all(ran_or_not_installed(r) for r in results) and same_start(results) else 1
+
+
+def ran_or_not_installed(result: dict) -> bool:
+    """A contender that ran, or a baseline whose library is not installed here (skipped)."""
+    error = result.get("error")
+    return error is None or (not result["name"].startswith("tierflow") and "No module named" in error)
 
 
 def add_infinity_arguments(sub) -> None:
@@ -288,13 +294,21 @@ def run(args) -> int:
     elif args.bench == "generate":
         if args.matrix:
             from tierflow.bench.generate_matrix import run_generate_matrix
+            from tierflow.errors import ConfigError
+            given = [flag for flag, value in (("--layers", args.layers), ("--device", args.device),
+                                              ("--device-memory", args.device_memory),
+                                              ("--host-memory", args.host_memory)) if value is not None]
+            if given:
+                raise ConfigError(f"{', '.join(given)} not taken with --matrix: it runs on the CPU, its models' "
+                                  f"layers come from --factors and its budgets from --budgets")
             run_generate_matrix(args.dir, args.limit or "768MiB", tuple(args.factors), parse_budgets(args.budgets),
                                 tuple(args.batches), args.hidden, args.intermediate, args.vocab, args.prompt_len,
                                 args.new_tokens, args.threads, args.json, args.timeout or 1800.0)
             return 0
         from tierflow.bench.generate import run_generate_bench
-        run_generate_bench(args.dir, args.hidden, args.layers, args.intermediate, args.vocab, args.device,
-                           args.device_memory, args.host_memory, args.limit, tuple(args.batches),
+        run_generate_bench(args.dir, args.hidden, args.layers or 14, args.intermediate, args.vocab,
+                           args.device or "cpu", args.device_memory or "256MiB", args.host_memory or "512MiB",
+                           args.limit, tuple(args.batches),
                            args.prompt_len, args.new_tokens, args.threads, args.json, args.timeout or 900.0)
     elif args.bench == "moe":
         from tierflow.bench.moe import run_moe_bench
