@@ -7,6 +7,7 @@ import errno
 import hashlib
 import io
 import json
+import math
 import multiprocessing
 import os
 import random
@@ -510,7 +511,7 @@ def test_save_and_resume_stream_with_peak_rss_near_the_budget(tmp_path):
     assert "nvme" in saved["homes"] and state >= 10 * 32 * MIB, summary
     assert saved["growth"] <= 16 * MIB, summary
     assert resumed["growth"] <= 0.3 * state, summary
-    assert resumed["loss"] == resumed["loss"]
+    assert math.isfinite(resumed["loss"])
 
 
 # ---------------------------------------------------------------------------- Hugging Face
@@ -587,7 +588,7 @@ def test_hf_directory_via_offload_bf16_export_and_truncated_shard(tmp_path, engi
     with torch.no_grad():
         full, expected, got = (m(input_ids=ids).logits for m in (engine, hf, loaded))
     assert torch.equal(expected, got)
-    assert torch.allclose(full, got.float(), atol=0.1)
+    assert torch.allclose(full, got.float(), atol=1e-2)  # bf16 export of the fp32 engine (measured 2.4e-3)
     shard = out / "model.safetensors"
     shard.write_bytes(shard.read_bytes()[:-10])
     with pytest.raises(CheckpointError, match="model.safetensors.*truncated"):

@@ -149,11 +149,14 @@ def test_train_from_a_model_directory_trains_and_exports(tmp_path, data, capsys)
     export = tmp_path / "export"
     assert main(small(data, tmp_path, "--model", str(model), "--steps", "2", "--export", str(export))) == 0
     assert "exported to" in capsys.readouterr().out
-    trained = tierflow.load(export, trainable=False)
+    trained, start = tierflow.load(export, trainable=False), tierflow.load(model, trainable=False)
     try:
-        assert set(trained.state_dict()) == set(tierflow.load(model, trainable=False).state_dict())
+        after, before = trained.state_dict(), start.state_dict()
+        assert set(after) == set(before) and all(after[k].shape == before[k].shape for k in before)
+        assert any(not torch.equal(after[k], before[k]) for k in before), "the export holds the untrained weights"
     finally:
         trained.close()
+        start.close()
 
 
 # ---------------------------------------------------------------------------- resume

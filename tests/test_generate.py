@@ -247,7 +247,8 @@ def test_load_and_generate_peak_rss_stays_near_the_budgets(tmp_path):
     model_bytes = sum(p.numel() * 4 for p in model.parameters())
     del model
     assert len(list((tmp_path / "hf").glob("*.safetensors"))) > 1
-    env = dict(PYTHONPATH=str(Path(tierflow.__file__).parent.parent), PATH="/usr/bin:/bin")
+    env = dict(PYTHONPATH=str(Path(tierflow.__file__).parent.parent), PATH="/usr/bin:/bin",
+               XDG_CACHE_HOME=str(tmp_path / "cache"))  # (nominal figures: not this machine's calibration)
     out = subprocess.run([sys.executable, "-c", _RSS_CHILD, str(tmp_path / "hf"), str(tmp_path / "spill")],
                          capture_output=True, text=True, env=env, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]

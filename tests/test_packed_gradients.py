@@ -22,13 +22,14 @@ def run(tmp_path, engines, placement: str, accum: int, packs: bool, steps: int =
     engines.append(engine)
     engine.grads.packs = packs
     opt = tierflow.AdamW(engine, lr=LR, weight_decay=WD)
-    seen = {}
+    forms = []  # before each step: the form the previous step's gradients had (none before the first)
 
     def before_step(step):
-        seen["forms"] = dict(engine.grads.forms)
+        forms.append(dict(engine.grads.forms))
 
     losses, norms = train(engine, opt, opt.clip_grad_norm_, make_batches(steps * accum), accum,
                           before_step=before_step)
+    engine.step_forms = forms
     return engine, losses, norms
 
 
@@ -46,6 +47,10 @@ def test_packed_gradients_change_nothing(tmp_path, engines, placement, accum):
         for key in ("exp_avg", "exp_avg_sq"):
             assert torch.equal(ref_opt[name][key], got_opt[name][key]), (name, key)
     trainable = [u.uid for u in packed.units if u.trainable_numel]
+    assert len(packed.step_forms) == 3 and not any(plain.step_forms)
+    assert packed.step_forms[0] == {}
+    for forms in packed.step_forms[1:]:  # every step's gradients reached AdamW packed (one micro-batch)
+        assert forms == ({uid: torch.bfloat16 for uid in trainable} if accum == 1 else {}), forms
     if accum == 1:  # the last step's gradients are still in their arrays, packed
         assert set(packed.grads.forms) == set(trainable)
         assert set(packed.grads.forms.values()) == {torch.bfloat16}

@@ -248,14 +248,19 @@ def test_predicted_peaks_match_the_engine(tmp_path, budgets, engines, cached_cal
         assert capacity - largest_reservation < measured <= capacity
 
 
-def test_plan_placement_is_the_engines(tmp_path):
+def test_plan_placement_is_the_engines(tmp_path, engines):
     """The plan's units and homes are those the engine computes (same partition and planner)."""
     model = make_tiny("gpt2")
-    cfg = OffloadConfig.create(**SMALL_UNITS, device_memory="200KiB", host_memory="768KiB", nvme=tmp_path)
+    options = dict(SMALL_UNITS, device_memory="200KiB", host_memory="768KiB")
+    cfg = OffloadConfig.create(**options, nvme=tmp_path)
     pred = predict(model, cfg, fake_calibration())
     units, _ = partition(model, cfg.unit_bytes)
     buffers = sum(b.numel() * b.element_size() for b in model.buffers())
     assert pred.placement == plan_placement(units, cfg, torch.float32, buffers)
+    engine = tierflow.offload(model, nvme=tmp_path / "spill", **options)
+    engines.append(engine)
+    assert [u.name for u in engine.units] == [u.name for u in units]
+    assert engine.plan.homes == pred.placement.homes and "nvme" in engine.plan.homes
 
 
 # ---- timeline -------------------------------------------------------------------------------

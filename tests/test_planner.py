@@ -52,7 +52,10 @@ def test_chosen_plan_fits_and_is_never_predicted_slower(tmp_path, device_memory,
             other = choose_placement(units, cfg, torch.float32, 0, work, cal, variant)[1]
         except tierflow.BudgetError:
             continue
-        assert step.step_s <= other.step_s or plan.variant == GREEDY
+        if plan.variant == GREEDY:  # kept because no variant beats it by the required margin
+            assert other.step_s > (1 - MIN_GAIN) * greedy_step.step_s, variant
+        else:
+            assert step.step_s <= other.step_s, variant
 
 
 def test_planner_spreads_disk_units_when_that_hides_their_transfers(tmp_path):

@@ -115,7 +115,7 @@ def test_pool_release_errors():
 
 def test_pool_context_manager_releases_on_error():
     pool = BufferPool(1, 4096)
-    with pytest.raises(RuntimeError):
+    with pytest.raises(RuntimeError, match="boom"):
         with pool.buffer() as buf:
             assert pool.available == 0 and buf.numel() == 4096
             raise RuntimeError("boom")
