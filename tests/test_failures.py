@@ -1,4 +1,5 @@
-"""Failures never pass silently: non-finite gradients, failed jobs, clipping twice.
+"""Failures never pass silently: non-finite gradients, failed jobs, clipping twice, and a
+checkpoint replaced without the directory exchange.
 
 CPU, fp32: where the arithmetic is torch's own the comparisons are bitwise.
 """
@@ -13,7 +14,8 @@ import pytest
 import torch
 
 import tierflow
-from tierflow import EngineFailedError, NonFiniteError, NvmeError
+from tierflow import CheckpointError, EngineFailedError, NonFiniteError, NvmeError
+from tierflow.checkpoint import files as tf_files, verify
 
 from conftest import SMALL_UNITS, assert_state_bitwise, make_batches, make_tiny
 
@@ -156,3 +158,40 @@ def test_an_unusable_activation_spill_directory_fails_before_the_model_moves(tmp
     assert not model._forward_hooks and not model._forward_pre_hooks
     ids = make_batches(1)[0]
     assert torch.isfinite(model(input_ids=ids, labels=ids).loss)
+
+
+@pytest.mark.parametrize("fault", [OSError(errno.EIO, "simulated I/O error"), KeyboardInterrupt()])
+def test_replacing_a_checkpoint_without_the_exchange_keeps_the_old_one_when_the_second_rename_fails(
+        tmp_path, engines, monkeypatch, fault):
+    """Where renameat2's exchange is unavailable a checkpoint is replaced by two renames (old
+    aside, new in): a failure or Ctrl-C between them puts the old one back under its name (it
+    was left only as NAME.old-*, and the new one deleted); without a fault the new one lands."""
+    engine, opt = _engine(make_tiny("llama"), "host", tmp_path, engines)
+    b1, b2 = make_batches(2)
+    _step(engine, opt, opt.clip_grad_norm_, b1)
+    ckpt = engine.save(tmp_path / "ckpt", extra={"step": 1})
+    saved = {p.name: p.read_bytes() for p in sorted(ckpt.iterdir())}
+    _step(engine, opt, opt.clip_grad_norm_, b2)
+    monkeypatch.setattr(tf_files, "exchange_dirs", lambda a, b: False)
+    real, calls = os.rename, []
+
+    def rename(src, dst, *args, **kwargs):
+        calls.append((str(src), str(dst)))
+        if str(dst) == str(ckpt) and ".tmp-" in str(src):  # the new one moving in: the second rename
+            raise fault
+        return real(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(os, "rename", rename)
+    with pytest.raises(CheckpointError if isinstance(fault, OSError) else KeyboardInterrupt):
+        engine.save(tmp_path / "ckpt", extra={"step": 2})
+    monkeypatch.setattr(os, "rename", real)
+    assert any(".old-" in dst for _, dst in calls), "the fallback path was not taken"
+    assert {p.name: p.read_bytes() for p in sorted(ckpt.iterdir())} == saved
+    assert [p.name for p in tmp_path.glob("ckpt*")] == ["ckpt"]  # no NAME.old-*, no temporary
+    assert verify(ckpt)["extra"] == {"step": 1}
+    resumed, _opt = tierflow.resume(ckpt, make_tiny("llama"), nvme=tmp_path / "spill2")
+    engines.append(resumed)
+    assert set(resumed.optimizer_steps.values()) == {1}
+    engine.save(tmp_path / "ckpt", extra={"step": 2})  # the fallback itself still works
+    assert verify(ckpt)["extra"] == {"step": 2}
+    assert [p.name for p in tmp_path.glob("ckpt*")] == ["ckpt"]
