@@ -1,4 +1,5 @@
-"""Failures never pass silently: non-finite gradients, failed jobs, clipping twice.
+"""Failures never pass silently: non-finite gradients, failed jobs, clipping twice; and a
+failure while a checkpoint or an export is put in place leaves the previous one whole.
 
 CPU, fp32: where the arithmetic is torch's own the comparisons are bitwise.
 """
@@ -7,13 +8,16 @@ from __future__ import annotations
 import copy
 import errno
 import os
+import shutil
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
 
 import tierflow
-from tierflow import EngineFailedError, NonFiniteError, NvmeError
+from tierflow import CheckpointError, EngineFailedError, NonFiniteError, NvmeError
+from tierflow.checkpoint import files as tf_files, verify
 
 from conftest import SMALL_UNITS, assert_state_bitwise, make_batches, make_tiny
 
@@ -156,3 +160,165 @@ def test_an_unusable_activation_spill_directory_fails_before_the_model_moves(tmp
     assert not model._forward_hooks and not model._forward_pre_hooks
     ids = make_batches(1)[0]
     assert torch.isfinite(model(input_ids=ids, labels=ids).loss)
+
+
+@pytest.mark.parametrize("fault", [OSError(errno.EIO, "simulated I/O error"), KeyboardInterrupt()])
+def test_replacing_a_checkpoint_without_the_exchange_keeps_the_old_one_when_the_second_rename_fails(
+        tmp_path, engines, monkeypatch, fault):
+    """Where renameat2's exchange is unavailable a checkpoint is replaced by two renames (old
+    aside, new in): a failure or Ctrl-C between them puts the old one back under its name (it
+    was left only as NAME.old-*, and the new one deleted); without a fault the new one lands."""
+    engine, opt = _engine(make_tiny("llama"), "host", tmp_path, engines)
+    b1, b2 = make_batches(2)
+    _step(engine, opt, opt.clip_grad_norm_, b1)
+    ckpt = engine.save(tmp_path / "ckpt", extra={"step": 1})
+    saved = {p.name: p.read_bytes() for p in sorted(ckpt.iterdir())}
+    _step(engine, opt, opt.clip_grad_norm_, b2)
+    monkeypatch.setattr(tf_files, "exchange_dirs", lambda a, b: False)
+    real, calls = os.rename, []
+
+    def rename(src, dst, *args, **kwargs):
+        calls.append((str(src), str(dst)))
+        if str(dst) == str(ckpt) and ".tmp-" in str(src):  # the new one moving in: the second rename
+            raise fault
+        return real(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(os, "rename", rename)
+    with pytest.raises(CheckpointError if isinstance(fault, OSError) else KeyboardInterrupt):
+        engine.save(tmp_path / "ckpt", extra={"step": 2})
+    monkeypatch.setattr(os, "rename", real)
+    assert any(".old-" in dst for _, dst in calls), "the fallback path was not taken"
+    assert {p.name: p.read_bytes() for p in sorted(ckpt.iterdir())} == saved
+    assert [p.name for p in tmp_path.glob("ckpt*")] == ["ckpt"]  # no NAME.old-*, no temporary
+    assert verify(ckpt)["extra"] == {"step": 1}
+    resumed, _opt = tierflow.resume(ckpt, make_tiny("llama"), nvme=tmp_path / "spill2")
+    engines.append(resumed)
+    assert set(resumed.optimizer_steps.values()) == {1}
+    engine.save(tmp_path / "ckpt", extra={"step": 2})  # the fallback itself still works
+    assert verify(ckpt)["extra"] == {"step": 2}
+    assert [p.name for p in tmp_path.glob("ckpt*")] == ["ckpt"]
+
+
+# ---------------------------------------------------------------------------- exports
+
+def _fail_step(monkeypatch, fail_at: int | None) -> dict:
+    """Count the file-system steps that put an export in place (renames, links, the directory
+    exchange) and fail step `fail_at` with EIO."""
+    calls = {"n": 0}
+
+    def wrap(real):
+        def step(*args, **kwargs):
+            calls["n"] += 1
+            if calls["n"] == fail_at:
+                raise OSError(errno.EIO, "simulated I/O error")
+            return real(*args, **kwargs)
+        return step
+
+    for name in ("rename", "replace", "link", "symlink"):
+        monkeypatch.setattr(os, name, wrap(getattr(os, name)))
+    monkeypatch.setattr(tf_files, "exchange_dirs", wrap(tf_files.exchange_dirs))
+    return calls
+
+
+def _tree(path: Path) -> dict:
+    """Every entry under `path`: a file's bytes, a symlink's target, a folder as None."""
+    return {str(p.relative_to(path)): os.readlink(p) if p.is_symlink() else None if p.is_dir() else p.read_bytes()
+            for p in sorted(path.rglob("*"))}
+
+
+def _weights_of(out: Path, old: dict, new: dict) -> str:
+    """Which weights directory `out` loads as: "old", "new" or "a mix"."""
+    engine = tierflow.load(out, placement="host", trainable=False)
+    try:
+        state = engine.state_dict()
+    finally:
+        engine.close()
+    same = lambda ref: state.keys() == ref.keys() and all(torch.equal(state[k], v) for k, v in ref.items())
+    return "old" if same(old) else "new" if same(new) else "a mix"
+
+
+def _trained_export(tmp_path, engines):
+    """An engine, its export in several shards with a user's files beside them, and its weights
+    before (`old`) and after (`new`) one more step."""
+    engine, opt = _engine(make_tiny("llama"), "host", tmp_path, engines)
+    out = engine.save_pretrained(tmp_path / "export", max_shard_size="24KiB")
+    assert len(list(out.glob("model-*.safetensors"))) > 2
+    (out / "README.md").write_text("my model")
+    (out / "tokenizer").mkdir()
+    (out / "tokenizer" / "vocab.txt").write_text("a b c")
+    (out / "readme-link").symlink_to("README.md")
+    old = {k: v.clone() for k, v in engine.state_dict().items()}
+    _step(engine, opt, opt.clip_grad_norm_, make_batches(1)[0])
+    return engine, out, old, {k: v.clone() for k, v in engine.state_dict().items()}
+
+
+@pytest.mark.parametrize("exchange", [True, False], ids=["exchange", "two-renames"])
+def test_a_failed_re_export_leaves_the_complete_old_export(tmp_path, engines, monkeypatch, exchange):
+    """Re-exporting into an export with a fault at each file-system step that puts it in place
+    (with the directory exchange, and with its two-rename fallback): a CheckpointError, and the
+    directory is byte for byte the old export with the user's files, loading as the old weights.
+    It used to replace the shards one by one: a failure left old and new ones mixed, and that
+    model loaded without an error."""
+    engine, out, old, new = _trained_export(tmp_path, engines)
+    before = _tree(out)
+    with monkeypatch.context() as m:
+        if not exchange:
+            m.setattr(tf_files, "exchange_dirs", lambda a, b: False)
+        probe = tmp_path / "probe"
+        shutil.copytree(out, probe, symlinks=True)
+        with monkeypatch.context() as counting:
+            steps = _fail_step(counting, None)
+            engine.save_pretrained(probe, max_shard_size="24KiB")
+        assert steps["n"] >= 3, steps  # README, vocab.txt, the link, the swap
+        for fail_at in range(1, steps["n"] + 1):
+            with monkeypatch.context() as faulty:
+                _fail_step(faulty, fail_at)
+                with pytest.raises(CheckpointError, match="simulated I/O error"):
+                    engine.save_pretrained(out, max_shard_size="24KiB")
+            assert _weights_of(out, old, new) == "old", f"step {fail_at} of {steps['n']}"
+            assert _tree(out) == before, f"step {fail_at} of {steps['n']}"
+    assert sorted(p.name for p in tmp_path.glob("*export*")) == ["export"]  # no temporary, no export.old-*
+
+
+def test_a_re_export_keeps_the_users_files_and_drops_the_old_shards(tmp_path, engines):
+    """A re-export (now in one shard) replaces the old shards and index, loads as the new
+    weights, and keeps what the user put beside them: a file, a folder, a symlink. Given as a
+    symlink, the directory it names is replaced and the symlink stays."""
+    engine, out, old, new = _trained_export(tmp_path, engines)
+    users = {k: v for k, v in _tree(out).items() if not k.startswith(("model", "config", "generation"))}
+    link = tmp_path / "latest-export"
+    link.symlink_to(out)
+    assert engine.save_pretrained(link) == link
+    assert link.is_symlink() and out.is_dir() and not out.is_symlink()
+    after = _tree(out)
+    assert {k: after.get(k) for k in users} == users
+    assert [k for k in after if k.startswith("model")] == ["model.safetensors"]
+    assert _weights_of(out, old, new) == "new"
+    assert sorted(p.name for p in tmp_path.glob("*export*")) == ["export", "latest-export"]
+
+
+def test_an_export_into_a_directory_without_weights_adds_its_files_or_nothing(tmp_path, engines, monkeypatch):
+    """A directory of the user's without weights: the export's files are added beside the
+    user's; a fault at any step takes back those already moved in, leaving the directory as
+    it was (no shards without their config)."""
+    engine, _ = _engine(make_tiny("llama"), "host", tmp_path, engines)
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "README.md").write_text("my notes")
+    before = _tree(out)
+    probe = tmp_path / "probe"
+    shutil.copytree(out, probe)
+    with monkeypatch.context() as counting:
+        steps = _fail_step(counting, None)
+        engine.save_pretrained(probe, max_shard_size="24KiB")
+    assert steps["n"] > 3, steps  # every shard, the index, the configs
+    for fail_at in range(1, steps["n"] + 1):
+        with monkeypatch.context() as faulty:
+            _fail_step(faulty, fail_at)
+            with pytest.raises(CheckpointError, match="simulated I/O error"):
+                engine.save_pretrained(out, max_shard_size="24KiB")
+        assert _tree(out) == before, f"step {fail_at} of {steps['n']}"
+    engine.save_pretrained(out, max_shard_size="24KiB")
+    assert (out / "README.md").read_text() == "my notes" and (out / "config.json").is_file()
+    state = engine.state_dict()
+    assert _weights_of(out, state, state) == "old"

@@ -389,8 +389,17 @@ def install_directory(tmp: Path, path: Path) -> None:
         fsync_dir(parent)
         shutil.rmtree(tmp, ignore_errors=True)
         return
+    # No exchange: two renames. A crash between them leaves the old one at `old` (named in
+    # resume's error); an error or Ctrl-C between them puts it back, so `path` is never left
+    # missing while the caller removes the new one.
     old = parent / f"{path.name}{OLD_MARK}{os.getpid()}-{os.urandom(4).hex()}"
-    os.rename(path, old)  # a crash here leaves the old one at `old` (named in resume's error)
-    os.rename(tmp, path)
+    try:
+        os.rename(path, old)
+        os.rename(tmp, path)
+    except BaseException:
+        if old.exists() and not path.exists():
+            os.rename(old, path)
+            fsync_dir(parent)
+        raise
     fsync_dir(parent)
     shutil.rmtree(old, ignore_errors=True)

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import errno
+import fnmatch
 import json
 import os
 import shutil
@@ -23,8 +25,9 @@ from torch import nn
 from tierflow.config import parse_dtype, parse_size
 from tierflow.errors import ConfigError
 from tierflow.checkpoint.conversion import readings
-from tierflow.checkpoint.files import (CheckpointError, TensorFileReader, TensorFileWriter, fsync_dir, os_reason,
-                                       read_windows, remove_stale_temporaries, temporary_name, write_bytes_durably)
+from tierflow.checkpoint.files import (CheckpointError, TensorFileReader, TensorFileWriter, fsync_dir,
+                                       install_directory, os_reason, read_windows, remove_stale_temporaries,
+                                       temporary_name, write_bytes_durably)
 from tierflow.memory.device import return_freed_memory_to_os
 
 INDEX = "model.safetensors.index.json"
@@ -54,20 +57,24 @@ def save_pretrained(engine, out_dir, max_shard_size="2GiB", dtype=None) -> Path:
     (and generation_config.json), safetensors shards of at most `max_shard_size` and, for
     several shards, model.safetensors.index.json. `dtype`: export dtype (default: the
     model's own). Streams tensor by tensor; loadable with `from_pretrained`. A new
-    directory appears complete or not at all; in an existing one each file is replaced
-    atomically (the index and config last) and stale shards are removed."""
+    directory appears complete or not at all. An existing export (a directory with weights)
+    is replaced whole: the new directory, with the other files kept there (README, tokenizer,
+    ...) linked in, is swapped in, so `out` holds the complete old export or the complete
+    new one at every moment; a symlink `out` is followed. Into a directory without weights the
+    files are moved (config last) and removed again if that fails."""
     if getattr(engine, "dist", None) is not None:
         raise ConfigError("save_pretrained of an engine sharded over ranks is not supported: save a "
                           "checkpoint (engine.save), then tierflow.resume it in one process and export")
     engine.flush()
     out = Path(out_dir).absolute()
+    home = out.resolve() if out.is_symlink() else out  # the export is swapped in beside the real directory
     dtype = parse_dtype(dtype) or engine.param_dtype
     entries = _export_entries(engine)
     shards = _shards(entries, parse_size(max_shard_size, what="max_shard_size"), dtype)
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        remove_stale_temporaries(out.parent)
-        tmp = out.parent / temporary_name(f".{out.name}")
+        home.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(home.parent)
+        tmp = home.parent / temporary_name(f".{home.name}")
         tmp.mkdir()
     except OSError as exc:
         raise CheckpointError(f"cannot create the export directory {out}: {os_reason(exc)}") from exc
@@ -75,7 +82,7 @@ def save_pretrained(engine, out_dir, max_shard_size="2GiB", dtype=None) -> Path:
         files = _write_shards(engine, tmp, shards, dtype)
         files += _write_configs(engine.module, tmp, dtype)
         fsync_dir(tmp)
-        _publish(tmp, out, files)
+        _publish(tmp, home, files)
     except OSError as exc:
         raise CheckpointError(f"could not export to {out}: {os_reason(exc)}") from exc
     finally:
@@ -190,20 +197,82 @@ def _config_dtype_key() -> str:
 
 
 def _publish(tmp: Path, out: Path, files: list[str]) -> None:
-    """Move the finished export into place (see save_pretrained)."""
+    """Put the finished export `tmp` at `out` (see save_pretrained)."""
     if not out.exists():
         os.rename(tmp, out)
         fsync_dir(out.parent)
         return
     if not out.is_dir():
         raise CheckpointError(f"{out} exists and is not a directory")
+    if not _holds_weights(out):
+        _add_files(tmp, out, files)
+        return
+    # Replacing the files one by one would leave old and new shards mixed after a failure, a
+    # model that loads without an error: the new directory gets the other files kept in `out`
+    # and is swapped in whole, so `out` is the complete old export or the complete new one.
+    _carry_over(out, tmp, files)
+    shutil.copymode(out, tmp)
+    fsync_dir(tmp)
+    install_directory(tmp, out)
+
+
+def _is_weights(name: str) -> bool:
+    """A file of an export's weights: replaced by every export, never kept beside new ones."""
+    return name == INDEX or fnmatch.fnmatchcase(name, "model*.safetensors")
+
+
+def _holds_weights(directory: Path) -> bool:
+    return any(_is_weights(entry.name) for entry in directory.iterdir())
+
+
+def _add_files(tmp: Path, out: Path, files: list[str]) -> None:
+    """Move the export's files into `out`, a directory without weights (so no old shard can
+    mix with new ones): weights first, the index and configs last, so the model is complete
+    before config.json declares it; on a failure the files that were not there are removed."""
     weights = [f for f in files if f.endswith(".safetensors")]
-    for name in weights + [f for f in files if f not in weights]:  # index and config last
-        os.replace(tmp / name, out / name)
-    for stale in list(out.glob("model*.safetensors")) + [out / INDEX]:
-        if stale.name not in files and stale.exists():
-            stale.unlink()
+    added = []
+    try:
+        for name in weights + [f for f in files if f not in weights]:
+            if not (out / name).exists():
+                added.append(name)
+            os.replace(tmp / name, out / name)
+    except BaseException:
+        for name in added:
+            (out / name).unlink(missing_ok=True)
+        raise
     fsync_dir(out)
+
+
+def _carry_over(old: Path, new: Path, files: list[str]) -> None:
+    """Into the new export `new`, every entry of the old directory `old` that the export does
+    not replace: a README, tokenizer files, a Trainer's checkpoint-* folders..."""
+    for entry in old.iterdir():
+        if entry.name not in files and not _is_weights(entry.name):
+            _link_tree(entry, new / entry.name)
+
+
+def _link_tree(src: Path, dst: Path) -> None:
+    """`src` again at `dst`: files hard-linked, not copied (large folders cost no space or
+    time, and a file someone holds open stays that file), folders rebuilt, symlinks as such."""
+    if src.is_symlink():
+        os.symlink(os.readlink(src), dst)
+    elif src.is_dir():
+        dst.mkdir()
+        shutil.copymode(src, dst)
+        for entry in src.iterdir():
+            _link_tree(entry, dst / entry.name)
+    else:
+        try:
+            os.link(src, dst)
+        except OSError as exc:
+            if exc.errno not in _NO_LINK:
+                raise
+            shutil.copy2(src, dst)
+
+
+# Refusals of a hard link: a file system without them, another user's file (protected_hardlinks),
+# too many links; a copy is made instead. Other errors (EIO, ENOSPC) stop the export.
+_NO_LINK = {errno.EPERM, errno.EACCES, errno.EMLINK, errno.EXDEV, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS}
 
 
 # ==== import =================================================================================
