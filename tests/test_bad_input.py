@@ -259,6 +259,69 @@ def test_failed_offload_then_valid_offload_trains(tmp_path, engines):
     assert len([h for h in model._forward_pre_hooks.values()]) == 1, "exactly one set of engine hooks"
 
 
+# ---------------------------------------------------------------------------- a model already offloaded
+
+def test_offloading_a_model_held_by_an_open_engine_is_refused(tmp_path, engines):
+    """The first engine replaced the parameters with NaN placeholders: a second engine over
+    the same model would train from them. Refused before any work; the first engine still works."""
+    model, ref = make_model(), make_model()
+    engine = tierflow.offload(model, nvme=tmp_path / "spill", placement="nvme", **SMALL)
+    engines.append(engine)
+    with pytest.raises(ConfigError, match="held by a tierflow engine.*use that engine"):
+        tierflow.offload(model, nvme=tmp_path / "spill", placement="nvme", **SMALL)
+    with pytest.raises(ConfigError, match="held by a tierflow engine"):
+        tierflow.offload(model[1])  # a part of it too
+    x = torch.randint(0, 64, (2, 5))
+    assert torch.equal(engine(x), ref(x))
+
+
+def test_offloading_again_after_close_without_the_weights_given_back_is_refused(tmp_path):
+    model = make_model()
+    tierflow.offload(model, nvme=tmp_path / "spill", placement="nvme", **SMALL).close()
+    with pytest.raises(ConfigError, match="closed without giving them back.*build a new model"):
+        tierflow.offload(model)
+
+
+def test_offloading_again_after_close_with_the_weights_given_back_works(engines):
+    """Every unit computed where its state lives: the parameters view real data after close."""
+    model, ref = make_model(), make_model()
+    tierflow.offload(model, placement="device").close()
+    engine = tierflow.offload(model, placement="device")
+    engines.append(engine)
+    x = torch.randint(0, 64, (2, 5))
+    assert torch.equal(engine(x), ref(x))
+
+
+# ---------------------------------------------------------------------------- failure late in setup
+
+def test_a_failure_at_the_end_of_setup_leaves_the_model_as_it_was(tmp_path, monkeypatch):
+    """The state is in its tiers, threads run, parameters are placeholders and hooks are in
+    place when the last step of setup fails: all of it is undone."""
+    import threading
+
+    from tierflow.runtime import expert_hooks
+
+    def fail(engine, model):
+        raise ConfigError("injected at the end of setup")
+
+    monkeypatch.setattr(expert_hooks, "install", fail)
+    model = make_model()
+    before = snapshot(model)
+    tensors = {name: (p.untyped_storage().data_ptr(), p.stride()) for name, p in model.named_parameters()}
+    threads = set(threading.enumerate())
+    with pytest.raises(ConfigError, match="injected"):
+        tierflow.offload(model, nvme=tmp_path / "spill", activations="offload", placement="nvme", **SMALL)
+    for name, param in model.named_parameters():
+        assert (param.untyped_storage().data_ptr(), param.stride()) == tensors[name], f"{name} was not given back"
+    left = [t.name for t in set(threading.enumerate()) - threads if t.name.startswith("tierflow")]
+    assert not left, f"threads left running: {left}"
+    assert not list((tmp_path / "spill").glob("tierflow-*")), "spill file left behind"
+    assert_intact(model, before)
+    monkeypatch.undo()
+    engine = tierflow.offload(model, nvme=tmp_path / "spill", placement="nvme", **SMALL)  # not held
+    engine.close()
+
+
 # ---------------------------------------------------------------------------- staging buffers
 
 STAGING_CHILD = r'''
