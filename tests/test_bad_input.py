@@ -292,6 +292,23 @@ def test_offloading_again_after_close_with_the_weights_given_back_works(engines)
     assert torch.equal(engine(x), ref(x))
 
 
+# ---------------------------------------------------------------------------- optimizer settings
+
+@pytest.mark.parametrize("setting", [dict(lr=float("inf")), dict(lr=float("nan")), dict(lr=-1.0),
+                                     dict(eps=float("nan")), dict(eps=-1e-8), dict(weight_decay=float("nan")),
+                                     dict(weight_decay=-1.0), dict(weight_decay=float("inf")),
+                                     dict(betas=(0.9, float("nan"))), dict(betas=(1.0, 0.999))])
+def test_adamw_refuses_settings_that_are_not_finite_or_out_of_range(engines, setting):
+    """Such a step turned every weight into NaN, and a checkpoint saved after it held them."""
+    engine = tierflow.offload(make_model(), placement="device")
+    engines.append(engine)
+    name = next(iter(setting))
+    with pytest.raises(ConfigError, match=f"invalid {'learning rate' if name == 'lr' else name}"):
+        tierflow.AdamW(engine, **setting)
+    with pytest.raises(ValueError):  # torch's error type too
+        tierflow.AdamW(engine, params=[{"params": list(engine.module.parameters()), **setting}])
+
+
 # ---------------------------------------------------------------------------- failure late in setup
 
 def test_a_failure_at_the_end_of_setup_leaves_the_model_as_it_was(tmp_path, monkeypatch):

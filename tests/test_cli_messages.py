@@ -127,6 +127,23 @@ def test_train_errors_name_flags(flags, tmp_path, capsys):
     assert "--unit-bytes" in err and "12 parsecs" in err, err
 
 
+@pytest.mark.parametrize("flag", ["--lr", "--clip", "--weight-decay"])
+@pytest.mark.parametrize("value", ["nan", "inf"])
+def test_train_refuses_values_that_are_not_finite(flags, tmp_path, capsys, flag, value):
+    """argparse reads "nan" and "inf" as floats: --lr inf trained to NaN weights, --clip nan
+    turned clipping off without a word."""
+    before = _files(tmp_path)
+    assert main(flags + [flag, value]) == EXIT_ERROR
+    err = capsys.readouterr().err
+    assert f"{flag} {value}" in err and "not a finite number" in err, err
+    assert _files(tmp_path) == before, "nothing may change on disk"
+
+
+def test_train_refuses_a_negative_weight_decay(flags, capsys):
+    assert main(flags + ["--weight-decay", "-0.1"]) == EXIT_ERROR
+    assert "--weight-decay must be >= 0" in capsys.readouterr().err
+
+
 def test_unit_bytes_flag_reaches_the_engine(flags, monkeypatch):
     seen = {}
     real = tierflow.offload

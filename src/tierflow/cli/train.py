@@ -90,6 +90,11 @@ class TrainArgs:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
         if self.seq_len < 2:
             raise ConfigError("--seq-len must be at least 2")
+        for name in ("lr", "clip", "weight_decay"):  # argparse takes "nan" and "inf" as floats
+            if not math.isfinite(getattr(self, name)):
+                raise ConfigError(f"--{name.replace('_', '-')} {getattr(self, name)} is not a finite number")
+        if self.weight_decay < 0:
+            raise ConfigError(f"--weight-decay must be >= 0 (got {self.weight_decay})")
         if not self.lr > 0 or min(self.warmup, self.clip, self.log_every, self.save_every, self.keep) < 0:
             raise ConfigError("--lr must be > 0; --warmup, --clip, --log-every, --save-every and --keep "
                               "must be >= 0")
