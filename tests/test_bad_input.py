@@ -159,6 +159,37 @@ def test_negative_size():
     expect(ConfigError, "host_memory", "negative", host_memory=-5)
 
 
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_size_that_is_not_finite(value):
+    expect(ConfigError, "host_memory", "finite", repr(value), host_memory=value)
+
+
+@pytest.mark.parametrize("what, value", [("staging_buffers", "abc"), ("staging_buffers", 5.9), ("io_threads", 2.7),
+                                         ("io_threads", True)])
+def test_count_that_is_not_a_whole_number(what, value):
+    """5.9 staging buffers used to become 5 without a word, and 'abc' a bare ValueError."""
+    expect(ConfigError, what, "whole number", repr(value), **{what: value})
+
+
+def test_direct_io_that_is_not_a_bool():
+    expect(ConfigError, "direct_io", "'false'", "True, False or None", direct_io="false")
+
+
+def test_empty_nvme_directory():
+    """Path('') is the current directory: the spill file would land wherever the process runs."""
+    expect(ConfigError, "nvme=''", "directory", nvme="")
+
+
+@pytest.mark.parametrize("value", [0, "0.3"])
+def test_unit_bytes_of_zero(value):
+    """0 used to mean "choose it for me" without a word."""
+    expect(ConfigError, "unit_bytes", "more than 0", "unset", unit_bytes=value)
+
+
+def test_unknown_option_names_the_valid_ones():
+    expect(ConfigError, "'foo'", "unit_bytes", "staging_buffers", foo=1)
+
+
 def test_unsupported_dtype():
     expect(ConfigError, "int8", "bfloat16", "float32", dtype=torch.int8)
     expect(ConfigError, "float64", "bfloat16", dtype="float64")
