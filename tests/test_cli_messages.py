@@ -167,6 +167,32 @@ def test_plan_reports_in_flag_terms(capsys, monkeypatch):
     assert "--device-memory" in out and "device_memory" not in out, out
 
 
+def test_unparseable_budget_names_the_flag(flags, capsys):
+    argv = flags[:flags.index("--device-memory")] + ["--device-memory", "1e9"] + flags[flags.index("3MiB") + 1:]
+    assert main(argv) == EXIT_ERROR
+    err = capsys.readouterr().err
+    assert "--device-memory: cannot parse size '1e9'" in err, err
+
+
+def test_plan_json_into_a_missing_directory_fails_before_planning(tmp_path, capsys, monkeypatch):
+    """It used to plan (and calibrate) first, then end in a FileNotFoundError traceback."""
+    from tierflow.bench import calibrate
+
+    monkeypatch.setattr(calibrate, "get_calibration", lambda *a, **k: pytest.fail("planned before the check"))
+    target = tmp_path / "missing" / "plan.json"
+    assert main(["plan", "--model", "llama-tiny", "--json", str(target)]) == EXIT_ERROR
+    err = capsys.readouterr().err
+    assert f"--json {target}" in err and "does not exist" in err, err
+
+
+def test_resume_from_an_empty_latest_file_names_it(tmp_path, capsys):
+    """An empty `latest` named the directory itself: a RecursionError."""
+    (tmp_path / "latest").write_text("\n")
+    assert main(["train", "--resume", str(tmp_path)]) == EXIT_ERROR
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'latest'} names no checkpoint" in err, err
+
+
 # ---------------------------------------------------------------------------- 3. read-only vs permission
 
 def _read_only_under(monkeypatch, root: Path):

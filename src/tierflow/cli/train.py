@@ -170,7 +170,8 @@ def train(args: TrainArgs, console=None) -> TrainResult:
     config = model_io.check_model(args.model) if checkpoint is None else None  # a bad model fails before any work
     model_io.check_export(args.export)
     limits = {"device": _budget(args.device_memory), "host": _budget(args.host_memory)}
-    budgets = {tier: tierflow.parse_size(limit) for tier, limit in limits.items() if limit is not None}
+    budgets = {tier: tierflow.parse_size(limit, what=f"--{tier}-memory")
+               for tier, limit in limits.items() if limit is not None}
     tokenizer = load_tokenizer(None if is_builtin(args.model) else args.model)
     if config is not None:
         model_io.check_fits_data(config, None, tokenizer, args.seq_len)
