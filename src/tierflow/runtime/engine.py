@@ -88,7 +88,10 @@ class Engine:
                                    self.compute_dtype, self.events, self.dist, self.count, self.health)
         # Kept until setup completes, so that a failure can put them back.
         self._originals = build.original_data(self.units)
-        holding.hold([param for param, _ in self._originals], self._hold)
+        # Parameters of units that are not computed in place become NaN placeholders: recorded,
+        # so that another engine never adopts them (the others keep viewing real data).
+        holding.hold([slot.param for unit in self.units if not self.residency.is_permanent(unit.uid)
+                      for slot in unit.slots], self._hold)
         self.residency.attach_permanent()
         self.grads = GradientSink(StateIO(self.device, self.budgets, self.nvme, pools[1]), self.budgets["device"],
                                   self.device, self.count, self.events, self.dist, self.units)
@@ -282,17 +285,9 @@ class Engine:
         self.grads.close()
         if self.nvme is not None:
             self.nvme.close()
-        self._give_back()
-
-    def _give_back(self) -> None:
-        """The parameters go back to the model when every unit was computed where its state
-        lives (they view real data); otherwise their data is lost with the engine, and they stay
-        recorded as held, so that offloading the model again is refused (holding.py)."""
-        params = [slot.param for unit in self.units for slot in unit.slots]
-        if self.fetches_on_demand:
-            self._hold.closed = True
-        else:
-            holding.release(params, self._hold)
+        # The placeholders' data is lost with the engine: offloading them again stays refused,
+        # saying so (holding.py). Parameters of units computed in place view real data.
+        self._hold.closed = True
 
     def __enter__(self):
         return self

@@ -1,13 +1,13 @@
 """Which parameters a tierflow engine holds, so that a model is never adopted twice.
 
-An engine points its model's parameters at placeholders (one NaN element, expanded) while
-their data lives in its tiers. A second engine over the same model would copy those NaNs in
-as its initial weights and train from them without a word. So every engine records the
-parameters it holds here, and offload refuses a model with any of them.
+An engine points the parameters of the units it streams at placeholders (one NaN element,
+expanded) while their data lives in its tiers. A second engine over the same model would
+copy those NaNs in as its initial weights and train from them without a word. So every
+engine records the parameters it detaches here, and offload refuses a model with any of them.
 
-An engine gives its parameters back at close() only when every unit was computed where its
-state lives (the parameters then still view real data); otherwise they stay recorded, marked
-closed, because their data went with the engine.
+Units computed where their state lives (device-homed ones; on a CPU host-homed ones too)
+keep viewing real data: their parameters are not recorded. The recorded ones stay recorded
+after close(), marked closed: their data went with the engine.
 """
 from __future__ import annotations
 
