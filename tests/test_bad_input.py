@@ -159,6 +159,37 @@ def test_negative_size():
     expect(ConfigError, "host_memory", "negative", host_memory=-5)
 
 
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_size_that_is_not_finite(value):
+    expect(ConfigError, "host_memory", "finite", repr(value), host_memory=value)
+
+
+@pytest.mark.parametrize("what, value", [("staging_buffers", "abc"), ("staging_buffers", 5.9), ("io_threads", 2.7),
+                                         ("io_threads", True)])
+def test_count_that_is_not_a_whole_number(what, value):
+    """5.9 staging buffers used to become 5 without a word, and 'abc' a bare ValueError."""
+    expect(ConfigError, what, "whole number", repr(value), **{what: value})
+
+
+def test_direct_io_that_is_not_a_bool():
+    expect(ConfigError, "direct_io", "'false'", "True, False or None", direct_io="false")
+
+
+def test_empty_nvme_directory():
+    """Path('') is the current directory: the spill file would land wherever the process runs."""
+    expect(ConfigError, "nvme=''", "directory", nvme="")
+
+
+@pytest.mark.parametrize("value", [0, "0.3"])
+def test_unit_bytes_of_zero(value):
+    """0 used to mean "choose it for me" without a word."""
+    expect(ConfigError, "unit_bytes", "more than 0", "unset", unit_bytes=value)
+
+
+def test_unknown_option_names_the_valid_ones():
+    expect(ConfigError, "'foo'", "unit_bytes", "staging_buffers", foo=1)
+
+
 def test_unsupported_dtype():
     expect(ConfigError, "int8", "bfloat16", "float32", dtype=torch.int8)
     expect(ConfigError, "float64", "bfloat16", dtype="float64")
@@ -257,6 +288,86 @@ def test_failed_offload_then_valid_offload_trains(tmp_path, engines):
     x = torch.randint(0, 64, (2, 5))
     assert torch.equal(engine(x), ref(x))
     assert len([h for h in model._forward_pre_hooks.values()]) == 1, "exactly one set of engine hooks"
+
+
+# ---------------------------------------------------------------------------- a model already offloaded
+
+def test_offloading_a_model_held_by_an_open_engine_is_refused(tmp_path, engines):
+    """The first engine replaced the parameters with NaN placeholders: a second engine over
+    the same model would train from them. Refused before any work; the first engine still works."""
+    model, ref = make_model(), make_model()
+    engine = tierflow.offload(model, nvme=tmp_path / "spill", placement="nvme", **SMALL)
+    engines.append(engine)
+    with pytest.raises(ConfigError, match="held by a tierflow engine.*use that engine"):
+        tierflow.offload(model, nvme=tmp_path / "spill", placement="nvme", **SMALL)
+    with pytest.raises(ConfigError, match="held by a tierflow engine"):
+        tierflow.offload(model[1])  # a part of it too
+    x = torch.randint(0, 64, (2, 5))
+    assert torch.equal(engine(x), ref(x))
+
+
+def test_offloading_again_after_close_without_the_weights_given_back_is_refused(tmp_path):
+    model = make_model()
+    tierflow.offload(model, nvme=tmp_path / "spill", placement="nvme", **SMALL).close()
+    with pytest.raises(ConfigError, match="closed without giving them back.*build a new model"):
+        tierflow.offload(model)
+
+
+def test_offloading_again_after_close_with_the_weights_given_back_works(engines):
+    """Every unit computed where its state lives: the parameters view real data after close."""
+    model, ref = make_model(), make_model()
+    tierflow.offload(model, placement="device").close()
+    engine = tierflow.offload(model, placement="device")
+    engines.append(engine)
+    x = torch.randint(0, 64, (2, 5))
+    assert torch.equal(engine(x), ref(x))
+
+
+# ---------------------------------------------------------------------------- optimizer settings
+
+@pytest.mark.parametrize("setting", [dict(lr=float("inf")), dict(lr=float("nan")), dict(lr=-1.0),
+                                     dict(eps=float("nan")), dict(eps=-1e-8), dict(weight_decay=float("nan")),
+                                     dict(weight_decay=-1.0), dict(weight_decay=float("inf")),
+                                     dict(betas=(0.9, float("nan"))), dict(betas=(1.0, 0.999))])
+def test_adamw_refuses_settings_that_are_not_finite_or_out_of_range(engines, setting):
+    """Such a step turned every weight into NaN, and a checkpoint saved after it held them."""
+    engine = tierflow.offload(make_model(), placement="device")
+    engines.append(engine)
+    name = next(iter(setting))
+    with pytest.raises(ConfigError, match=f"invalid {'learning rate' if name == 'lr' else name}"):
+        tierflow.AdamW(engine, **setting)
+    with pytest.raises(ValueError):  # torch's error type too
+        tierflow.AdamW(engine, params=[{"params": list(engine.module.parameters()), **setting}])
+
+
+# ---------------------------------------------------------------------------- failure late in setup
+
+def test_a_failure_at_the_end_of_setup_leaves_the_model_as_it_was(tmp_path, monkeypatch):
+    """The state is in its tiers, threads run, parameters are placeholders and hooks are in
+    place when the last step of setup fails: all of it is undone."""
+    import threading
+
+    from tierflow.runtime import expert_hooks
+
+    def fail(engine, model):
+        raise ConfigError("injected at the end of setup")
+
+    monkeypatch.setattr(expert_hooks, "install", fail)
+    model = make_model()
+    before = snapshot(model)
+    tensors = {name: (p.untyped_storage().data_ptr(), p.stride()) for name, p in model.named_parameters()}
+    threads = set(threading.enumerate())
+    with pytest.raises(ConfigError, match="injected"):
+        tierflow.offload(model, nvme=tmp_path / "spill", activations="offload", placement="nvme", **SMALL)
+    for name, param in model.named_parameters():
+        assert (param.untyped_storage().data_ptr(), param.stride()) == tensors[name], f"{name} was not given back"
+    left = [t.name for t in set(threading.enumerate()) - threads if t.name.startswith("tierflow")]
+    assert not left, f"threads left running: {left}"
+    assert not list((tmp_path / "spill").glob("tierflow-*")), "spill file left behind"
+    assert_intact(model, before)
+    monkeypatch.undo()
+    engine = tierflow.offload(model, nvme=tmp_path / "spill", placement="nvme", **SMALL)  # not held
+    engine.close()
 
 
 # ---------------------------------------------------------------------------- staging buffers

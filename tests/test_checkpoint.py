@@ -220,6 +220,38 @@ def test_mismatched_model_and_incomplete_names_are_refused(tmp_path, engines):
         tierflow.resume(tmp_path / "nope")
 
 
+@pytest.mark.parametrize("bad", [dict(staging_buffers=2), dict(placement="bogus"), dict(device_memory="abc")])
+def test_resume_refuses_bad_options_before_hashing_or_changing_the_model(bad, tmp_path, engines, monkeypatch):
+    """The options used to be checked only after every file was hashed and the model's
+    requires_grad and buffers were changed."""
+    from tierflow.checkpoint import manifest as manifest_module
+
+    ckpt = _saved(tmp_path, engines)
+    model = make_tiny("llama")
+    model.model.embed_tokens.weight.requires_grad_(False)
+    buffers = dict(model.named_buffers())
+    monkeypatch.setattr(manifest_module, "file_sha256", lambda p: pytest.fail(f"{p} hashed before the options"))
+    with pytest.raises(tierflow.ConfigError):
+        tierflow.resume(ckpt, model=model, **bad)
+    assert not model.model.embed_tokens.weight.requires_grad
+    assert all(b is buffers[n] for n, b in model.named_buffers())
+
+
+def test_resume_whose_engine_fails_gives_the_model_back_unchanged(tmp_path, engines):
+    """requires_grad and buffers are set from the checkpoint before the engine is built: a
+    failed engine (here an unusable NVMe directory) puts them back."""
+    ckpt = _saved(tmp_path, engines)
+    model = make_tiny("llama")
+    model.model.embed_tokens.weight.requires_grad_(False)
+    buffers = dict(model.named_buffers())
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    with pytest.raises(tierflow.NvmeError):
+        tierflow.resume(ckpt, model=model, nvme=blocker / "spill", placement="nvme")
+    assert not model.model.embed_tokens.weight.requires_grad
+    assert all(b is buffers[n] for n, b in model.named_buffers())
+
+
 def test_leftovers_of_dead_writers_are_removed_and_others_kept(tmp_path, engines):
     engine, _, _ = fresh("llama", "host", tmp_path / "spill", engines)
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,

@@ -127,6 +127,23 @@ def test_train_errors_name_flags(flags, tmp_path, capsys):
     assert "--unit-bytes" in err and "12 parsecs" in err, err
 
 
+@pytest.mark.parametrize("flag", ["--lr", "--clip", "--weight-decay"])
+@pytest.mark.parametrize("value", ["nan", "inf"])
+def test_train_refuses_values_that_are_not_finite(flags, tmp_path, capsys, flag, value):
+    """argparse reads "nan" and "inf" as floats: --lr inf trained to NaN weights, --clip nan
+    turned clipping off without a word."""
+    before = _files(tmp_path)
+    assert main(flags + [flag, value]) == EXIT_ERROR
+    err = capsys.readouterr().err
+    assert f"{flag} {value}" in err and "not a finite number" in err, err
+    assert _files(tmp_path) == before, "nothing may change on disk"
+
+
+def test_train_refuses_a_negative_weight_decay(flags, capsys):
+    assert main(flags + ["--weight-decay", "-0.1"]) == EXIT_ERROR
+    assert "--weight-decay must be >= 0" in capsys.readouterr().err
+
+
 def test_unit_bytes_flag_reaches_the_engine(flags, monkeypatch):
     seen = {}
     real = tierflow.offload
@@ -148,6 +165,32 @@ def test_plan_reports_in_flag_terms(capsys, monkeypatch):
     assert main(["plan", "--model", "llama-tiny", "--device-memory", "16KiB"]) == 1
     out = capsys.readouterr().out
     assert "--device-memory" in out and "device_memory" not in out, out
+
+
+def test_unparseable_budget_names_the_flag(flags, capsys):
+    argv = flags[:flags.index("--device-memory")] + ["--device-memory", "1e9"] + flags[flags.index("3MiB") + 1:]
+    assert main(argv) == EXIT_ERROR
+    err = capsys.readouterr().err
+    assert "--device-memory: cannot parse size '1e9'" in err, err
+
+
+def test_plan_json_into_a_missing_directory_fails_before_planning(tmp_path, capsys, monkeypatch):
+    """It used to plan (and calibrate) first, then end in a FileNotFoundError traceback."""
+    from tierflow.bench import calibrate
+
+    monkeypatch.setattr(calibrate, "get_calibration", lambda *a, **k: pytest.fail("planned before the check"))
+    target = tmp_path / "missing" / "plan.json"
+    assert main(["plan", "--model", "llama-tiny", "--json", str(target)]) == EXIT_ERROR
+    err = capsys.readouterr().err
+    assert f"--json {target}" in err and "does not exist" in err, err
+
+
+def test_resume_from_an_empty_latest_file_names_it(tmp_path, capsys):
+    """An empty `latest` named the directory itself: a RecursionError."""
+    (tmp_path / "latest").write_text("\n")
+    assert main(["train", "--resume", str(tmp_path)]) == EXIT_ERROR
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'latest'} names no checkpoint" in err, err
 
 
 # ---------------------------------------------------------------------------- 3. read-only vs permission

@@ -322,3 +322,37 @@ def test_an_export_into_a_directory_without_weights_adds_its_files_or_nothing(tm
     assert (out / "README.md").read_text() == "my notes" and (out / "config.json").is_file()
     state = engine.state_dict()
     assert _weights_of(out, state, state) == "old"
+
+
+def test_an_io_error_while_spilling_activations_fails_the_engine_and_names_the_file(tmp_path, engines, monkeypatch):
+    """A write to the activation spill file fails (disk full): backward raises an NvmeError
+    naming the file and what to do (it was a bare OSError), and the engine refuses to step or
+    save after it (it trained on), so the last checkpoint stays the last good state."""
+    model = make_tiny("llama")
+    engine = tierflow.offload(model, activations="offload", placement="nvme", nvme=tmp_path / "spill",
+                              host_memory="320KiB", **SMALL_UNITS)  # host: the staging buffers only
+    engines.append(engine)
+    opt = tierflow.AdamW(engine, lr=LR)
+    ids = make_batches(1)[0]
+    _step(engine, opt, opt.clip_grad_norm_, ids)
+    engine.save(tmp_path / "good")
+    good = {p.name: p.read_bytes() for p in (tmp_path / "good").iterdir() if p.is_file()}
+    real_pwrite = os.pwrite
+
+    def disk_full_for_activations(fd, data, offset):
+        if "tierflow-activations" in os.readlink(f"/proc/self/fd/{fd}"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(os, "pwrite", disk_full_for_activations)
+    loss = engine(input_ids=ids, labels=ids).loss
+    with pytest.raises(NvmeError, match="activation spill file .*tierflow-activations.*disk is full") as info:
+        loss.backward()
+    assert str(tmp_path / "spill") in str(info.value)
+    monkeypatch.undo()
+    with pytest.raises(EngineFailedError):
+        opt.step()
+    with pytest.raises(EngineFailedError):
+        engine.save(tmp_path / "good")
+    assert {p.name: p.read_bytes() for p in (tmp_path / "good").iterdir() if p.is_file()} == good
+

@@ -266,6 +266,23 @@ def test_offload_of_a_frozen_model_in_memory_routes_experts(tmp_path, engines):
     assert engine.experts.stats()["misses"] > 0
 
 
+def test_frozen_experts_with_data_parallel_ranks_are_refused_before_any_state_moves(tmp_path, monkeypatch):
+    """Said at planning time: the state used to be streamed into its tiers (threads started,
+    parameters detached) before the refusal."""
+    import types
+
+    from tierflow.runtime import build, engine as runtime_engine
+
+    model = make_moe("qwen3_moe").requires_grad_(False)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    monkeypatch.setattr(runtime_engine.ranks, "detect", lambda: types.SimpleNamespace(world=2))
+    monkeypatch.setattr(build, "load_state", lambda *a, **k: pytest.fail("state loaded before the check"))
+    with pytest.raises(tierflow.ConfigError, match="data-parallel ranks.*one process"):
+        tierflow.offload(model, nvme=tmp_path / "spill", placement="nvme", **SMALL_UNITS)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+
+
 def test_bf16_experts_equal_transformers(tmp_path, engines):
     model = make_moe("mixtral").to(torch.bfloat16)
     path = save_quietly(model, tmp_path / "bf16")

@@ -11,7 +11,7 @@ import os
 from torch import nn
 
 from tierflow import checkpoint
-from tierflow.config import OffloadConfig
+from tierflow.config import OffloadConfig, check_option_names
 from tierflow.errors import ConfigError
 from tierflow.runtime import engine as runtime_engine
 from tierflow.runtime.layers import check_layers
@@ -100,6 +100,7 @@ def offload(model: nn.Module, device="cpu", device_memory=None, host_memory=None
                     dtype=dtype, placement=placement, activations=activations, **options)
     if not isinstance(model, nn.Module):
         raise ConfigError(f"tierflow.offload expects a torch.nn.Module, got {type(model).__name__}")
+    check_option_names(options)
     cfg = OffloadConfig.create(device=device, device_memory=device_memory, host_memory=host_memory,
                                nvme=nvme, dtype=dtype, activations=activations, **options)
     check_layers(model, cfg.activations)  # recompute needs layers to recompute: said before any work

@@ -5,6 +5,8 @@ so validation and error messages live here and nowhere else.
 """
 from __future__ import annotations
 
+import inspect
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,6 +58,8 @@ def parse_size(value: int | float | str | None, *, what: str = "size") -> int | 
     if isinstance(value, bool):
         raise ConfigError(f"{what}: expected a size like '2GiB', got {value!r}")
     if isinstance(value, (int, float)):
+        if not math.isfinite(value):  # int() of them raises a bare ValueError / OverflowError
+            raise ConfigError(f"{what}: size must be a finite number of bytes, got {value!r}")
         if value < 0:
             raise ConfigError(f"{what}: size must not be negative, got {value!r}")
         return int(value)
@@ -197,16 +201,19 @@ class OffloadConfig:
         if chunk_bytes is None:
             chunk = 8 * 2**20
             if host is not None:
-                chunk = min(chunk, max(64 * 2**10, host // (4 * (int(staging_buffers) + 2)) // 65536 * 65536))
+                buffers = _whole_number(staging_buffers, "staging_buffers")
+                chunk = min(chunk, max(64 * 2**10, host // (4 * (buffers + 2)) // 65536 * 65536))
         else:
             chunk = parse_size(chunk_bytes, what="chunk_bytes")
         if chunk <= 0 or chunk % 4096:
             raise ConfigError(f"chunk_bytes must be a positive multiple of 4096, got {chunk}")
-        if int(staging_buffers) < MIN_STAGING_BUFFERS:
+        staging_buffers = _whole_number(staging_buffers, "staging_buffers")
+        io_threads = _whole_number(io_threads, "io_threads")
+        if staging_buffers < MIN_STAGING_BUFFERS:
             raise ConfigError(f"staging_buffers must be at least {MIN_STAGING_BUFFERS}: an AdamW update "
                               f"of NVMe-resident state holds master, gradient, both moments and the "
                               f"compute-dtype weights at once")
-        if int(io_threads) < 1:
+        if io_threads < 1:
             raise ConfigError("io_threads must be at least 1")
         if update_on not in ("auto", "cpu", "device"):
             raise ConfigError(f"update_on must be 'auto', 'cpu' or 'device', got {update_on!r}")
@@ -220,6 +227,15 @@ class OffloadConfig:
         if weights is not None and (not isinstance(weights, str) or weights.lower() not in WEIGHT_FORMATS):
             raise ConfigError(f"unknown weights format {weights!r}: use one of {', '.join(WEIGHT_FORMATS)} "
                               f"(or None for uncompressed weights)")
+        if direct_io is not None and not isinstance(direct_io, bool):  # "false" would be truthy
+            raise ConfigError(f"direct_io must be True, False or None (when the file system supports it), "
+                              f"got {direct_io!r}")
+        if nvme is not None and not str(nvme).strip():  # Path("") is the current directory
+            raise ConfigError("nvme='' is not a directory: pass the NVMe spill directory, or None for no NVMe tier")
+        unit_bytes = parse_size(unit_bytes, what="unit_bytes")
+        if unit_bytes == 0:  # the engine would read 0 as "unset" and choose a size itself
+            raise ConfigError("unit_bytes must be more than 0 bytes (leave it unset to have it chosen "
+                              "from the budgets)")
         device, device_memory = parse_device(device), parse_size(device_memory, what="device_memory")
         if host_in_place and device.type != "cpu":
             raise ConfigError(f"host_in_place=True needs a CPU compute device: {device} cannot compute on "
@@ -230,11 +246,11 @@ class OffloadConfig:
             host_memory=host,
             nvme=Path(nvme).expanduser() if nvme is not None else None,
             dtype=parse_dtype(dtype),
-            unit_bytes=parse_size(unit_bytes, what="unit_bytes"),
+            unit_bytes=unit_bytes,
             prefetch_bytes=parse_size(prefetch_bytes, what="prefetch_bytes"),
             chunk_bytes=chunk,
-            staging_buffers=int(staging_buffers),
-            io_threads=int(io_threads),
+            staging_buffers=staging_buffers,
+            io_threads=io_threads,
             direct_io=direct_io,
             update_on=update_on,
             activations=default_activations(check_mode(activations), device, device_memory),
@@ -242,3 +258,27 @@ class OffloadConfig:
             weights=weights.lower() if weights is not None else None,
             host_in_place=device.type == "cpu" if host_in_place is None else bool(host_in_place),
         )
+
+
+def _whole_number(value, what: str) -> int:
+    """A count (staging_buffers, io_threads): 5.9 must not silently become 5."""
+    if isinstance(value, bool):
+        raise ConfigError(f"{what} must be a whole number, got {value!r}")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str) and value.strip().isdigit():
+        return int(value)
+    raise ConfigError(f"{what} must be a whole number, got {value!r}")
+
+
+def check_option_names(options, where: str = "tierflow.offload") -> None:
+    """Refuse keyword options OffloadConfig does not have, naming the valid ones (Python's
+    TypeError names only the bad one, and as an argument of OffloadConfig.create)."""
+    known = [name for name in inspect.signature(OffloadConfig.create).parameters if name != "cls"]
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        raise ConfigError(f"unknown option{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))} "
+                          f"for {where}; valid options: {', '.join(known)}")
+

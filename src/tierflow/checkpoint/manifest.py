@@ -161,6 +161,10 @@ def checkpoint_dir(path) -> Path:
         raise CheckpointError(f"checkpoint {path} does not exist{hint}")
     if not (path / MANIFEST).exists() and (path / "latest").is_file():
         name = (path / "latest").read_text().strip()
+        if not name or (path / name).resolve() == path.resolve():  # it would name this directory again
+            raise CheckpointError(f"{path / 'latest'} names no checkpoint ({name!r}): it should hold the name of "
+                                  f"a checkpoint directory in {path} (e.g. step-100); write the newest complete "
+                                  f"one's name into it, or pass that checkpoint directory itself")
         return checkpoint_dir(path / name)
     return path
 

@@ -20,13 +20,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from tierflow.config import format_size, parse_size
+from tierflow.config import OffloadConfig, format_size, parse_size
+from tierflow.core.plan import check_placement
 from tierflow.errors import ConfigError
 from tierflow.memory.device import return_freed_memory_to_os
+from tierflow.runtime.holding import check_not_held
 from tierflow.checkpoint.files import (CheckpointError, TensorFileReader, TensorFileWriter, fsync_dir,
                                        install_directory, os_reason, read_windows, remove_stale_temporaries,
                                        temporary_name)
 from tierflow.checkpoint.manifest import (FILES, MANIFEST, MOMENTS, OLD_MARK, TMP_MARK, TUNING, checkpoint_dir, decode, describe,
+                                          read_manifest,
                        set_rng_state, verify, write_manifest)
 
 _SAVED = object()  # "as in the checkpoint"
@@ -180,18 +183,29 @@ def resume(path, model: nn.Module | None = None, *, device=None, device_memory=_
     if unknown:
         raise ConfigError(f"unknown options for resume: {sorted(unknown)} (known: {', '.join(TUNING)})")
     path = checkpoint_dir(path)
+    # Bad options and a model another engine holds are said before any file is hashed.
+    engine_kwargs = _engine_kwargs(read_manifest(path), device, device_memory, host_memory, nvme, dtype, options)
+    OffloadConfig.create(**engine_kwargs)
+    check_placement(placement)
+    if model is not None:
+        check_not_held(model)
     manifest = verify(path, checksums=verify_checksums)
     return_freed_memory_to_os()  # before anything is read: see tierflow.checkpoint.hf.load
     model = model if model is not None else _rebuild_model(manifest, path)
     names = _match_params(model, manifest, path / FILES["master"])
     _check_buffers(model, manifest, path / FILES["buffers"])
-    _set_trainable(model, manifest)  # the model is changed only once everything matched
     readers = _open_readers(path, manifest)
+    undo = _ModelChanges(model)  # the model is changed only once everything matched
     try:
+        _set_trainable(model, manifest)
         _restore_buffers(model, manifest, readers["buffers"])
         master = readers["master"]
-        engine = make_engine(model, source=lambda name: master.read(names[name]), placement=placement,
-                         **_engine_kwargs(manifest, device, device_memory, host_memory, nvme, dtype, options))
+        try:
+            engine = make_engine(model, source=lambda name: master.read(names[name]), placement=placement,
+                                 **engine_kwargs)
+        except BaseException:
+            undo.restore()  # a failed engine gives the model back as it was
+            raise
         try:
             saved_to_slot = {names[slot.name]: slot for _, slot in engine.named_slots()}
             _restore_moments(engine, manifest, saved_to_slot, readers)
@@ -296,6 +310,22 @@ def _check_buffers(model: nn.Module, manifest: dict, file: Path) -> None:
         if list(own[name].shape) != entry["shape"]:
             raise CheckpointError(f"{file}: buffer {name} has shape {entry['shape']} in the checkpoint but "
                                   f"{list(own[name].shape)} in the model")
+
+
+class _ModelChanges:
+    """What resume changes in the model before the engine exists (requires_grad, buffers),
+    remembered so that a failure can put it back."""
+
+    def __init__(self, model: nn.Module):
+        self.trainable = [(param, param.requires_grad) for param in model.parameters()]
+        self.buffers = [(module, dict(module._buffers)) for module in model.modules()]
+
+    def restore(self) -> None:
+        for param, requires_grad in self.trainable:
+            param.requires_grad_(requires_grad)
+        for module, buffers in self.buffers:
+            module._buffers.clear()
+            module._buffers.update(buffers)
 
 
 def _set_trainable(model: nn.Module, manifest: dict) -> None:

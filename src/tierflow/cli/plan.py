@@ -62,6 +62,7 @@ def run(args: argparse.Namespace) -> int:
     from tierflow.core.planner import predict
     from tierflow.errors import BudgetError, ConfigError
 
+    _check_json_path(getattr(args, "json", None))  # said before planning, not after
     model = meta_model(args.model)
     weights = getattr(args, "weights", None)
     if weights is not None or getattr(args, "frozen", False):
@@ -295,6 +296,22 @@ def _param_count(model) -> int:
 
 def _limit(size: str | None) -> str | None:
     return None if size is None or size.strip().lower() in ("none", "unlimited") else size
+
+
+def _check_json_path(path: str | None) -> None:
+    """--json FILE must be writable where it is asked for: its directory exists and is one."""
+    from tierflow.errors import ConfigError
+
+    if not path:
+        return
+    file = Path(path)
+    if file.is_dir():
+        raise ConfigError(f"--json {path} is a directory: give the path of a file to write, e.g. {file / 'plan.json'}")
+    parent = file.parent
+    if not parent.is_dir():
+        raise ConfigError(f"--json {path}: directory {parent} does not exist; create it or write the file elsewhere")
+    if not os.access(parent, os.W_OK):
+        raise ConfigError(f"--json {path}: directory {parent} is not writable; write the file elsewhere")
 
 
 def _write_json(path: str | None, data: dict) -> None:

@@ -90,6 +90,11 @@ class TrainArgs:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
         if self.seq_len < 2:
             raise ConfigError("--seq-len must be at least 2")
+        for name in ("lr", "clip", "weight_decay"):  # argparse takes "nan" and "inf" as floats
+            if not math.isfinite(getattr(self, name)):
+                raise ConfigError(f"--{name.replace('_', '-')} {getattr(self, name)} is not a finite number")
+        if self.weight_decay < 0:
+            raise ConfigError(f"--weight-decay must be >= 0 (got {self.weight_decay})")
         if not self.lr > 0 or min(self.warmup, self.clip, self.log_every, self.save_every, self.keep) < 0:
             raise ConfigError("--lr must be > 0; --warmup, --clip, --log-every, --save-every and --keep "
                               "must be >= 0")
@@ -165,7 +170,8 @@ def train(args: TrainArgs, console=None) -> TrainResult:
     config = model_io.check_model(args.model) if checkpoint is None else None  # a bad model fails before any work
     model_io.check_export(args.export)
     limits = {"device": _budget(args.device_memory), "host": _budget(args.host_memory)}
-    budgets = {tier: tierflow.parse_size(limit) for tier, limit in limits.items() if limit is not None}
+    budgets = {tier: tierflow.parse_size(limit, what=f"--{tier}-memory")
+               for tier, limit in limits.items() if limit is not None}
     tokenizer = load_tokenizer(None if is_builtin(args.model) else args.model)
     if config is not None:
         model_io.check_fits_data(config, None, tokenizer, args.seq_len)

@@ -129,12 +129,17 @@ def computed_in_place(unit: Unit, home: str, cfg: OffloadConfig, world_size: int
     return home == "device" or (home == "host" and cfg.host_in_place)
 
 
+def check_placement(placement) -> None:
+    """A placement by name must be one of PLACEMENTS (a `Variant` is checked by the planner)."""
+    if isinstance(placement, str) and placement not in PLACEMENTS:
+        raise ConfigError(f"unknown placement {placement!r}: use 'auto', 'greedy', 'device', 'host' or 'nvme'")
+
+
 def plan_placement(units: list[Unit], cfg: OffloadConfig, compute_dtype: torch.dtype,
                    buffer_bytes: int, placement: str = "auto", world_size: int = 1,
                    variant: Variant = GREEDY) -> Placement:
     """Place every unit as `variant` says; raise BudgetError/ConfigError naming what is short."""
-    if placement not in PLACEMENTS:
-        raise ConfigError(f"unknown placement {placement!r}: use 'auto', 'greedy', 'device', 'host' or 'nvme'")
+    check_placement(placement)
     if placement == "greedy":  # the nearest-tier plan, not searched (planner.py)
         placement, variant = "auto", GREEDY
     largest = max(units, key=lambda u: working_bytes(u, compute_dtype))

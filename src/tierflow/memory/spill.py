@@ -9,12 +9,15 @@ absorb it, which is what one wants for data that is read back within a step.
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 import secrets
 import threading
 from pathlib import Path
 
 import torch
+
+from tierflow.errors import NvmeError, os_problem
 
 
 def _bytes_of(t: torch.Tensor) -> memoryview:
@@ -52,8 +55,11 @@ class SpillFile:
         with self._lock:
             offset, self._end = self._end, self._end + len(data)
         done = 0
-        while done < len(data):
-            done += os.pwrite(self._fd, data[done:], offset + done)
+        try:
+            while done < len(data):
+                done += os.pwrite(self._fd, data[done:], offset + done)
+        except OSError as exc:
+            raise self.io_error(exc, "writing", len(data), offset) from exc
         self.bytes_written += len(data)
         return offset, len(data)
 
@@ -62,12 +68,23 @@ class SpillFile:
         offset, nbytes = extent
         view = _bytes_of(out)
         done = 0
-        while done < nbytes:
-            got = os.preadv(self._fd, [view[done:nbytes]], offset + done)
-            if got <= 0:
-                raise OSError(f"short read from {self.path} at {offset + done}")
-            done += got
+        try:
+            while done < nbytes:
+                got = os.preadv(self._fd, [view[done:nbytes]], offset + done)
+                if got <= 0:
+                    raise OSError(errno.EIO, f"short read at offset {offset + done}")
+                done += got
+        except OSError as exc:
+            raise self.io_error(exc, "reading", nbytes, offset) from exc
         self.bytes_read += nbytes
+
+    def io_error(self, exc: OSError, verb: str, nbytes: int, offset: int) -> NvmeError:
+        """An NvmeError that names the spill file and what to do (the bare OSError names neither)."""
+        return NvmeError(
+            exc.errno, f"I/O error {verb} {nbytes} bytes of offloaded activations at offset {offset} of the "
+                       f"activation spill file {self.path}: {os_problem(exc, self.path.parent)}. Free space "
+                       f"or fix the disk under {self.path.parent}, pass another nvme directory, or give "
+                       f"host_memory room for the activations; then resume from the last checkpoint")
 
     def reset(self) -> None:
         """Every extent is dead: reuse the file from the start."""

@@ -343,7 +343,8 @@ class ActivationManager:
                 self._start_fetch(record, required=True)
             self._prefetch_before(record.index)
         if record.fetch is not None:
-            record.fetch.result()
+            with self.engine.health.marks_failure():  # a lost activation: this step cannot finish
+                record.fetch.result()
             record.fetch = None
             # Allocated on the copy lane (and complete: its job synchronised), used by compute.
             self.engine.device.hand_over(record.tensor)

@@ -127,13 +127,33 @@ def make_pools(cfg: OffloadConfig, placement: Placement, budgets: dict, nvme, pi
             BufferPool(DRAIN_BUFFERS, cfg.chunk_bytes, pin=pin))
 
 
-def move_buffers(model: nn.Module, budgets: dict, device: torch.device, buffer_bytes: int) -> None:
-    """Buffers are small: they live on the device for good."""
+def move_buffers(model: nn.Module, budgets: dict, device: torch.device, buffer_bytes: int) -> list:
+    """Buffers are small: they live on the device for good. Returns (module, name, original)
+    for each buffer moved, for restore_buffers."""
     budgets["device"].reserve(buffer_bytes, "the model's buffers")
+    moved = []
     for module in model.modules():
         for name, buf in module._buffers.items():
             if buf is not None and buf.device != device:
+                moved.append((module, name, buf))
                 module._buffers[name] = buf.to(device)
+    return moved
+
+
+def restore_buffers(moved: list) -> None:
+    """Undo move_buffers (a failed setup)."""
+    for module, name, buf in moved:
+        module._buffers[name] = buf
+
+
+def original_data(units: list[Unit]) -> list[tuple[nn.Parameter, torch.Tensor]]:
+    """(parameter, its tensor) for every parameter of the units, once each (tied ones are
+    shared): what a failed setup puts back."""
+    seen = {}
+    for unit in units:
+        for slot in unit.slots:
+            seen.setdefault(id(slot.param), (slot.param, slot.param.data))
+    return list(seen.values())
 
 
 def load_state(units: list[Unit], homes, io: StateIO, compute_dtype: torch.dtype, dist, source) -> list[UnitState]:

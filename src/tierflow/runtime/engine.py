@@ -25,7 +25,7 @@ from tierflow.core.layout import default_unit_bytes, model_dtype
 from tierflow.dist import ranks
 from tierflow.memory.device import ComputeDevice
 from tierflow.memory.tiers import StateIO
-from tierflow.runtime import build, expert_hooks, hooks
+from tierflow.runtime import build, expert_hooks, holding, hooks
 from tierflow.runtime.events import EventLog
 from tierflow.runtime.gradients import GradientSink
 from tierflow.runtime.health import Health
@@ -45,6 +45,7 @@ class Engine:
         """`source`: optional callable (parameter name) -> tensor giving each parameter's initial
         value (e.g. read from a checkpoint or safetensors shard, one tensor at a time); the
         model's parameters may then be on the meta device."""
+        holding.check_not_held(model)  # its data would be NaN placeholders: said before any work
         self.module, self.cfg = model, cfg
         self.device = ComputeDevice(cfg.device)
         self.param_dtype = model_dtype(model)
@@ -61,26 +62,36 @@ class Engine:
                                       placement, from_source=source is not None)
         self.units, self.plan, self.tiled = model_plan.units, model_plan.placement, model_plan.tiled
         self.param_owner = {id(s.param): u.uid for u in self.units for s in u.slots}
-        self.nvme = None
+        # What _setup has done so far, for _undo_setup (a failure must leave the model as it was).
+        self.nvme = self.residency = self.grads = self.activations = None
+        self._handles, self._moved_buffers, self._originals = [], [], []
+        self._hold = holding.Hold()
         try:
+            expert_hooks.check_supported(model, self.units, self.dist)
             self.nvme = build.open_nvme(cfg, self.plan)
             self._setup(model, source, buffer_bytes, model_plan.hooked)
         except BaseException:
-            if self.nvme is not None:
-                self.nvme.close()  # removes the spill file
+            self._undo_setup()
             model_plan.restore()
             raise
+        self._originals = []  # every unit is in place: the original tensors may go
 
     def _setup(self, model, source, buffer_bytes, hooked) -> None:
         """Everything after the plan: pools, state in its tiers, threads, hooks."""
         pools = build.make_pools(self.cfg, self.plan, self.budgets, self.nvme, pin=self.device.is_cuda)
         self.io = StateIO(self.device, self.budgets, self.nvme, pools[0])
-        build.move_buffers(model, self.budgets, self.device.device, buffer_bytes)
+        self._moved_buffers = build.move_buffers(model, self.budgets, self.device.device, buffer_bytes)
         self.states = build.load_state(self.units, self.plan.homes, self.io, self.compute_dtype, self.dist, source)
         self._counters = {"host_to_device": 0, "device_to_host": 0}
         self._counter_lock, self._lock, self._busy = threading.Lock(), threading.RLock(), 0
         self.residency = Residency(self.units, self.states, self.plan, self.device, self.io, self.budgets,
                                    self.compute_dtype, self.events, self.dist, self.count, self.health)
+        # Kept until setup completes, so that a failure can put them back.
+        self._originals = build.original_data(self.units)
+        # Parameters of units that are not computed in place become NaN placeholders: recorded,
+        # so that another engine never adopts them (the others keep viewing real data).
+        holding.hold([slot.param for unit in self.units if not self.residency.is_permanent(unit.uid)
+                      for slot in unit.slots], self._hold)
         self.residency.attach_permanent()
         self.grads = GradientSink(StateIO(self.device, self.budgets, self.nvme, pools[1]), self.budgets["device"],
                                   self.device, self.count, self.events, self.dist, self.units)
@@ -91,13 +102,30 @@ class Engine:
         # per-op on-demand check (a Python call per torch op, costly on a GPU) is skipped and
         # updates are applied when a forward begins instead.
         self.fetches_on_demand = not all(self.residency.is_permanent(uid) for uid in range(len(self.units)))
-        self._handles = hooks.install(self, self.passes, model, hooked)
+        self._handles += hooks.install(self, self.passes, model, hooked)
         self.experts, handles = expert_hooks.install(self, model)  # routed MoE experts (experts.py), or None
         self._handles += handles
-        self.activations = None  # an ActivationManager when cfg.activations asks for one
-        if self.cfg.activations is not None:
+        if self.cfg.activations is not None:  # an ActivationManager when cfg.activations asks for one
             from tierflow.runtime.activations import ActivationManager
             self.activations = ActivationManager(self, model, hooked, self.cfg.activations)
+
+    def _undo_setup(self) -> None:
+        """A failed setup leaves the model as it was: no hooks, no threads, its own tensors back
+        (values and strides) and its buffers where they were; the spill file is removed."""
+        for handle in self._handles:
+            handle.remove()
+        if self.activations is not None:
+            self.activations.close()
+        for param, data in self._originals:
+            param.data = data
+        holding.release([param for param, _ in self._originals], self._hold)
+        build.restore_buffers(self._moved_buffers)
+        if self.residency is not None:
+            self.residency.close()
+        if self.grads is not None:
+            self.grads.close()
+        if self.nvme is not None:
+            self.nvme.close()  # removes the spill file
 
     # ---- the engine's lock --------------------------------------------------------------
     @contextlib.contextmanager
@@ -257,6 +285,9 @@ class Engine:
         self.grads.close()
         if self.nvme is not None:
             self.nvme.close()
+        # The placeholders' data is lost with the engine: offloading them again stays refused,
+        # saying so (holding.py). Parameters of units computed in place view real data.
+        self._hold.closed = True
 
     def __enter__(self):
         return self

@@ -72,14 +72,26 @@ def room_plan(engine, layers: list[RoutedLayer]) -> tuple[int, int]:
     return stack, min(experts, per_layer)
 
 
+def check_supported(model: nn.Module, units, dist) -> None:
+    """Said at planning time, before any state moves into the tiers: frozen routed experts are
+    fetched expert by expert on one process only (a rank holds only its shard of a unit)."""
+    if dist is None:
+        return
+    owner = {id(s.param): u for u in units for s in u.slots}
+    for name, module in model.named_modules():
+        unit = owner.get(id(next(module.parameters(), None))) if is_routed(module) else None
+        if unit is not None and unit.weights is None:
+            raise ConfigError(
+                f"frozen mixture-of-experts layers with data-parallel ranks are not supported ({name!r} "
+                f"is one): run this model in one process, without torchrun / data-parallel ranks")
+
+
 def install(engine, model: nn.Module) -> tuple[ExpertStore | None, list]:
     """Wrap every routed experts module's forward (module hooks); returns the store (None when
     the model has none) and the hook handles."""
     layers = routed_layers(engine, model)
     if not layers:
         return None, []
-    if engine.dist is not None:
-        raise ConfigError("frozen mixture-of-experts layers with data-parallel ranks are not supported")
     stack, slots = room_plan(engine, layers)
     store = ExpertStore(engine, layers, slots, stack)
     store.make_buffers()

@@ -7,6 +7,8 @@ the hyper-parameters only; the tensors are in the engine's checkpoint.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from tierflow.errors import ConfigError
@@ -33,15 +35,17 @@ class AdamW(torch.optim.Optimizer):
                  weight_decay: float = 1e-2, fused: bool = True, skip_nonfinite: bool = False):
         if params is None:
             params = [p for p in engine.module.parameters() if p.requires_grad]
-        if not 0.0 <= lr:
-            raise ConfigError(f"invalid learning rate {lr}")
-        if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
-            raise ConfigError(f"invalid betas {betas}: each must be in [0, 1)")
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, fused=fused)
+        check_hyper_params(defaults)
         super().__init__(params, defaults)
         self.skip_nonfinite = skip_nonfinite
         self.engine = engine
         engine.attach_optimizer(self)
+
+    def add_param_group(self, param_group: dict) -> None:
+        """torch's, with each group's own settings checked too (a group may override them)."""
+        super().add_param_group(param_group)
+        check_hyper_params(self.param_groups[-1])
 
     def hyper_params(self) -> dict[int, HyperParams]:
         """id(param) -> its group's current settings."""
@@ -93,3 +97,26 @@ class AdamW(torch.optim.Optimizer):
                               "be empty): Adam moments are restored with the engine's checkpoint "
                               "(tierflow.resume), not from another optimizer's state dict")
         super().load_state_dict(state_dict)
+
+
+def check_hyper_params(group: dict) -> None:
+    """Refuse what torch.optim.AdamW refuses, and values that are not finite: an inf learning
+    rate or a NaN eps / weight decay turns every weight into NaN at the first step, and the
+    checkpoints saved after it would hold NaN weights."""
+    lr, eps, weight_decay, betas = group["lr"], group["eps"], group["weight_decay"], group["betas"]
+    if not (_finite(lr) and lr >= 0.0):
+        raise ConfigError(f"invalid learning rate {lr}: it must be a finite number >= 0")
+    if not (_finite(eps) and eps >= 0.0):
+        raise ConfigError(f"invalid eps {eps}: it must be a finite number >= 0")
+    if not (_finite(weight_decay) and weight_decay >= 0.0):
+        raise ConfigError(f"invalid weight_decay {weight_decay}: it must be a finite number >= 0")
+    if len(betas) != 2 or not all(_finite(b) and 0.0 <= b < 1.0 for b in betas):
+        raise ConfigError(f"invalid betas {tuple(betas)}: each must be in [0, 1)")
+
+
+def _finite(value) -> bool:
+    """A finite real number (a 0-dim tensor learning rate, as torch allows, counts)."""
+    try:
+        return math.isfinite(float(value))
+    except (TypeError, ValueError, RuntimeError):  # not a number, or a tensor of several
+        return False
