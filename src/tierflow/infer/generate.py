@@ -110,13 +110,13 @@ def generate(engine, *args, kv_cache: str = "auto", **kwargs):
     if not engine.device.is_cuda:
         return_freed_memory_to_os(_FORWARD_MMAP_THRESHOLD)
     recorder = _StepRecorder(engine, cache)
-    engine.cyclic_prefetch = True
+    engine.passes.cyclic_prefetch = True
     start = time.perf_counter()
     try:
         with recorder:
             output = module.generate(*args, **kwargs)
     finally:
-        engine.cyclic_prefetch = False
+        engine.passes.cyclic_prefetch = False
         if cache is not None:
             cache.close()
         if reserved is not None:

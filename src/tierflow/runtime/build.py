@@ -146,16 +146,6 @@ def restore_buffers(moved: list) -> None:
         module._buffers[name] = buf
 
 
-def original_data(units: list[Unit]) -> list[tuple[nn.Parameter, torch.Tensor]]:
-    """(parameter, its tensor) for every parameter of the units, once each (tied ones are
-    shared): what a failed setup puts back."""
-    seen = {}
-    for unit in units:
-        for slot in unit.slots:
-            seen.setdefault(id(slot.param), (slot.param, slot.param.data))
-    return list(seen.values())
-
-
 def load_state(units: list[Unit], homes, io: StateIO, compute_dtype: torch.dtype, dist, source) -> list[UnitState]:
     """Copy each parameter (or its value from `source`) into its unit's home tier. The
     originals are left in place (the caller detaches them once every unit is in place), so a

@@ -9,6 +9,7 @@ It only coordinates; each part has its own module:
     steps.py         opt.step() records updates; non-finite steps; flush
     state_access.py  full tensors out of the tiers and back (checkpoints, state_dict)
     activations.py   what autograd saves (keep / recompute / offload), with `activations=`
+    holding.py       the parameters an engine detached: a model is never adopted twice
 
 A training step, in the order things happen, is drawn in docs/architecture.md.
 """
@@ -26,7 +27,7 @@ from tierflow.dist import ranks
 from tierflow.memory.device import ComputeDevice
 from tierflow.memory.tiers import StateIO
 from tierflow.runtime import build, expert_hooks, holding, hooks
-from tierflow.runtime.events import EventLog
+from tierflow.runtime.events import EventLog, IoCounters
 from tierflow.runtime.gradients import GradientSink
 from tierflow.runtime.health import Health
 from tierflow.runtime.passes import Passes
@@ -51,6 +52,8 @@ class Engine:
         self.param_dtype = model_dtype(model)
         self.compute_dtype = cfg.dtype or self.param_dtype
         self.events = EventLog()  # engine.events.enable() records spans and memory for timelines
+        self.counters = IoCounters()
+        self.count = self.counters.count  # count('host_to_device' | 'device_to_host', nbytes); any thread
         self.budgets = build.make_budgets(cfg, self.events)
         self.health = Health()
         if source is not None:
@@ -64,8 +67,7 @@ class Engine:
         self.param_owner = {id(s.param): u.uid for u in self.units for s in u.slots}
         # What _setup has done so far, for _undo_setup (a failure must leave the model as it was).
         self.nvme = self.residency = self.grads = self.activations = None
-        self._handles, self._moved_buffers, self._originals = [], [], []
-        self._hold = holding.Hold()
+        self._handles, self._moved_buffers, self.adoption = [], [], holding.Adoption()
         try:
             expert_hooks.check_supported(model, self.units, self.dist)
             self.nvme = build.open_nvme(cfg, self.plan)
@@ -74,7 +76,7 @@ class Engine:
             self._undo_setup()
             model_plan.restore()
             raise
-        self._originals = []  # every unit is in place: the original tensors may go
+        self.adoption.settle()
 
     def _setup(self, model, source, buffer_bytes, hooked) -> None:
         """Everything after the plan: pools, state in its tiers, threads, hooks."""
@@ -82,17 +84,10 @@ class Engine:
         self.io = StateIO(self.device, self.budgets, self.nvme, pools[0])
         self._moved_buffers = build.move_buffers(model, self.budgets, self.device.device, buffer_bytes)
         self.states = build.load_state(self.units, self.plan.homes, self.io, self.compute_dtype, self.dist, source)
-        self._counters = {"host_to_device": 0, "device_to_host": 0}
-        self._counter_lock, self._lock, self._busy = threading.Lock(), threading.RLock(), 0
+        self._lock, self._busy = threading.RLock(), 0
         self.residency = Residency(self.units, self.states, self.plan, self.device, self.io, self.budgets,
                                    self.compute_dtype, self.events, self.dist, self.count, self.health)
-        # Kept until setup completes, so that a failure can put them back.
-        self._originals = build.original_data(self.units)
-        # Parameters of units that are not computed in place become NaN placeholders: recorded,
-        # so that another engine never adopts them (the others keep viewing real data).
-        holding.hold([slot.param for unit in self.units if not self.residency.is_permanent(unit.uid)
-                      for slot in unit.slots], self._hold)
-        self.residency.attach_permanent()
+        self.adoption.take(self.units, self.residency)  # (streamed ones: NaN placeholders, holding.py)
         self.grads = GradientSink(StateIO(self.device, self.budgets, self.nvme, pools[1]), self.budgets["device"],
                                   self.device, self.count, self.events, self.dist, self.units)
         self.steps = OptimizerSteps(self.units, self.residency, self.grads, self.health, self.bookkeeping)
@@ -110,22 +105,19 @@ class Engine:
             self.activations = ActivationManager(self, model, hooked, self.cfg.activations)
 
     def _undo_setup(self) -> None:
-        """A failed setup leaves the model as it was: no hooks, no threads, its own tensors back
-        (values and strides) and its buffers where they were; the spill file is removed."""
+        """A failed setup leaves the model as it was: no hooks, no threads, no spill file, its
+        own tensors back (values and strides) and its buffers where they were."""
+        self._stop()
+        self.adoption.give_back()
+        build.restore_buffers(self._moved_buffers)
+
+    def _stop(self) -> None:
+        """Remove the hooks, stop the worker threads, delete the spill file (NvmeStore.close)."""
         for handle in self._handles:
             handle.remove()
-        if self.activations is not None:
-            self.activations.close()
-        for param, data in self._originals:
-            param.data = data
-        holding.release([param for param, _ in self._originals], self._hold)
-        build.restore_buffers(self._moved_buffers)
-        if self.residency is not None:
-            self.residency.close()
-        if self.grads is not None:
-            self.grads.close()
-        if self.nvme is not None:
-            self.nvme.close()  # removes the spill file
+        for part in (self.residency, self.activations, self.grads, self.nvme):
+            if part is not None:
+                part.close()
 
     # ---- the engine's lock --------------------------------------------------------------
     @contextlib.contextmanager
@@ -160,15 +152,6 @@ class Engine:
     @property
     def trace(self):
         return self.passes.trace
-
-    @property
-    def cyclic_prefetch(self) -> bool:
-        """Generation: prefetch wraps around to the next forward's first units."""
-        return self.passes.cyclic_prefetch
-
-    @cyclic_prefetch.setter
-    def cyclic_prefetch(self, value: bool) -> None:
-        self.passes.cyclic_prefetch = value
 
     # ---- gradients and the optimizer ----------------------------------------------------
     def wait_for_gradients(self) -> None:
@@ -257,7 +240,7 @@ class Engine:
 
     def io_stats(self) -> dict:
         """Cumulative bytes moved between tiers."""
-        stats = dict(self._counters)
+        stats = dict(self.counters.totals)
         stats["nvme_read"] = self.nvme.bytes_read if self.nvme else 0
         stats["nvme_written"] = self.nvme.bytes_written if self.nvme else 0
         return stats
@@ -266,28 +249,14 @@ class Engine:
         """tier -> (peak accounted bytes, capacity or None)."""
         return {name: (b.peak, b.capacity) for name, b in self.budgets.items()}
 
-    def count(self, key: str, nbytes: int) -> None:
-        """Add to an I/O counter ('host_to_device', 'device_to_host'); any thread."""
-        with self._counter_lock:
-            self._counters[key] += nbytes
-
     # ---- shutdown -----------------------------------------------------------------------
     def close(self) -> None:
         """Stop the worker threads and delete the spill file (the state is lost)."""
         if self.health.closed:
             return
         self.health.closed = True
-        for handle in self._handles:
-            handle.remove()
-        self.residency.close()
-        if self.activations is not None:
-            self.activations.close()
-        self.grads.close()
-        if self.nvme is not None:
-            self.nvme.close()
-        # The placeholders' data is lost with the engine: offloading them again stays refused,
-        # saying so (holding.py). Parameters of units computed in place view real data.
-        self._hold.closed = True
+        self._stop()
+        self.adoption.close()
 
     def __enter__(self):
         return self

@@ -74,3 +74,17 @@ class EventLog:
         if self.enabled:
             with self._lock:
                 self.memory.append(MemorySample(self.now(), tier, used))
+
+
+class IoCounters:
+    """Bytes moved between the device and the host since the engine was built, counted from
+    any thread (engine.io_stats adds the NVMe store's own)."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.totals = {"host_to_device": 0, "device_to_host": 0}
+
+    def count(self, key: str, nbytes: int) -> None:
+        """Add `nbytes` to 'host_to_device' or 'device_to_host'."""
+        with self._lock:
+            self.totals[key] += nbytes

@@ -62,6 +62,43 @@ def holder_of(param) -> Hold | None:
     return entry[1] if entry is not None and entry[0]() is param else None
 
 
+class Adoption:
+    """An engine's hold on the model's parameters, from setup to close: `take` detaches them
+    (keeping the original tensors until `settle`, for `give_back` after a failed setup) and
+    records those that become placeholders; `close` marks them closed."""
+
+    def __init__(self):
+        self.hold = Hold()
+        self.originals: list = []  # (parameter, its own tensor), until setup completes
+
+    def take(self, units, residency) -> None:
+        """Detach the units' parameters (residency.attach_permanent) and record the ones that
+        become placeholders: units computed where their state lives keep viewing real data."""
+        seen = {}
+        for unit in units:
+            for slot in unit.slots:  # (tied parameters are shared: once each)
+                seen.setdefault(id(slot.param), (slot.param, slot.param.data))
+        self.originals = list(seen.values())
+        hold([slot.param for unit in units if not residency.is_permanent(unit.uid) for slot in unit.slots],
+             self.hold)
+        residency.attach_permanent()
+
+    def settle(self) -> None:
+        """Setup completed: the original tensors may go."""
+        self.originals = []
+
+    def give_back(self) -> None:
+        """A failed setup: every parameter gets its own tensor back (values and strides)."""
+        for param, data in self.originals:
+            param.data = data
+        release([param for param, _ in self.originals], self.hold)
+        self.originals = []
+
+    def close(self) -> None:
+        """The engine closed: the placeholders' data went with it (offloading them stays refused)."""
+        self.hold.closed = True
+
+
 def check_not_held(model) -> None:
     """Raise ConfigError when any parameter of `model` is held by a tierflow engine, before any
     work: its data is a NaN placeholder, not the weights."""
