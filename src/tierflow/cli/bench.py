@@ -34,16 +34,20 @@ def add_arguments(parser) -> None:
                            "throughput`, given the flags set here)")
     # (None: the flag was not given. On a CPU it takes the default in TRAIN_DEFAULTS; with
     # --device cuda only the flags given are passed on to `bench throughput`.)
-    train.add_argument("--model", default=None, help="a built-in Llama (default llama-100m)")
-    train.add_argument("--steps", type=int, default=None, help="default 6")
-    train.add_argument("--warmup", type=int, default=None, help="default 2")
-    train.add_argument("--seq-len", type=int, default=None, help="default 256")
-    train.add_argument("--device-memory", default=None, help="default 256MiB")
-    train.add_argument("--host-memory", default=None, help="default 512MiB")
+    train.add_argument("--model", default=None, help="a built-in Llama (default llama-100m; with --device cuda: "
+                       "bench throughput's 0.94 B Llama)")
+    train.add_argument("--steps", type=int, default=None, help="default 6 (with --device cuda: 8)")
+    train.add_argument("--warmup", type=int, default=None, help="default 2 (with --device cuda: 3)")
+    train.add_argument("--seq-len", type=int, default=None, help="default 256 (with --device cuda: 1024)")
+    train.add_argument("--device-memory", default=None, help="default 256MiB (with --device cuda: 4GiB)")
+    train.add_argument("--host-memory", default=None, help="default 512MiB (with --device cuda: 64GiB for "
+                       "tierflow-host, 8GiB for tierflow-nvme; a value given sets both)")
     train.add_argument("--nvme", default=None, help="spill directory (default: a temporary one)")
     train.add_argument("--disk-gbps", type=float, default=None,
-                       help="disk bandwidth (GB/s, e.g. from `tierflow bench io`) for the physical bound")
-    train.add_argument("--device", default="cpu", help="compute device: cpu or cuda")
+                       help="disk bandwidth (GB/s, e.g. from `tierflow bench io`) for the physical bound "
+                            "(CPU only)")
+    train.add_argument("--device", default="cpu", help="compute device: cpu (default), or cuda: runs `tierflow "
+                       "bench throughput` with the flags given here")
     train.add_argument("--json", default=None)
     optim = sub.add_parser("optim", help="CPU AdamW vs torch and DeepSpeed, and memcpy bandwidth")
     optim.add_argument("--numel", type=int, default=100_000_000, help="parameters (default 1e8)")

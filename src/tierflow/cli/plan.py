@@ -33,7 +33,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--nvme", default=None, metavar="DIR", help="NVMe spill directory (default: none)")
     parser.add_argument("--dtype", default=None, metavar="DTYPE", help="compute dtype (default: the model's)")
     parser.add_argument("--placement", default="auto", choices=("auto", "greedy", "device", "host", "nvme"),
-                        help="force every unit's state into one tier (default: auto)")
+                        help="auto (the fastest predicted plan, as tierflow.offload), greedy (nearest tier first), or "
+                             "device, host or nvme to force every unit's state into that tier (default: auto)")
     parser.add_argument("--batch-size", type=int, default=1, metavar="N", help="sequences per step (default 1)")
     parser.add_argument("--seq-len", type=int, default=256, metavar="N", help="tokens per sequence (default 256)")
     parser.add_argument("--world-size", type=int, default=1, metavar="N",

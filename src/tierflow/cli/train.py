@@ -72,7 +72,7 @@ class TrainArgs:
                                "checkpoint's model, data, batch and schedule flags apply, --steps N extends "
                                "the run to N steps, and its budgets, --nvme and --dtype apply unless given")
     export: str | None = _flag(None, "DIR", "at the end, write the model in Hugging Face format (config.json + "
-                               "safetensors) to DIR")
+                               "safetensors) and its tokenizer to DIR (tierflow generate --model DIR uses it)")
     activations: str | None = _flag(None, "MODE", "saved activations: keep (on the device, accounted), "
                                     "recompute, offload (to host/NVMe), auto (per layer, from the budgets) or autograd "
                                     "(left to autograd, not accounted); default: auto on a GPU with "
