@@ -67,3 +67,35 @@ def test_cuda_bf16_trains(tmp_path, update_on):
     losses = _train(engine, opt, lambda: opt.clip_grad_norm_(1.0), [ids] * 6)
     assert losses[-1] < losses[0]
     engine.close()
+
+
+@pytest.mark.parametrize("placement", ["device", "host"])
+def test_recording_a_step_does_not_wait_for_a_lagging_gpu(tmp_path, placement):
+    """docs/engine.md: nothing blocks the host when the step is recorded. With 1 s of sleep queued
+    on the GPU after a backward, clip + opt.step() return long before the GPU is done (a blocking
+    copy in a device-side update, e.g. torch.tensor(step, device=cuda), made them wait for it)."""
+    import time
+
+    from tierflow.bench.gpu import cycles_per_ms
+
+    engine = tierflow.offload(_tiny_llama(), device="cuda", placement=placement, nvme=tmp_path,
+                              update_on="device")
+    opt = tierflow.AdamW(engine, lr=1e-3)
+    ids = torch.randint(0, 96, (2, 32), device="cuda", generator=torch.Generator("cuda").manual_seed(1))
+    try:
+        for _ in range(2):  # warm-up: the unit order is recorded, the allocator has its blocks
+            engine(input_ids=ids, labels=ids).loss.backward()
+            opt.clip_grad_norm_(1.0)
+            opt.step()
+            opt.zero_grad()
+        torch.cuda.synchronize()
+        engine(input_ids=ids, labels=ids).loss.backward()
+        torch.cuda._sleep(int(1000 * cycles_per_ms()))  # the GPU now lags the host by ~1 s
+        start = time.perf_counter()
+        opt.clip_grad_norm_(1.0)
+        opt.step()
+        host_s = time.perf_counter() - start
+        torch.cuda.synchronize()
+        assert host_s < 0.3, f"recording the step waited {host_s:.2f} s for the GPU"
+    finally:
+        engine.close()

@@ -21,10 +21,9 @@ Trainer's own. What is overridden, and why:
   are refused. When resuming, the engine and optimizer come from the tierflow checkpoint.
   The Trainer's own `create_scheduler` then schedules `param_groups` as usual.
 - `_clip_grad_norm` / `_get_grad_norm`: the engine moves each gradient out of the device as
-  autograd produces it and leaves `param.grad` None, so accelerate's clip over
-  `model.parameters()` would see no gradients: `max_grad_norm` would silently do nothing and
-  `grad_norm` would log 0.0. Both go through `tierflow.AdamW.clip_grad_norm_` (the exact
-  global norm over every tier, as torch computes it).
+  autograd produces it (`param.grad` is a view of the tiered gradient that only torch's own
+  `clip_grad_norm_` may use), so both go straight through `tierflow.AdamW.clip_grad_norm_`:
+  the exact global norm over every tier, as torch computes it, without accelerate's wrapping.
 - `_save_optimizer_and_scheduler`: after the Trainer's files (optimizer.pt, which holds
   hyper-parameters only, and scheduler.pt), writes the engine's crash-safe checkpoint (fp32
   master weights, Adam moments and steps from every tier) to `checkpoint-N/tierflow/`.

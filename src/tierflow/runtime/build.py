@@ -165,4 +165,7 @@ def load_state(units: list[Unit], homes, io: StateIO, compute_dtype: torch.dtype
                 io.write_from(state, "master", data.to(FP32), slot.offset)
             if "weights" in state.arrays:
                 io.write_from(state, "weights", data.to(compute_dtype), slot.offset)
+    # Device-homed arrays were written on the compute stream; a compressed one is next read by
+    # a fetch on the copy lane, which waits for no compute event: let the writes finish (once).
+    io.device.synchronize_lane()
     return states

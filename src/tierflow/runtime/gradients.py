@@ -236,12 +236,24 @@ class GradientSink:
         """L2 norm over every gradient as accumulated (before any clip), on the compute device."""
         self.wait()
         target = self.device.device
-        norms = [self._recorded_norm(i) for i in sorted(self.norms)]
+        norms = self._recorded_norms(sorted(self.norms))
         if self.dist is not None:
             return self.dist.global_norm(norms, target)
         if not norms:
             return torch.zeros((), device=target)
         return torch.linalg.vector_norm(torch.stack(norms), 2.0)
+
+    def _recorded_norms(self, indices: list[int]) -> list[torch.Tensor]:
+        """`_recorded_norm` of each, in order. Norms taken on the host (sums accumulated in host
+        or NVMe homes) go to the GPU in one asynchronous copy from pinned memory: one blocking
+        copy per parameter would make the host wait for the whole queued backward."""
+        on_host = [i for i in indices if self.norms[i].device != self.device.device]
+        if not self.device.is_cuda or len(on_host) < 2:
+            return [self._recorded_norm(i) for i in indices]
+        staged = self.device.host_empty(len(on_host), FP32)
+        torch.stack([self.norms[i] for i in on_host], out=staged)
+        moved = dict(zip(on_host, staged.to(self.device.device, non_blocking=True)))
+        return [moved[i] if i in moved else self._recorded_norm(i) for i in indices]
 
     def _recorded_norm(self, index: int) -> torch.Tensor:
         """A parameter's recorded gradient norm on the compute device, for the current stream

@@ -102,8 +102,10 @@ def adamw_(master: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_
     if scale is not None:
         grad.mul_(scale)  # clip_grad_norm_'s multiply, deferred to here
     if hp.fused:
-        # The kernel reads, never bumps, the step; on CUDA it must live beside the arrays.
-        step = torch.tensor(float(update.step), dtype=torch.float32, device=master.device)
+        # The kernel reads, never bumps, the step; on CUDA it must live beside the arrays. A fill
+        # kernel, not torch.tensor(step, device=cuda): that copies from pageable memory and
+        # synchronises the stream, so the host would wait for the GPU at every device-side update.
+        step = torch.full((), float(update.step), dtype=torch.float32, device=master.device)
         torch._fused_adamw_([master], [grad], [exp_avg], [exp_avg_sq], [], [step], lr=hp.lr,
                             beta1=hp.beta1, beta2=hp.beta2, weight_decay=hp.weight_decay, eps=hp.eps,
                             amsgrad=False, maximize=False, found_inf=found_inf)
