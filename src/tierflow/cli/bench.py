@@ -273,8 +273,7 @@ def run(args) -> int:
         return run_throughput(throughput_args_of_train(args))
     elif args.bench == "train":
         from tierflow.bench.train import run_train_bench
-        train = argparse.Namespace(**{name: TRAIN_DEFAULTS.get(name) if value is None else value
-                                      for name, value in vars(args).items()})
+        train = with_defaults(args, TRAIN_DEFAULTS)
         run_train_bench(train.model, train.steps, train.warmup, train.seq_len, train.device_memory,
                         train.host_memory, train.nvme, train.disk_gbps, train.json, train.device)
     elif args.bench == "optim":
@@ -310,9 +309,9 @@ def run(args) -> int:
                                 args.new_tokens, args.threads, args.json, args.timeout or 1800.0)
             return 0
         from tierflow.bench.generate import run_generate_bench
-        run_generate_bench(args.dir, args.hidden, args.layers or 14, args.intermediate, args.vocab,
-                           args.device or "cpu", args.device_memory or "256MiB", args.host_memory or "512MiB",
-                           args.limit, tuple(args.batches),
+        gen = with_defaults(args, GENERATE_DEFAULTS)
+        run_generate_bench(args.dir, args.hidden, gen.layers, args.intermediate, args.vocab, gen.device,
+                           gen.device_memory, gen.host_memory, args.limit, tuple(args.batches),
                            args.prompt_len, args.new_tokens, args.threads, args.json, args.timeout or 900.0)
     elif args.bench == "moe":
         from tierflow.bench.moe import run_moe_bench
@@ -345,8 +344,17 @@ def run(args) -> int:
     return 0
 
 
+# Defaults of flags that default to None in the parser (None: not given, which matters for the
+# cases that take them elsewhere: `bench train --device cuda`, `bench generate --matrix`).
 TRAIN_DEFAULTS = dict(model="llama-100m", steps=6, warmup=2, seq_len=256, device_memory="256MiB",
                       host_memory="512MiB")
+GENERATE_DEFAULTS = dict(layers=14, device="cpu", device_memory="256MiB", host_memory="512MiB")
+
+
+def with_defaults(args, defaults: dict) -> argparse.Namespace:
+    """`args` with each flag that was not given (None) set to its entry in `defaults`."""
+    return argparse.Namespace(**{name: defaults.get(name) if value is None else value
+                                 for name, value in vars(args).items()})
 
 
 def throughput_args_of_train(args) -> argparse.Namespace:

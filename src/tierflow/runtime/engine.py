@@ -69,7 +69,7 @@ class Engine:
         self.nvme = self.residency = self.grads = self.activations = None
         self._handles, self._moved_buffers, self.adoption = [], [], holding.Adoption()
         try:
-            expert_hooks.check_supported(model, self.units, self.dist)
+            expert_hooks.check_supported(model, self.units, self.param_owner, self.dist)
             self.nvme = build.open_nvme(cfg, self.plan)
             self._setup(model, source, buffer_bytes, model_plan.hooked)
         except BaseException:

@@ -72,15 +72,15 @@ def room_plan(engine, layers: list[RoutedLayer]) -> tuple[int, int]:
     return stack, min(experts, per_layer)
 
 
-def check_supported(model: nn.Module, units, dist) -> None:
+def check_supported(model: nn.Module, units, param_owner: dict, dist) -> None:
     """Said at planning time, before any state moves into the tiers: frozen routed experts are
-    fetched expert by expert on one process only (a rank holds only its shard of a unit)."""
+    fetched expert by expert on one process only (a rank holds only its shard of a unit).
+    `param_owner`: id(parameter) -> unit id (the engine's)."""
     if dist is None:
         return
-    owner = {id(s.param): u for u in units for s in u.slots}
     for name, module in model.named_modules():
-        unit = owner.get(id(next(module.parameters(), None))) if is_routed(module) else None
-        if unit is not None and unit.weights is None:
+        uid = param_owner.get(id(next(module.parameters(), None))) if is_routed(module) else None
+        if uid is not None and units[uid].weights is None:
             raise ConfigError(
                 f"frozen mixture-of-experts layers with data-parallel ranks are not supported ({name!r} "
                 f"is one): run this model in one process, without torchrun / data-parallel ranks")

@@ -143,7 +143,8 @@ class GradientSink:
         the unit's gradient array and record the norm of what is now there. `incoming` is fp32,
         or a fresh gradient in its 2-byte dtype, copied in packed (half the bytes)."""
         if fresh:
-            self.norms[slot.index] = torch.linalg.vector_norm(incoming.to(FP32))  # (a no-op for fp32)
+            # Accumulated in fp32 as it reads a packed gradient (no fp32 copy of it on the hot path)
+            self.norms[slot.index] = torch.linalg.vector_norm(incoming, dtype=FP32)
         packed = {"grad": incoming.dtype} if incoming.dtype != FP32 else None
         pieces = list(self.io.pieces(state, origin, incoming.numel()))
         norm = None
